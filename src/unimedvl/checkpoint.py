@@ -1,0 +1,330 @@
+"""Reading and writing the official UniMedVL / BAGEL checkpoint layout.  The one place that knows it.
+
+A model directory holds (ARCHITECTURE 1):
+
+==========================  =================================================================
+``llm_config.json``          Qwen2 fields (:meth:`LLMConfig.from_official_json`)
+``vit_config.json``          SigLIP fields; one layer more than is instantiated
+``ema.safetensors``          all network weights except the autoencoder (EMA weights; default)
+``model.safetensors``        the same keys, raw (non-EMA) weights
+``ema_bf16.safetensors`` /   bf16 copies that the UniMedVL scripts prefer when present
+``model_bf16.safetensors``
+``ae.safetensors``           autoencoder ``encoder.*`` / ``decoder.*`` (``module.`` stripped anywhere)
+Qwen2 tokenizer files        ``vocab.json``, ``merges.txt``, ``tokenizer_config.json`` (+ ``tokenizer.json``)
+``ae_config.json``           ours, optional: autoencoder widths when they are not FLUX's
+``unimedvl_config.json``     ours, optional: BAGEL-level constants when they are not the official ones
+==========================  =================================================================
+
+Key map, official file -> our state dict:
+
+* ``ema.safetensors``: identity (our module names are the official ones), except
+  ``vae_model.*`` keys, which override the autoencoder loaded from ``ae.safetensors`` (the UniMedVL
+  image path attaches the VAE before loading the main checkpoint), and ``vae_batch_norm.*``
+  buffers, which only the training-time end-to-end VAE uses and which are reported and ignored;
+* a SigLIP conv-shaped patch embedding ``[D, 3, P, P]`` is converted to the linear form
+  ``[D, P*P*3]`` (columns ordered row-in-patch, column-in-patch, channel);
+* ``ae.safetensors``: ``key.replace("module.", "")`` then the prefix ``vae_model.``.
+
+Unlike the reference loaders (non-strict), every load checks the exact key set and shapes and
+raises :class:`CheckpointError` naming the offending keys.  The model is built on the meta device
+and each tensor is read from the memory-mapped file, cast and assigned once, so loading needs
+about the memory of the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import AutoencoderConfig, ConfigError, LLMConfig, UniMedVLConfig, ViTConfig
+from .model.unimedvl import UniMedVL
+from .tokenizer import Tokenizer, has_tokenizer
+
+log = logging.getLogger(__name__)
+
+LLM_CONFIG, VIT_CONFIG, AE_CONFIG, EXTRA_CONFIG = "llm_config.json", "vit_config.json", "ae_config.json", "unimedvl_config.json"
+AE_WEIGHTS = "ae.safetensors"
+WEIGHT_FILES = {
+    "ema": ("ema_bf16.safetensors", "ema.safetensors"),
+    "model": ("model_bf16.safetensors", "model.safetensors"),
+}
+AE_PREFIX = "vae_model."
+PATCH_EMBED_KEY = "vit_model.vision_model.embeddings.patch_embedding.weight"
+# Keys of the generation adapters; an understanding-only model (visual_gen=False) ignores them.
+GENERATION_ONLY = re.compile(r"^(time_embedder|vae2llm|llm2vae|latent_pos_embed)\.")
+IGNORED = re.compile(r"^vae_batch_norm\.")
+
+
+class CheckpointError(ValueError):
+    """A model directory or weight file does not match what the model expects."""
+
+
+# ---- configs ---------------------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise CheckpointError(f"{path.parent}: required file {path.name} is missing")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+
+
+def read_config(directory: str | Path, visual_gen: bool = True) -> UniMedVLConfig:
+    """The model config of a checkpoint directory, with the official load-time overrides applied."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"model directory {directory} does not exist")
+    try:
+        llm = LLMConfig.from_official_json(_read_json(directory / LLM_CONFIG), str(directory / LLM_CONFIG))
+        vit = ViTConfig.from_official_json(_read_json(directory / VIT_CONFIG), str(directory / VIT_CONFIG))
+        ae = AutoencoderConfig()
+        if (directory / AE_CONFIG).is_file():
+            ae = AutoencoderConfig.from_json(_read_json(directory / AE_CONFIG), str(directory / AE_CONFIG))
+        cfg = UniMedVLConfig(llm=llm, vit=vit, ae=ae, visual_gen=visual_gen)
+        if (directory / EXTRA_CONFIG).is_file():
+            extra = _read_json(directory / EXTRA_CONFIG)
+            cfg.latent_patch_size = int(extra.get("latent_patch_size", cfg.latent_patch_size))
+            cfg.max_latent_size = int(extra.get("max_latent_size", cfg.max_latent_size))
+            cfg.timestep_freq_size = int(extra.get("timestep_freq_size", cfg.timestep_freq_size))
+            grid = int(extra.get("vit_max_num_patch_per_side", cfg.vit_grid))
+            if grid != cfg.vit_grid:
+                raise CheckpointError(
+                    f"{directory / EXTRA_CONFIG}: vit_max_num_patch_per_side={grid} disagrees with "
+                    f"vit_config.json image_size/patch_size={cfg.vit_grid}"
+                )
+        return cfg.validate()
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from e
+
+
+def write_config(config: UniMedVLConfig, directory: Path, special_ids: tuple[int, int] | None = None) -> None:
+    bos, eos = special_ids if special_ids else (None, None)
+    _atomic_write_text(directory / LLM_CONFIG, json.dumps(config.llm.to_official_json(eos, bos), indent=2))
+    _atomic_write_text(directory / VIT_CONFIG, json.dumps(config.vit.to_official_json(), indent=2))
+    _atomic_write_text(directory / AE_CONFIG, json.dumps(config.ae.to_json(), indent=2))
+    _atomic_write_text(directory / EXTRA_CONFIG, json.dumps(config.bagel_json(), indent=2))
+
+
+# ---- key map ---------------------------------------------------------------------------------
+
+
+def ae_key_to_model(key: str) -> str:
+    return AE_PREFIX + key.replace("module.", "")
+
+
+def split_official(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Our state dict -> (``ema.safetensors`` tensors, ``ae.safetensors`` tensors).  Inverse of loading."""
+    main, ae = {}, {}
+    for k, v in state_dict.items():
+        if k.startswith(AE_PREFIX):
+            ae[k[len(AE_PREFIX):]] = v
+        else:
+            main[k] = v
+    return main, ae
+
+
+def expected_shapes(config: UniMedVLConfig) -> dict[str, tuple[int, ...]]:
+    """Our state-dict keys and shapes, computed on the meta device (no memory)."""
+    with torch.device("meta"):
+        model = UniMedVL(config)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def official_manifest(config: UniMedVLConfig) -> dict[str, Any]:
+    """Keys and shapes of the official files (``ema.safetensors`` and ``ae.safetensors``) for ``config``."""
+    shapes = expected_shapes(config)
+    main, ae = split_official(shapes)  # type: ignore[arg-type]
+    count = lambda d: sum(int(torch.Size(s).numel()) for s in d.values())  # noqa: E731
+    return {
+        "description": "state-dict keys and shapes of the official 14B checkpoint layout (ema.safetensors) and of ae.safetensors",
+        "ema_params": count(main),
+        "ae_params": count(ae),
+        "ema": {k: list(main[k]) for k in sorted(main)},
+        "ae": {k: list(ae[k]) for k in sorted(ae)},
+    }
+
+
+def _convert(key: str, tensor: torch.Tensor, expected: tuple[int, ...]) -> torch.Tensor:
+    if key == PATCH_EMBED_KEY and tensor.ndim == 4 and len(expected) == 2:
+        # SigLIP conv [D, 3, P, P] -> linear [D, P*P*3] in (row, column, channel) order.
+        tensor = tensor.permute(0, 2, 3, 1).reshape(tensor.shape[0], -1)
+    return tensor
+
+
+def _describe(keys: Iterable[str], limit: int = 5) -> str:
+    keys = sorted(keys)
+    head = ", ".join(keys[:limit])
+    more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
+    return f"{len(keys)}: {head}{more}"
+
+
+def check_keys(
+    found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]], source: str
+) -> None:
+    """Raise :class:`CheckpointError` listing missing, unexpected and mis-shaped keys."""
+    missing = set(expected) - set(found)
+    unexpected = set(found) - set(expected)
+    mismatched = [
+        f"{k} (checkpoint {list(found[k])}, model {list(expected[k])})"
+        for k in sorted(set(found) & set(expected))
+        if tuple(found[k]) != tuple(expected[k])
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys {_describe(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys {_describe(unexpected)}")
+    if mismatched:
+        problems.append(f"mis-shaped keys {len(mismatched)}: " + "; ".join(mismatched[:5]) + (" ..." if len(mismatched) > 5 else ""))
+    if problems:
+        raise CheckpointError(f"{source} does not match the model: " + " | ".join(problems))
+
+
+# ---- loading ---------------------------------------------------------------------------------
+
+
+def find_weights(directory: Path, weights: str = "ema") -> Path:
+    if weights not in WEIGHT_FILES:
+        raise CheckpointError(f"weights must be one of {sorted(WEIGHT_FILES)}, got {weights!r}")
+    for name in WEIGHT_FILES[weights]:
+        if (directory / name).is_file():
+            return directory / name
+    raise CheckpointError(f"{directory}: no weight file found (looked for {', '.join(WEIGHT_FILES[weights])})")
+
+
+def _open(path: Path):
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise CheckpointError(f"{path}: cannot read as safetensors ({e})") from e
+
+
+def _file_shapes(handle) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
+
+
+def load_pretrained(
+    directory: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = torch.bfloat16,
+    weights: str = "ema",
+    visual_gen: bool = True,
+    load_tokenizer: bool = True,
+) -> UniMedVL:
+    """Load a model directory in the official layout; see :meth:`UniMedVL.from_pretrained`."""
+    directory = Path(directory)
+    config = read_config(directory, visual_gen=visual_gen)
+    weight_path = find_weights(directory, weights)
+    if visual_gen and not (directory / AE_WEIGHTS).is_file():
+        raise CheckpointError(f"{directory}: required file {AE_WEIGHTS} is missing (needed for image generation; "
+                              "load with visual_gen=False for understanding only)")
+    expected = expected_shapes(config)
+
+    main = _open(weight_path)
+    sources: dict[str, tuple[Any, str]] = {}  # model key -> (file handle, file key)
+    shapes: dict[str, tuple[int, ...]] = {}
+    ignored = []
+    ae = None
+    if visual_gen:
+        ae = _open(directory / AE_WEIGHTS)
+        for k, shape in _file_shapes(ae).items():
+            sources[ae_key_to_model(k)] = (ae, k)
+            shapes[ae_key_to_model(k)] = shape
+    for k, shape in _file_shapes(main).items():
+        if IGNORED.match(k) or (not visual_gen and (GENERATION_ONLY.match(k) or k.startswith(AE_PREFIX))):
+            ignored.append(k)
+            continue
+        if k == PATCH_EMBED_KEY and len(shape) == 4:
+            shape = (shape[0], shape[1] * shape[2] * shape[3])
+        sources[k] = (main, k)  # vae_model.* keys override ae.safetensors
+        shapes[k] = shape
+    if ignored:
+        log.info("%s: %d checkpoint keys not used by this model (%s)", weight_path.name, len(ignored), _describe(ignored, 3))
+    source_name = f"{weight_path}" + (f" + {directory / AE_WEIGHTS}" if visual_gen else "")
+    check_keys(shapes, expected, source_name)
+
+    with torch.device("meta"):
+        model = UniMedVL(config)
+    state = {}
+    for key, (handle, file_key) in sources.items():
+        tensor = _convert(key, handle.get_tensor(file_key), expected[key])
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        state[key] = tensor.to(device)
+    model.load_state_dict(state, strict=True, assign=True)
+    del state
+    model.eval()
+    model.tokenizer = None
+    if load_tokenizer and has_tokenizer(directory):
+        tok = Tokenizer(directory)
+        if len(tok) > config.llm.vocab_size:
+            raise CheckpointError(
+                f"{directory}: the tokenizer has {len(tok)} tokens but the embedding has {config.llm.vocab_size} rows"
+            )
+        model.tokenizer = tok
+    return model
+
+
+# ---- saving ----------------------------------------------------------------------------------
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Write ``tensors`` to ``path`` via a temporary file and a rename: no partial file is ever visible."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata or {"format": "pt"})
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_pretrained(
+    model: UniMedVL,
+    directory: str | Path,
+    *,
+    weights: str = "ema",
+    dtype: torch.dtype | None = None,
+    tokenizer: Tokenizer | None = None,
+) -> Path:
+    """Write ``model`` in the official layout (``{weights}.safetensors``, ``ae.safetensors``, configs,
+    tokenizer).  ``dtype`` casts the stored tensors (``None``: as they are)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = tokenizer or getattr(model, "tokenizer", None)
+    sd = model.state_dict()
+    if dtype is not None:
+        sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+    main, ae = split_official(sd)
+    save_safetensors_atomic(main, directory / f"{weights}.safetensors")
+    if ae:
+        save_safetensors_atomic(ae, directory / AE_WEIGHTS)
+    if tokenizer is not None:
+        tokenizer.save(directory)
+    special = (tokenizer.special.bos, tokenizer.special.eos) if tokenizer is not None else None
+    write_config(model.config, directory, special)
+    return directory

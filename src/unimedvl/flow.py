@@ -1,0 +1,90 @@
+"""Rectified-flow maths outside the network: schedules, classifier-free guidance, the Euler step.
+
+Convention (ARCHITECTURE 8.1, 9.4): ``x_t = (1 - t) x_0 + t eps``; ``t = 1`` is pure noise, ``t = 0``
+data; the network predicts the velocity ``v = eps - x_0`` and sampling integrates from 1 to 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+RENORM_TYPES = ("global", "channel", "text_channel")
+
+
+def time_shift(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """``s t / (1 + (s - 1) t)``: spends more steps near pure noise for ``s > 1``."""
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def sampling_timesteps(num_timesteps: int, shift: float) -> torch.Tensor:
+    """``num_timesteps`` float32 times from 1 to 0, shifted; ``num_timesteps - 1`` model evaluations."""
+    if num_timesteps < 2:
+        raise ValueError(f"num_timesteps must be >= 2, got {num_timesteps}")
+    return time_shift(torch.linspace(1, 0, num_timesteps), shift)
+
+
+@dataclass(frozen=True)
+class GuidanceConfig:
+    """Classifier-free guidance settings (names as in the official scripts)."""
+
+    cfg_text_scale: float = 4.0
+    cfg_img_scale: float = 1.0
+    cfg_interval: tuple[float, float] = (0.4, 1.0)
+    cfg_renorm_type: str = "global"
+    cfg_renorm_min: float = 0.0
+
+    def __post_init__(self):
+        if self.cfg_renorm_type not in RENORM_TYPES:
+            raise ValueError(f"cfg_renorm_type must be one of {RENORM_TYPES}, got {self.cfg_renorm_type!r}")
+
+    def scales_at(self, t: float) -> tuple[float, float]:
+        """(text, image) scales at time ``t``: the configured ones inside ``(lo, hi]``, else 1."""
+        lo, hi = self.cfg_interval
+        if lo < t <= hi:
+            return self.cfg_text_scale, self.cfg_img_scale
+        return 1.0, 1.0
+
+
+def _norm(v: torch.Tensor, per_token: bool) -> torch.Tensor:
+    return torch.linalg.vector_norm(v, dim=-1, keepdim=True) if per_token else torch.linalg.vector_norm(v)
+
+
+def combine_guidance(
+    v_cond: torch.Tensor,
+    v_text_uncond: torch.Tensor | None,
+    v_img_uncond: torch.Tensor | None,
+    text_scale: float,
+    img_scale: float,
+    renorm_type: str = "global",
+    renorm_min: float = 0.0,
+) -> torch.Tensor:
+    """Guided velocity from the conditional / text-dropped / image-dropped branches (ARCHITECTURE 9.4.5).
+
+    ``v_* [n, C]``.  As in the reference, nothing is guided when ``text_scale <= 1`` (even if
+    ``img_scale > 1``).  ``global`` renormalises over all elements, ``channel`` and ``text_channel`` per token.
+    """
+    if text_scale <= 1.0:
+        return v_cond
+    if v_text_uncond is None:
+        raise ValueError("text guidance needs the text-unconditional velocity")
+    guided = v_text_uncond + text_scale * (v_cond - v_text_uncond)
+    if renorm_type == "text_channel":
+        ratio = (_norm(v_cond, True) / (_norm(guided, True) + 1e-8)).clamp(renorm_min, 1.0)
+        guided = guided * ratio
+        if img_scale > 1.0:
+            guided = v_img_uncond + img_scale * (guided - v_img_uncond)
+        return guided
+    if img_scale > 1.0:
+        if v_img_uncond is None:
+            raise ValueError("image guidance needs the image-unconditional velocity")
+        guided = v_img_uncond + img_scale * (guided - v_img_uncond)
+    per_token = renorm_type == "channel"
+    ratio = (_norm(v_cond, per_token) / (_norm(guided, per_token) + 1e-8)).clamp(renorm_min, 1.0)
+    return guided * ratio
+
+
+def euler_step(x: torch.Tensor, v: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor) -> torch.Tensor:
+    """One step toward data: ``x - v (t - t_next)``, in the dtype of ``x`` (float32)."""
+    return x - v.to(x.dtype) * (t - t_next)

@@ -1,0 +1,232 @@
+"""Attention over packed sequences: layouts, masks, KV caches and the attention kernels.
+
+A packed forward concatenates the new tokens of several *samples*; each sample is a list of
+*splits* (ARCHITECTURE 5.3) with one of three modes:
+
+* ``causal`` - a text segment: each token sees the earlier tokens of its split and everything
+  before the split;
+* ``full``   - an image block (ViT or clean VAE): bidirectional within the split, plus everything before;
+* ``noise``  - a noisy VAE block being generated: like ``full``, and no *other* split may see it.
+
+Samples never see each other.  At inference a sample may also bring a :class:`KVCache` (its
+context); every new token then sees the whole cache in addition (bottom-right aligned causal
+masking, ARCHITECTURE 10.5).
+
+Two kernels implement the same rules: ``sdpa`` (torch SDPA, one call per sample, a dense boolean
+mask only when the split structure needs one) and ``flex`` (one flex-attention call over the whole
+packed batch with a block mask; used for training on GPUs, cache-free).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+SplitMode = Literal["causal", "full", "noise"]
+_MODES = ("causal", "full", "noise")
+
+
+@dataclass(frozen=True)
+class Split:
+    length: int
+    mode: SplitMode
+
+    def __post_init__(self):
+        if self.mode not in _MODES:
+            raise ValueError(f"split mode must be one of {_MODES}, got {self.mode!r}")
+        if self.length <= 0:
+            raise ValueError(f"split length must be positive, got {self.length}")
+
+
+@dataclass
+class AttentionLayout:
+    """The packed query tokens: ``samples[s]`` lists the splits of sample ``s`` in order."""
+
+    samples: list[list[Split]]
+
+    @property
+    def sample_lengths(self) -> list[int]:
+        return [sum(sp.length for sp in splits) for splits in self.samples]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.sample_lengths)
+
+    def sample_slices(self) -> list[slice]:
+        out, start = [], 0
+        for n in self.sample_lengths:
+            out.append(slice(start, start + n))
+            start += n
+        return out
+
+    def sample_mask(self, s: int, cache_len: int, device: torch.device) -> torch.Tensor | None:
+        """Boolean mask ``[n_new, cache_len + n_new]`` (True = may attend) of sample ``s``, or
+        ``None`` when every query may see every key (a single full/noise split)."""
+        splits = self.samples[s]
+        if len(splits) == 1 and splits[0].mode != "causal":
+            return None
+        n = sum(sp.length for sp in splits)
+        split_id = torch.repeat_interleave(
+            torch.arange(len(splits), device=device), torch.tensor([sp.length for sp in splits], device=device)
+        )
+        is_causal = torch.tensor([sp.mode == "causal" for sp in splits], device=device)[split_id]
+        is_noise = torch.tensor([sp.mode == "noise" for sp in splits], device=device)[split_id]
+        idx = torch.arange(n, device=device)
+        q_split, k_split = split_id[:, None], split_id[None, :]
+        same = q_split == k_split
+        within = same & (~is_causal[:, None] | (idx[None, :] <= idx[:, None]))
+        earlier = (k_split < q_split) & ~is_noise[None, :]
+        new_mask = within | earlier
+        if cache_len:
+            new_mask = torch.cat([torch.ones(n, cache_len, dtype=torch.bool, device=device), new_mask], dim=1)
+        return new_mask
+
+    def token_tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per packed token: sample id, global split id (increasing), split mode code (0 causal, 1 full, 2 noise)."""
+        sample_ids, split_ids, modes = [], [], []
+        g = 0
+        for s, splits in enumerate(self.samples):
+            for sp in splits:
+                sample_ids.append(torch.full((sp.length,), s, dtype=torch.int32))
+                split_ids.append(torch.full((sp.length,), g, dtype=torch.int32))
+                modes.append(torch.full((sp.length,), _MODES.index(sp.mode), dtype=torch.int32))
+                g += 1
+        return (torch.cat(sample_ids).to(device), torch.cat(split_ids).to(device), torch.cat(modes).to(device))
+
+
+class KVCache:
+    """Keys and values of one context, per decoder layer, as ``[kv_heads, length, head_dim]``.
+
+    Keys are stored after q/k-norm and RoPE.  ``rope`` is the next RoPE position of the context
+    (ARCHITECTURE 9.1).  Appending builds new tensors, so a shallow :meth:`fork` can share the
+    stored tensors with its parent safely.
+    """
+
+    def __init__(self, num_layers: int):
+        self.keys: list[torch.Tensor | None] = [None] * num_layers
+        self.values: list[torch.Tensor | None] = [None] * num_layers
+        self.rope = 0
+
+    @property
+    def length(self) -> int:
+        k = self.keys[0]
+        return 0 if k is None else k.shape[1]
+
+    def get(self, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        return self.keys[layer], self.values[layer]
+
+    def set(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        self.keys[layer], self.values[layer] = keys, values
+
+    def fork(self) -> "KVCache":
+        other = KVCache(len(self.keys))
+        other.keys, other.values, other.rope = list(self.keys), list(self.values), self.rope
+        return other
+
+
+@dataclass
+class AttentionPlan:
+    """Everything the layers need to attend, computed once per forward and shared by all layers."""
+
+    layout: AttentionLayout
+    caches: list[KVCache | None]
+    update_cache: bool
+    backend: str = "sdpa"
+    masks: list[torch.Tensor | None] = field(default_factory=list)
+    block_mask: object | None = None
+
+    @classmethod
+    def build(
+        cls,
+        layout: AttentionLayout,
+        caches: list[KVCache | None] | None,
+        update_cache: bool,
+        device: torch.device,
+        backend: str = "sdpa",
+    ) -> "AttentionPlan":
+        n_samples = len(layout.samples)
+        caches = list(caches) if caches is not None else [None] * n_samples
+        if len(caches) != n_samples:
+            raise ValueError(f"got {len(caches)} caches for {n_samples} packed samples")
+        if update_cache and any(c is None for c in caches):
+            raise ValueError("update_cache=True needs a KVCache for every sample")
+        if backend not in ("sdpa", "flex"):
+            raise ValueError(f"attention backend must be 'sdpa' or 'flex', got {backend!r}")
+        plan = cls(layout, caches, update_cache, backend)
+        if backend == "flex":
+            if any(c is not None for c in caches):
+                raise ValueError("the flex backend serves cache-free (training) forwards; use 'sdpa' with KV caches")
+            plan.block_mask = _flex_block_mask(layout, device)
+        else:
+            plan.masks = [
+                layout.sample_mask(s, 0 if c is None else c.length, device) for s, c in enumerate(caches)
+            ]
+        return plan
+
+
+def attend(plan: AttentionPlan, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Joint attention of packed ``q [N, hq, d]`` over ``k, v [N, hkv, d]`` (GQA) and the caches.
+
+    Returns ``[N, hq, d]``.  Writes the new keys/values into the caches when the plan says so.
+    """
+    if plan.backend == "flex":
+        return _flex_attend(plan, q, k, v, scale)
+    outs = []
+    for s, sl in enumerate(plan.layout.sample_slices()):
+        qs, ks, vs = q[sl].transpose(0, 1), k[sl].transpose(0, 1), v[sl].transpose(0, 1)
+        cache = plan.caches[s]
+        if cache is not None:
+            pk, pv = cache.get(layer)
+            if pk is not None:
+                ks, vs = torch.cat([pk, ks], dim=1), torch.cat([pv, vs], dim=1)
+            if plan.update_cache:
+                cache.set(layer, ks, vs)
+        out = F.scaled_dot_product_attention(
+            qs[None], ks[None], vs[None], attn_mask=plan.masks[s], scale=scale, enable_gqa=ks.shape[0] != qs.shape[0]
+        )
+        outs.append(out[0].transpose(0, 1))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens: list[int], scale: float) -> torch.Tensor:
+    """Bidirectional attention restricted to consecutive segments (one per image); ``[N, h, d]``."""
+    outs, start = [], 0
+    for n in seqlens:
+        sl = slice(start, start + n)
+        o = F.scaled_dot_product_attention(q[sl].transpose(0, 1)[None], k[sl].transpose(0, 1)[None], v[sl].transpose(0, 1)[None], scale=scale)
+        outs.append(o[0].transpose(0, 1))
+        start += n
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+
+
+# ---- flex attention ------------------------------------------------------------------------
+
+
+def _flex_block_mask(layout: AttentionLayout, device: torch.device):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    sample_id, split_id, mode = layout.token_tables(device)
+    causal, noise = _MODES.index("causal"), _MODES.index("noise")
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        same_sample = sample_id[q_idx] == sample_id[kv_idx]
+        same_split = split_id[q_idx] == split_id[kv_idx]
+        within = same_split & ((mode[q_idx] != causal) | (kv_idx <= q_idx))
+        earlier = (split_id[kv_idx] < split_id[q_idx]) & (mode[kv_idx] != noise)
+        return same_sample & (within | earlier)
+
+    n = layout.num_tokens
+    return create_block_mask(mask_mod, None, None, n, n, device=device)
+
+
+def _flex_attend(plan: AttentionPlan, q, k, v, scale):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    out = flex_attention(
+        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+        block_mask=plan.block_mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1],
+    )
+    return out[0].transpose(0, 1)

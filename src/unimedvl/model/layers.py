@@ -1,0 +1,138 @@
+"""Small building blocks shared by the decoder, the vision encoder and the generation adapters.
+
+Shapes use ``N`` for packed tokens, ``H`` for the LLM width, ``h``/``d`` for heads/head size.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """Qwen2 RMSNorm: normalise in float32, cast back, then scale in the input dtype (ARCHITECTURE 10.2)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+# ---- rotary position embedding -------------------------------------------------------------
+
+
+def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables ``[N, head_dim]`` for integer positions ``[N]``.
+
+    Angles are computed in float32 and the tables cast to the hidden-state dtype, as the
+    reference does (ARCHITECTURE 10.3); the 64 angles of a 128-wide head are duplicated ``[a, a]``.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE on ``x [N, heads, d]`` with ``cos/sin [N, d]``."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+# ---- fixed 2D sin-cos position tables ----------------------------------------------------------
+
+
+def sincos_2d_table(grid: int, dim: int) -> torch.Tensor:
+    """Fixed 2D sin-cos table ``[grid*grid, dim]`` (float32, computed in float64).
+
+    Row ``r*grid + c`` = ``[emb1d(c), emb1d(r)]`` with
+    ``emb1d(x) = [sin(x*w_k)]_k ++ [cos(x*w_k)]_k``, ``w_k = 10000^(-k/(dim/4))`` (ARCHITECTURE 6.4):
+    the first half encodes the column, the second half the row.
+    """
+    if dim % 4:
+        raise ValueError(f"sin-cos table width {dim} must be a multiple of 4")
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (np.arange(quarter, dtype=np.float64) / quarter)
+    coords = np.arange(grid, dtype=np.float64)
+    emb = np.outer(coords, omega)  # [grid, quarter]
+    emb1d = np.concatenate([np.sin(emb), np.cos(emb)], axis=1)  # [grid, dim/2]
+    rows = np.repeat(np.arange(grid), grid)
+    cols = np.tile(np.arange(grid), grid)
+    table = np.concatenate([emb1d[cols], emb1d[rows]], axis=1)
+    return torch.from_numpy(table.astype(np.float32))
+
+
+class PositionTable(nn.Module):
+    """A frozen parameter ``pos_embed [grid*grid, dim]`` holding a fixed 2D sin-cos table.
+
+    It is a parameter (not a buffer) because the official checkpoint stores it
+    (``vit_pos_embed.pos_embed``, ``latent_pos_embed.pos_embed``).
+    """
+
+    def __init__(self, grid: int, dim: int):
+        super().__init__()
+        self.grid = grid
+        self.pos_embed = nn.Parameter(torch.zeros(grid * grid, dim), requires_grad=False)
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.pos_embed.copy_(sincos_2d_table(self.grid, self.pos_embed.shape[1]))
+
+    def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
+        return self.pos_embed[position_ids]
+
+
+def grid_position_ids(rows: int, cols: int, grid: int, device: torch.device | None = None) -> torch.Tensor:
+    """Position ids ``row*grid + col`` of a ``rows x cols`` patch grid in row-major order.
+
+    The ids index the top-left part of the ``grid x grid`` table: no interpolation
+    (``interpolate_pos=False``).
+    """
+    if rows > grid or cols > grid:
+        raise ValueError(f"a {rows}x{cols} patch grid exceeds the {grid}x{grid} position table")
+    r = torch.arange(rows, device=device)
+    c = torch.arange(cols, device=device)
+    return (r[:, None] * grid + c[None, :]).flatten()
+
+
+# ---- timestep embedding ------------------------------------------------------------------------
+
+
+def timestep_frequencies(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
+    """``[cos(t*f_j), sin(t*f_j)]`` with ``f_j = exp(-ln(max_period)*j/(dim/2))``; cosines first.
+
+    ``t`` is the flow time in [0, 1], used as is (not multiplied by 1000).  float32.
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.to(torch.float32)[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class TimestepEmbedder(nn.Module):
+    """``Linear(F -> H) -> SiLU -> Linear(H -> H)`` over the sinusoidal features (keys ``mlp.0``, ``mlp.2``)."""
+
+    def __init__(self, hidden_size: int, frequency_size: int = 256):
+        super().__init__()
+        self.frequency_size = frequency_size
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
+        )
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        feats = timestep_frequencies(t, self.frequency_size)
+        return self.mlp(feats.to(self.mlp[0].weight.dtype))

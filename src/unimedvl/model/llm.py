@@ -1,0 +1,173 @@
+"""Qwen2 decoder with Mixture-of-Transformers experts (ARCHITECTURE 3.1, 5.5, 5.6).
+
+Design:
+
+* every decoder layer holds two complete parameter sets - the *understanding* expert (the
+  original Qwen2.5 weights, un-suffixed names) and the *generation* expert (``*_moe_gen``);
+* a token's expert is fixed by what it is: VAE latent tokens use the generation expert, all other
+  tokens (text, image markers, ViT patches) the understanding expert.  :class:`ExpertRouting`
+  computes the split once per forward; every per-token map of every layer goes through it;
+* attention is one joint softmax over all tokens that the packed layout allows
+  (:mod:`unimedvl.model.attention`), with GQA, q/k RMSNorm over the head dimension and RoPE;
+* the same ``forward`` serves training (no caches) and KV-cached inference (a cache per sample).
+
+Module and parameter names follow the official checkpoint, so its keys load without renaming.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import LLMConfig
+from .attention import AttentionPlan, attend
+from .layers import RMSNorm, apply_rotary, rotary_cos_sin
+
+
+@dataclass
+class ExpertRouting:
+    """Which packed tokens use the generation expert.  ``gen_index``/``und_index`` are ``None``
+    when no token (resp. every token) is a generation token, so single-expert calls skip the gather."""
+
+    num_tokens: int
+    und_index: torch.Tensor | None
+    gen_index: torch.Tensor | None
+
+    @classmethod
+    def from_gen_mask(cls, gen_mask: torch.Tensor) -> "ExpertRouting":
+        n = gen_mask.numel()
+        n_gen = int(gen_mask.sum())
+        if n_gen == 0:
+            return cls(n, None, None)
+        gen_index = gen_mask.nonzero().squeeze(1)
+        und_index = (~gen_mask).nonzero().squeeze(1) if n_gen < n else None
+        return cls(n, und_index, gen_index)
+
+    @property
+    def all_und(self) -> bool:
+        return self.gen_index is None
+
+    @property
+    def all_gen(self) -> bool:
+        return self.gen_index is not None and self.und_index is None
+
+    def apply(self, x: torch.Tensor, und: Callable[[torch.Tensor], torch.Tensor], gen: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """``und`` on understanding tokens and ``gen`` on generation tokens of ``x [N, ...]``."""
+        if self.all_und:
+            return und(x)
+        if self.all_gen:
+            return gen(x)
+        y_und = und(x.index_select(0, self.und_index))
+        y_gen = gen(x.index_select(0, self.gen_index))
+        out = y_und.new_empty((self.num_tokens, *y_und.shape[1:]))
+        out.index_copy_(0, self.und_index, y_und)
+        out.index_copy_(0, self.gen_index, y_gen)
+        return out
+
+
+class MLP(nn.Module):
+    """SwiGLU: ``down(silu(gate(x)) * up(x))``, no biases."""
+
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MoTAttention(nn.Module):
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
+        self.scale = 1.0 / math.sqrt(d)
+        self.q_proj = nn.Linear(h, cfg.num_heads * d, bias=True)
+        self.k_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=True)
+        self.v_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=True)
+        self.o_proj = nn.Linear(cfg.num_heads * d, h, bias=False)
+        self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.q_proj_moe_gen = nn.Linear(h, cfg.num_heads * d, bias=True)
+        self.k_proj_moe_gen = nn.Linear(h, cfg.num_kv_heads * d, bias=True)
+        self.v_proj_moe_gen = nn.Linear(h, cfg.num_kv_heads * d, bias=True)
+        self.o_proj_moe_gen = nn.Linear(cfg.num_heads * d, h, bias=False)
+        self.q_norm_moe_gen = RMSNorm(d, cfg.rms_norm_eps)
+        self.k_norm_moe_gen = RMSNorm(d, cfg.rms_norm_eps)
+
+    def _qkv(self, x: torch.Tensor, gen: bool) -> torch.Tensor:
+        sfx = "_moe_gen" if gen else ""
+        n = x.shape[0]
+        q = getattr(self, "q_proj" + sfx)(x).view(n, self.num_heads, self.head_dim)
+        k = getattr(self, "k_proj" + sfx)(x).view(n, self.num_kv_heads, self.head_dim)
+        v = getattr(self, "v_proj" + sfx)(x).view(n, self.num_kv_heads, self.head_dim)
+        q = getattr(self, "q_norm" + sfx)(q)
+        k = getattr(self, "k_norm" + sfx)(k)
+        # One tensor so that routing gathers/scatters once: [n, hq + 2*hkv, d].
+        return torch.cat([q, k, v], dim=1)
+
+    def forward(self, x, routing: ExpertRouting, cos, sin, plan: AttentionPlan, layer: int) -> torch.Tensor:
+        qkv = routing.apply(x, lambda t: self._qkv(t, False), lambda t: self._qkv(t, True))
+        q, k, v = qkv.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=1)
+        q = apply_rotary(q, cos, sin)
+        k = apply_rotary(k, cos, sin)
+        out = attend(plan, layer, q, k, v, self.scale).reshape(x.shape[0], -1)
+        return routing.apply(out, self.o_proj, self.o_proj_moe_gen)
+
+
+class MoTDecoderLayer(nn.Module):
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        h = cfg.hidden_size
+        self.self_attn = MoTAttention(cfg)
+        self.mlp = MLP(h, cfg.intermediate_size)
+        self.mlp_moe_gen = MLP(h, cfg.intermediate_size)
+        self.input_layernorm = RMSNorm(h, cfg.rms_norm_eps)
+        self.input_layernorm_moe_gen = RMSNorm(h, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(h, cfg.rms_norm_eps)
+        self.post_attention_layernorm_moe_gen = RMSNorm(h, cfg.rms_norm_eps)
+
+    def forward(self, x, routing: ExpertRouting, cos, sin, plan: AttentionPlan, layer: int) -> torch.Tensor:
+        a = routing.apply(x, self.input_layernorm, self.input_layernorm_moe_gen)
+        x = x + self.self_attn(a, routing, cos, sin, plan, layer)
+        m = routing.apply(
+            x,
+            lambda t: self.mlp(self.post_attention_layernorm(t)),
+            lambda t: self.mlp_moe_gen(self.post_attention_layernorm_moe_gen(t)),
+        )
+        return x + m
+
+
+class Qwen2MoTModel(nn.Module):
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList([MoTDecoderLayer(cfg) for _ in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm_moe_gen = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.gradient_checkpointing = False
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, routing: ExpertRouting, plan: AttentionPlan) -> torch.Tensor:
+        """``x [N, H]`` packed input embeddings -> final hidden states ``[N, H]`` (after the per-expert final norm)."""
+        cos, sin = rotary_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        for i, layer in enumerate(self.layers):
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(layer, x, routing, cos, sin, plan, i, use_reentrant=False)
+            else:
+                x = layer(x, routing, cos, sin, plan, i)
+        return routing.apply(x, self.norm, self.norm_moe_gen)
+
+
+class Qwen2MoTForCausalLM(nn.Module):
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        self.model = Qwen2MoTModel(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)

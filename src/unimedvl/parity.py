@@ -1,0 +1,386 @@
+"""Replay a reference fixture (``fixtures/FORMAT.md``) and compare every recorded output.
+
+A fixture is a tiny model in the official layout plus ``golden/reference_outputs.{safetensors,json}``
+recorded from the reference implementation under two precision policies (``fp32``, ``bf16``).
+Everything - dimensions, prompts, image sizes, guidance settings, seeds - is read from the
+fixture; the recorded random draws are reused, never redrawn.
+
+Experiments: ``vqa`` (ViT, connector, teacher-forced logits, greedy ids), ``flow_step`` (one
+velocity with and without guidance), ``t2i`` and ``edit`` (multi-step guided sampling and decode),
+``vae`` (encode / decode).  Inputs are checked too: our tokenizer must reproduce the recorded ids
+and our transforms the recorded resized images.
+
+Tolerances are those recommended in FORMAT.md section 6.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from .flow import GuidanceConfig, combine_guidance
+from .image_transforms import ImageTransform, normalize_u8, to_uint8_image
+from .inference import Engine
+from .model import UniMedVL
+from .model.layers import grid_position_ids
+from .model.patching import patchify
+
+POLICY_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    rel_l2: float | None = None  # ||ours - ref|| / ||ref||
+    cos: float | None = None  # minimum cosine similarity over all elements
+    max_abs: float | None = None
+    mean_levels: float | None = None  # images: mean |difference| in uint8 levels
+    max_levels: float | None = None  # images: max |difference| in uint8 levels
+    exact: bool = False  # integers: identical
+
+    def describe(self) -> str:
+        parts = []
+        if self.exact:
+            parts.append("exact")
+        for name, label in (("rel_l2", "rel_l2<="), ("max_abs", "max_abs<="), ("mean_levels", "mean<="), ("max_levels", "max<=")):
+            v = getattr(self, name)
+            if v is not None:
+                parts.append(f"{label}{v:g}")
+        if self.cos is not None:
+            parts.append(f"cos>={self.cos:g}")
+        return " ".join(parts)
+
+
+# FORMAT.md section 6, "recommended" columns.  Keyed by output name, then policy.
+TOLERANCES: dict[str, dict[str, Tolerance]] = {
+    "vit": {"fp32": Tolerance(rel_l2=3e-3, cos=0.99999), "bf16": Tolerance(rel_l2=2.5e-2)},
+    "logits": {"fp32": Tolerance(rel_l2=5e-3, max_abs=3e-2), "bf16": Tolerance(rel_l2=2.5e-2)},
+    "velocity": {"fp32": Tolerance(rel_l2=1e-2, cos=0.9999), "bf16": Tolerance(rel_l2=2.5e-2)},
+    "velocity_cfg": {"fp32": Tolerance(rel_l2=5e-2, cos=0.999), "bf16": Tolerance(rel_l2=1e-1)},
+    "velocity_step": {"fp32": Tolerance(rel_l2=6e-2), "bf16": Tolerance(rel_l2=1e-1)},
+    "final_latent": {"fp32": Tolerance(rel_l2=4e-2, cos=0.9995), "bf16": Tolerance(rel_l2=6e-2)},
+    "image": {"fp32": Tolerance(mean_levels=1.5, max_levels=16), "bf16": Tolerance(mean_levels=2.5, max_levels=32)},
+    "vae": {"fp32": Tolerance(rel_l2=1e-4), "bf16": Tolerance(rel_l2=1e-1)},
+    "vae_u8": {"fp32": Tolerance(max_levels=1), "bf16": Tolerance(mean_levels=2.5)},
+}
+GREEDY_MARGIN = {"fp32": 0.03, "bf16": 0.1}  # steps whose golden top-1 margin is below may flip
+EXACT = Tolerance(exact=True)
+RESIZE = Tolerance(max_levels=1)  # resized inputs: identical up to a PIL rounding difference
+
+
+@dataclass
+class ParityRow:
+    name: str
+    ok: bool
+    tolerance: str
+    max_abs: float = float("nan")
+    rel_l2: float = float("nan")
+    cos: float = float("nan")
+    note: str = ""
+
+    def format(self) -> str:
+        def f(x: float) -> str:
+            return "-" if math.isnan(x) else f"{x:.3g}"
+
+        return (
+            f"{'ok  ' if self.ok else 'FAIL'} {self.name:<40} max_abs={f(self.max_abs):<9} rel={f(self.rel_l2):<9} "
+            f"cos={f(self.cos):<9} tol: {self.tolerance}{'  ' + self.note if self.note else ''}"
+        )
+
+
+def compare(name: str, ours: torch.Tensor, ref: torch.Tensor, tol: Tolerance, note: str = "") -> ParityRow:
+    """Compare two tensors of the same shape under ``tol``."""
+    if tuple(ours.shape) != tuple(ref.shape):
+        return ParityRow(name, False, tol.describe(), note=f"shape {list(ours.shape)} != reference {list(ref.shape)}")
+    a, b = ours.detach().to(torch.float64).cpu().flatten(), ref.detach().to(torch.float64).cpu().flatten()
+    diff = a - b
+    max_abs = float(diff.abs().max()) if diff.numel() else 0.0
+    mean_abs = float(diff.abs().mean()) if diff.numel() else 0.0
+    ref_norm = float(b.norm())
+    rel = float(diff.norm()) / ref_norm if ref_norm > 0 else float(diff.norm())
+    cos = float(torch.nn.functional.cosine_similarity(a, b, dim=0)) if ref_norm > 0 and float(a.norm()) > 0 else float("nan")
+    ok = True
+    if tol.exact:
+        ok &= max_abs == 0
+    if tol.rel_l2 is not None:
+        ok &= rel <= tol.rel_l2
+    if tol.cos is not None:
+        ok &= cos >= tol.cos
+    if tol.max_abs is not None:
+        ok &= max_abs <= tol.max_abs
+    if tol.mean_levels is not None:
+        ok &= mean_abs <= tol.mean_levels
+        note = (note + " " if note else "") + f"mean={mean_abs:.3g}"
+    if tol.max_levels is not None:
+        ok &= max_abs <= tol.max_levels
+    return ParityRow(name, bool(ok), tol.describe(), max_abs, rel, cos, note)
+
+
+class Fixture:
+    """A fixture directory: model files + ``golden/reference_outputs.{safetensors,json}``."""
+
+    def __init__(self, directory: str | Path):
+        self.dir = Path(directory)
+        golden = self.dir / "golden"
+        for name in ("reference_outputs.safetensors", "reference_outputs.json"):
+            if not (golden / name).is_file():
+                raise FileNotFoundError(f"{self.dir}: not a fixture, golden/{name} is missing")
+        self.meta = json.loads((golden / "reference_outputs.json").read_text())
+        self.tensors = load_file(str(golden / "reference_outputs.safetensors"))
+        self.aliases: dict[str, str] = self.meta.get("aliases", {})
+
+    @property
+    def policies(self) -> list[str]:
+        return [p for p in self.meta.get("policies", {}) if p in POLICY_DTYPES]
+
+    def has(self, key: str) -> bool:
+        return key in self.tensors or key in self.aliases
+
+    def get(self, key: str) -> torch.Tensor:
+        if key in self.tensors:
+            return self.tensors[key]
+        if key in self.aliases:
+            return torch.from_numpy(self.image_u8(self.aliases[key]))
+        raise KeyError(f"{self.dir}: no recorded tensor {key!r}")
+
+    def image_u8(self, filename: str) -> np.ndarray:
+        return np.array(self.image(filename).convert("RGB"))
+
+    def image(self, filename: str = "test_image.png") -> Image.Image:
+        with Image.open(self.dir / filename) as im:
+            im.load()
+            return im.copy()
+
+    def info(self, policy: str, experiment: str) -> dict:
+        return self.meta.get(f"{policy}.{experiment}.info", {})
+
+    def experiments(self, policy: str) -> list[str]:
+        prefix = f"{policy}."
+        names = {k[len(prefix):].split(".")[0] for k in self.tensors if k.startswith(prefix)}
+        return [e for e in ("vqa", "flow_step", "t2i", "edit", "vae") if e in names]
+
+
+def _transform(spec) -> ImageTransform:
+    if isinstance(spec, dict):
+        return ImageTransform(spec["max_image_size"], spec["min_image_size"], spec["image_stride"], spec.get("max_pixels", ImageTransform(1, 1, 1).max_pixels))
+    return ImageTransform(*spec)
+
+
+def _u8(t: torch.Tensor) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(t)) if not isinstance(t, torch.Tensor) else t
+
+
+# ---- experiments -----------------------------------------------------------------------------
+
+
+def check_inputs(fx: Fixture, tokenizer) -> Iterator[ParityRow]:
+    """Our tokenizer and transforms reproduce the recorded replay inputs."""
+    prompts = fx.meta.get("prompts", {})
+    for exp, key in (("vqa", "inputs.vqa_text_ids"), ("t2i", "inputs.t2i_text_ids"), ("edit", "inputs.edit_text_ids")):
+        if exp in prompts and fx.has(key) and tokenizer is not None:
+            ours = torch.tensor(tokenizer.encode_segment(prompts[exp]))
+            ref = fx.get(key)
+            yield compare(f"{key} (tokenizer)", ours, ref, EXACT) if ours.shape == ref.shape else ParityRow(
+                f"{key} (tokenizer)", False, "exact", note=f"{len(ours)} ids vs {len(ref)} recorded"
+            )
+    recipe = fx.meta.get("recipe", {})
+    image = fx.image()
+    if fx.has("inputs.vqa_vit_input_u8") and "vqa_transform" in recipe:
+        ours = np.asarray(_transform(recipe["vqa_transform"]).resize(image))
+        yield compare("inputs.vqa_vit_input_u8 (transform)", torch.from_numpy(ours.copy()), fx.get("inputs.vqa_vit_input_u8"), RESIZE)
+    if "gen_vae_transform" in recipe:
+        vae_image = _transform(recipe["gen_vae_transform"]).resize(image)
+        for key in ("inputs.vae_input_u8", "inputs.edit_vae_input_u8_0"):
+            if fx.has(key):
+                yield compare(f"{key} (transform)", torch.from_numpy(np.array(vae_image)), fx.get(key), RESIZE)
+        if fx.has("inputs.edit_vit_input_u8_0") and "gen_vit_transform" in recipe:
+            ours = np.asarray(_transform(recipe["gen_vit_transform"]).resize(vae_image))
+            yield compare("inputs.edit_vit_input_u8_0 (transform)", torch.from_numpy(ours.copy()), fx.get("inputs.edit_vit_input_u8_0"), RESIZE)
+
+
+def run_vqa(fx: Fixture, policy: str, engine: Engine) -> Iterator[ParityRow]:
+    model, p = engine.model, f"{policy}.vqa."
+    info = fx.info(policy, "vqa")
+    pixels = normalize_u8(_u8(fx.get("inputs.vqa_vit_input_u8")).numpy())
+    ps = model.config.vit.patch_size
+    patches = patchify(pixels, ps)
+    pos = grid_position_ids(pixels.shape[1] // ps, pixels.shape[2] // ps, model.config.vit_grid)
+    with torch.no_grad():
+        vit_out = model.vit_features(patches.to(model.device), pos.to(model.device), [patches.shape[0]])
+        conn_out = model.connector(vit_out)
+    yield compare(p + "vit_output", vit_out, fx.get(p + "vit_output"), TOLERANCES["vit"][policy])
+    yield compare(p + "connector_output", conn_out, fx.get(p + "connector_output"), TOLERANCES["vit"][policy])
+
+    ctx = engine.new_context()
+    engine.add_vit_image(ctx, pixels)
+    engine._update(ctx, lambda b: b.add_tokens(fx.get("inputs.vqa_text_ids").tolist()))
+    layout_ok = True
+    note = f"kv_len={ctx.length} rope={ctx.rope}"
+    if "kv_len_after_prefill" in info:
+        layout_ok &= ctx.length == info["kv_len_after_prefill"][0]
+    if "start_token_position_id" in info:
+        layout_ok &= ctx.rope == info["start_token_position_id"]
+    yield ParityRow(p + "sequence_layout", layout_ok, "exact", note=note)
+
+    golden_ids = fx.get(p + "greedy_ids").tolist()
+    gen = engine.generate_text(ctx, len(golden_ids), forced_ids=golden_ids)
+    ref_logits = fx.get(p + "logits").float()
+    tol = TOLERANCES["logits"][policy]
+    rows = [compare("", gen.logits[i], ref_logits[i], tol) for i in range(len(golden_ids))]
+    worst = max(rows, key=lambda r: r.rel_l2)
+    yield ParityRow(
+        p + "logits (teacher-forced, worst row)", all(r.ok for r in rows), tol.describe(),
+        max(r.max_abs for r in rows), worst.rel_l2, min(r.cos for r in rows), note=f"{len(rows)} rows",
+    )
+    if fx.has(p + "logits_step0"):
+        yield compare(p + "logits_step0", gen.logits[0], fx.get(p + "logits_step0"), tol)
+    margins = info.get("top1_minus_top2_logit_margin", [float("inf")] * len(golden_ids))
+    ours = gen.logits.argmax(dim=-1).tolist()
+    decisive = [i for i, m in enumerate(margins) if m >= GREEDY_MARGIN[policy]]
+    wrong = [i for i in decisive if ours[i] != golden_ids[i]]
+    flipped = [i for i in range(len(golden_ids)) if ours[i] != golden_ids[i] and i not in decisive]
+    yield ParityRow(
+        p + "greedy_ids", not wrong, f"identical where margin>={GREEDY_MARGIN[policy]}",
+        note=f"{len(decisive) - len(wrong)}/{len(decisive)} decisive steps equal"
+        + (f"; low-margin flips at {flipped}" if flipped else "") + (f"; differ at {wrong}" if wrong else ""),
+    )
+
+
+def _grid(engine: Engine, hw) -> tuple[int, int]:
+    return engine.latent_grid(int(hw[0]), int(hw[1]))
+
+
+def _guidance(hyper: dict) -> GuidanceConfig:
+    return GuidanceConfig(
+        cfg_text_scale=float(hyper["cfg_text_scale"]),
+        cfg_img_scale=float(hyper.get("cfg_img_scale", 1.0)),
+        cfg_interval=tuple(hyper.get("cfg_interval", (0.0, 1.0))),
+        cfg_renorm_type=hyper.get("cfg_renorm_type", "global"),
+        cfg_renorm_min=float(hyper.get("cfg_renorm_min", 0.0)),
+    )
+
+
+def _text_context(engine: Engine, ids: list[int]):
+    ctx = engine.new_context()
+    engine._update(ctx, lambda b: b.add_tokens(ids))
+    return ctx
+
+
+def run_flow_step(fx: Fixture, policy: str, engine: Engine) -> Iterator[ParityRow]:
+    p, info = f"{policy}.flow_step.", fx.info(policy, "flow_step")
+    defaults = fx.meta.get("recipe", {}).get("defaults", {}).get("flow_step", {})
+    grid = _grid(engine, info.get("image_hw", fx.meta["recipe"]["t2i_hw"]))
+    t = torch.tensor(float(info.get("t", defaults.get("t"))), dtype=torch.float32)
+    scale = float(info.get("cfg_text_scale", defaults.get("cfg_text_scale", 4.0)))
+    renorm_min = float(info.get("cfg_renorm_min", 0.0))
+    ctx = _text_context(engine, fx.get("inputs.t2i_text_ids").tolist())
+    v_c, v_u = engine.velocities([ctx, engine.new_context()], fx.get("inputs.flow_step_x_t"), t, grid)
+    yield compare(p + "v_cond", v_c, fx.get(p + "v_cond"), TOLERANCES["velocity"][policy])
+    yield compare(p + "v_uncond_text", v_u, fx.get(p + "v_uncond_text"), TOLERANCES["velocity"][policy])
+    for renorm in ("global", "text_channel"):
+        key = p + f"v_cfg_{renorm}"
+        if fx.has(key):
+            v = combine_guidance(v_c, v_u, None, scale, 1.0, renorm, renorm_min)
+            yield compare(key, v, fx.get(key), TOLERANCES["velocity_cfg"][policy])
+
+
+def _sample_rows(fx, policy, engine, exp, ctx, ctx_t, ctx_i, noise, grid) -> Iterator[ParityRow]:
+    p = f"{policy}.{exp}."
+    hyper = fx.meta["recipe"][exp]
+    sample = engine.sample_image(
+        ctx, ctx_t, ctx_i, noise, grid,
+        num_timesteps=int(hyper["num_timesteps"]), timestep_shift=float(hyper["timestep_shift"]), guidance=_guidance(hyper),
+    )
+    if fx.has(p + "v_per_step"):
+        ref = fx.get(p + "v_per_step")
+        for k in range(ref.shape[0]):
+            ours = sample.velocities[k] if k < len(sample.velocities) else torch.zeros_like(ref[k])
+            yield compare(f"{p}v_per_step[{k}]", ours, ref[k], TOLERANCES["velocity_step"][policy])
+    yield compare(p + "final_latent", sample.latents, fx.get(p + "final_latent"), TOLERANCES["final_latent"][policy])
+    image = to_uint8_image(engine.decode_latents(sample.latents, grid))
+    yield compare(p + "image_u8", torch.from_numpy(image), fx.get(p + "image_u8"), TOLERANCES["image"][policy])
+
+
+def run_t2i(fx: Fixture, policy: str, engine: Engine) -> Iterator[ParityRow]:
+    info = fx.info(policy, "t2i")
+    grid = _grid(engine, info.get("image_hw", fx.meta["recipe"]["t2i_hw"]))
+    ctx = _text_context(engine, fx.get("inputs.t2i_text_ids").tolist())
+    # Text-to-image: the text-dropped context is empty; the image-dropped one equals the full one.
+    yield from _sample_rows(fx, policy, engine, "t2i", ctx, engine.new_context(), ctx, fx.get(f"{policy}.t2i.noise0"), grid)
+
+
+def run_edit(fx: Fixture, policy: str, engine: Engine) -> Iterator[ParityRow]:
+    info = fx.info(policy, "edit")
+    grid = _grid(engine, info.get("image_hw", fx.meta["recipe"]["edit_hw"]))
+    vae_pixels = normalize_u8(_u8(fx.get("inputs.edit_vae_input_u8_0")).numpy())
+    vit_pixels = normalize_u8(_u8(fx.get("inputs.edit_vit_input_u8_0")).numpy())
+    text_ids = fx.get("inputs.edit_text_ids").tolist()
+    # c_T: the image blocks (VAE then ViT); c: c_T + instruction; c_I: the instruction only.
+    ctx_t = engine.new_context()
+    engine.add_vae_image(ctx_t, vae_pixels, fx.get(f"{policy}.edit.noise0"))
+    engine.add_vit_image(ctx_t, vit_pixels)
+    ctx = ctx_t.fork()
+    engine._update(ctx, lambda b: b.add_tokens(text_ids))
+    ctx_i = _text_context(engine, text_ids)
+    yield from _sample_rows(fx, policy, engine, "edit", ctx, ctx_t, ctx_i, fx.get(f"{policy}.edit.noise1"), grid)
+
+
+def run_vae(fx: Fixture, policy: str, engine: Engine) -> Iterator[ParityRow]:
+    p, vae = f"{policy}.vae.", engine.model.vae_model
+    pixels = normalize_u8(_u8(fx.get("inputs.vae_input_u8")).numpy())[None].to(engine.model.device)
+    tol = TOLERANCES["vae"][policy]
+    with torch.no_grad():
+        mean, logvar = vae.moments(pixels)
+        yield compare(p + "encoder_moments", torch.cat([mean, logvar], dim=1), fx.get(p + "encoder_moments"), tol)
+        z = vae.encode(pixels, fx.get(p + "posterior_noise"))
+        yield compare(p + "z", z, fx.get(p + "z"), tol)
+        decoded = vae.decode(z)
+    yield compare(p + "decoded", decoded, fx.get(p + "decoded"), tol)
+    yield compare(p + "decoded_u8", torch.from_numpy(to_uint8_image(decoded[0])), fx.get(p + "decoded_u8"), TOLERANCES["vae_u8"][policy])
+
+
+EXPERIMENTS: dict[str, Callable[[Fixture, str, Engine], Iterator[ParityRow]]] = {
+    "vqa": run_vqa,
+    "flow_step": run_flow_step,
+    "t2i": run_t2i,
+    "edit": run_edit,
+    "vae": run_vae,
+}
+
+
+def replay(
+    fixture_dir: str | Path,
+    policies: list[str] | None = None,
+    on_row: Callable[[ParityRow], None] | None = None,
+) -> list[ParityRow]:
+    """Replay every experiment of every policy of a fixture; returns one row per compared output."""
+    fx = Fixture(fixture_dir)
+    rows: list[ParityRow] = []
+
+    def emit(row: ParityRow) -> None:
+        rows.append(row)
+        if on_row:
+            on_row(row)
+
+    policies = policies or fx.policies
+    for policy in policies:
+        if policy not in POLICY_DTYPES:
+            raise ValueError(f"unknown precision policy {policy!r}; known: {sorted(POLICY_DTYPES)}")
+        model = UniMedVL.from_pretrained(fx.dir, dtype=POLICY_DTYPES[policy])
+        if policy == policies[0]:
+            for row in check_inputs(fx, model.tokenizer):
+                emit(row)
+        engine = Engine(model, model.tokenizer.special)
+        for exp in fx.experiments(policy):
+            for row in EXPERIMENTS[exp](fx, policy, engine):
+                emit(row)
+        del engine, model
+    return rows

@@ -1,0 +1,87 @@
+"""The Qwen2 tokenizer of a checkpoint, with the special tokens handled as the official loader does.
+
+The official loader checks the tokenizer's special-token map for ``<|im_start|>``, ``<|im_end|>``,
+``<|vision_start|>`` and ``<|vision_end|>``, adds the missing ones as new tokens, and then uses
+``<|im_start|>``/``<|im_end|>`` as the begin/end of every text segment and
+``<|vision_start|>``/``<|vision_end|>`` as the markers of every image block (ARCHITECTURE 4).
+There is no chat template: a text item is ``<|im_start|> + tokens(text) + <|im_end|>``.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "tokenizer.json", "special_tokens_map.json")
+SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>")
+BUNDLED_TINY_TOKENIZER = Path(__file__).parent / "assets" / "tiny_tokenizer"
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    bos: int  # <|im_start|>: opens every text segment; first query of text generation
+    eos: int  # <|im_end|>: closes every text segment; generation stop token
+    start_of_image: int  # <|vision_start|>
+    end_of_image: int  # <|vision_end|>
+
+
+class TokenizerError(ValueError):
+    pass
+
+
+class Tokenizer:
+    """Thin wrapper over ``transformers.Qwen2Tokenizer`` read from local files only."""
+
+    def __init__(self, directory: str | Path):
+        from transformers import Qwen2Tokenizer
+
+        directory = Path(directory)
+        for name in ("vocab.json", "merges.txt"):
+            if not (directory / name).is_file():
+                raise TokenizerError(f"{directory}: tokenizer file {name} is missing (a Qwen2 tokenizer needs vocab.json and merges.txt)")
+        self.directory = directory
+        self.hf = Qwen2Tokenizer.from_pretrained(str(directory), local_files_only=True)
+        present = set()
+        for value in self.hf.special_tokens_map.values():
+            present.update([value] if isinstance(value, str) else value)
+        missing = [t for t in SPECIAL_TOKENS if t not in present]
+        self.num_added_tokens = self.hf.add_tokens(missing) if missing else 0
+        ids = self.hf.convert_tokens_to_ids(list(SPECIAL_TOKENS))
+        self.special = SpecialTokens(*ids)
+
+    def __len__(self) -> int:
+        return len(self.hf)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` without any wrapping (no BOS/EOS added)."""
+        return self.hf.encode(text, add_special_tokens=False)
+
+    def encode_segment(self, text: str) -> list[int]:
+        """``<|im_start|> + tokens(text) + <|im_end|>``: how every text item enters the model."""
+        return [self.special.bos, *self.encode(text), self.special.eos]
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return self.hf.decode(ids, skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False)
+
+    def decode_generation(self, ids: list[int]) -> str:
+        """Decode generated ids as the reference does: keep the text after the first ``<|im_start|>``
+        and before the first ``<|im_end|>`` (ARCHITECTURE 4.4)."""
+        text = self.decode(ids)
+        start, end = "<|im_start|>", "<|im_end|>"
+        if start in text:
+            text = text.split(start, 1)[1]
+        return text.split(end, 1)[0]
+
+    def save(self, directory: str | Path) -> None:
+        """Copy the original tokenizer files (byte for byte) into ``directory``."""
+        directory = Path(directory)
+        for name in TOKENIZER_FILES:
+            src = self.directory / name
+            if src.is_file():
+                shutil.copyfile(src, directory / name)
+
+
+def has_tokenizer(directory: str | Path) -> bool:
+    directory = Path(directory)
+    return (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file()
