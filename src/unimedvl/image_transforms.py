@@ -81,7 +81,7 @@ def normalize_u8(array: np.ndarray) -> torch.Tensor:
     """``[h, w, 3]`` uint8 -> ``[3, h, w]`` float32 ``(u8/255 - 0.5)/0.5``."""
     if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
         raise ValueError(f"expected an [h, w, 3] uint8 array, got {array.dtype} {list(array.shape)}")
-    x = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).to(torch.float32) / 255.0
+    x = torch.from_numpy(np.array(array, copy=True)).permute(2, 0, 1).to(torch.float32) / 255.0
     return (x - 0.5) / 0.5
 
 

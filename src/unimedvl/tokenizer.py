@@ -77,9 +77,9 @@ class Tokenizer:
         """Copy the original tokenizer files (byte for byte) into ``directory``."""
         directory = Path(directory)
         for name in TOKENIZER_FILES:
-            src = self.directory / name
-            if src.is_file():
-                shutil.copyfile(src, directory / name)
+            src, dst = self.directory / name, directory / name
+            if src.is_file() and not (dst.exists() and dst.samefile(src)):
+                shutil.copyfile(src, dst)
 
 
 def has_tokenizer(directory: str | Path) -> bool:

@@ -1,0 +1,96 @@
+"""The ``unimedvl`` command line: a thin layer over the Python API."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="UniMedVL: understand and generate medical images.")
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+@app.command()
+def info(
+    preset: str = typer.Option("tiny", help="Preset to describe (tiny, small, unimedvl-14b)."),
+    model: Optional[Path] = typer.Option(None, "--model", help="A checkpoint directory instead of a preset (configs only are read)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Parameter counts per component of a preset or a checkpoint directory."""
+    from .checkpoint import CheckpointError, read_config
+    from .config import ConfigError, UniMedVLConfig
+    from .summary import parameter_counts
+
+    try:
+        config = read_config(model) if model is not None else UniMedVLConfig.from_preset(preset)
+    except (CheckpointError, ConfigError) as e:
+        _fail(str(e))
+    counts = parameter_counts(config)
+    source = str(model) if model is not None else f"preset {preset}"
+    if as_json:
+        typer.echo(json.dumps({"source": source, "parameters": counts}, indent=1))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"UniMedVL parameters ({source})")
+    table.add_column("component")
+    table.add_column("parameters", justify="right")
+    table.add_column("", justify="right")
+    for name, n in counts.items():
+        table.add_row(name, f"{n:,}", f"{n / 1e9:.3f} B" if n >= 1e8 else f"{n / 1e6:.3f} M")
+    c = config
+    Console().print(table)
+    typer.echo(
+        f"LLM hidden {c.llm.hidden_size} x {c.llm.num_layers} layers ({c.llm.num_heads} q / {c.llm.num_kv_heads} kv heads), "
+        f"vocab {c.llm.vocab_size}; ViT {c.vit.hidden_size} x {c.vit.num_layers}; autoencoder ch {c.ae.ch}, z {c.ae.z_channels}"
+    )
+
+
+@app.command()
+def manifest(preset: str = typer.Option("unimedvl-14b", help="Preset whose official checkpoint keys to list.")) -> None:
+    """Every state-dict key of the official files (ema.safetensors, ae.safetensors) with its shape, as JSON."""
+    from .checkpoint import official_manifest
+    from .config import ConfigError, UniMedVLConfig
+
+    try:
+        config = UniMedVLConfig.from_preset(preset)
+    except ConfigError as e:
+        _fail(str(e))
+    typer.echo(json.dumps(official_manifest(config), indent=1))
+
+
+@app.command()
+def parity(
+    fixture_dir: Path = typer.Argument(..., help="A fixture directory in the format of fixtures/FORMAT.md."),
+    policy: list[str] = typer.Option(None, "--policy", help="Precision policies to replay (default: all recorded)."),
+) -> None:
+    """Replay a reference fixture and compare every recorded output; exit 0 only if all are within tolerance."""
+    from .checkpoint import CheckpointError
+    from .parity import replay
+
+    try:
+        rows = replay(fixture_dir, policies=policy or None, on_row=lambda r: typer.echo(r.format()))
+    except (FileNotFoundError, CheckpointError, ValueError) as e:
+        _fail(str(e))
+    passed = sum(r.ok for r in rows)
+    typer.echo(f"parity: {passed}/{len(rows)} within tolerance")
+    if passed != len(rows) or not rows:
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from unimedvl import UniMedVL, UniMedVLConfig
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("UNIMEDVL_SHARED", REPO.parent / "shared"))
+FIXTURE_A = SHARED / "fixtures" / "official_tiny_a"
+
+
+@pytest.fixture(scope="session")
+def fixture_a() -> Path:
+    if not (FIXTURE_A / "golden" / "reference_outputs.safetensors").is_file():
+        pytest.fail(f"reference fixture not found at {FIXTURE_A} (set UNIMEDVL_SHARED to the shared/ directory)")
+    return FIXTURE_A
+
+
+def tiny_config(**overrides) -> UniMedVLConfig:
+    return UniMedVLConfig.from_preset("tiny", **overrides)
+
+
+def random_model(config: UniMedVLConfig | None = None, seed: int = 0, dtype=torch.float32) -> UniMedVL:
+    """A tiny model whose every parameter is random (experts differ, llm2vae non-zero), so tests
+    can tell the experts and token kinds apart."""
+    model = UniMedVL.from_config(config or tiny_config(), seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("pos_embed"):
+                continue
+            noise = torch.randn(p.shape, generator=g)
+            if p.ndim == 1 and ("norm" in name):
+                p.copy_(1.0 + 0.1 * noise)
+            elif p.ndim == 1:
+                p.copy_(0.02 * noise)
+            else:
+                fan_in = p[0].numel()
+                p.copy_(noise / fan_in**0.5)
+    return model.to(dtype).eval()

@@ -1,0 +1,204 @@
+"""Behaviour of the network: KV-cached inference equals the full forward, packed samples are
+isolated, the attention rules of each split hold, and tokens are routed to the right expert."""
+
+import pytest
+import torch
+
+from unimedvl.inference import Engine
+from unimedvl.model.patching import patchify, unpatchify
+from unimedvl.packing import PackedBatchBuilder
+from unimedvl.tokenizer import SpecialTokens
+
+from conftest import random_model
+
+SPECIAL = SpecialTokens(bos=1, eos=2, start_of_image=3, end_of_image=4)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model(seed=3)
+
+
+def _pixels(h, w, seed):
+    return torch.rand(3, h, w, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def _latents(n, seed, dim=64):
+    return torch.randn(n, dim, generator=torch.Generator().manual_seed(seed))
+
+
+def test_kv_cached_incremental_forward_equals_full_forward(model):
+    image = _pixels(28, 42, 0)  # 2 x 3 ViT patches
+    latent = _latents(4, 1)  # a clean 2 x 2 latent image
+    text1, text2, decode = [10, 11, 12, 13], [20, 21, 22], [30, 31, 32]
+
+    # Full forward: one packed sample holding everything, the decoded tokens as a causal text split.
+    b = PackedBatchBuilder(model.config, SPECIAL)
+    b.add_vit_image(image)
+    b.add_text(text1)
+    b.add_latent_image(latent, (2, 2), 0.0, noisy=False)
+    b.add_text(text2)
+    idx = b.add_tokens([SPECIAL.bos, *decode], logits=True)
+    with torch.no_grad():
+        full = model(b.build())
+
+    # Incremental: context updates block by block, then one token per step.
+    engine = Engine(model, SPECIAL)
+    ctx = engine.new_context()
+    engine.add_vit_image(ctx, image)
+    engine.add_text(ctx, text1)
+    engine._update(ctx, lambda bb: bb.add_latent_image(latent, (2, 2), 0.0, noisy=False))
+    engine.add_text(ctx, text2)
+    assert ctx.length == idx[0] and ctx.rope == 1 + 6 + 1 + 5
+    gen = engine.generate_text(ctx, len(decode) + 1, forced_ids=decode + [0])
+    torch.testing.assert_close(gen.logits, full.logits, rtol=1e-4, atol=1e-4)
+    assert ctx.length == idx[0], "decoding must not modify the context it starts from"
+
+
+def test_denoising_query_through_cache_equals_full_forward(model):
+    """A noisy block attends to the cached context exactly as in a full packed forward."""
+    text, x = [5, 6, 7, 8], _latents(6, 2)
+    b = PackedBatchBuilder(model.config, SPECIAL)
+    b.add_text(text)
+    b.add_latent_image(x, (2, 3), 0.7, noisy=True)
+    with torch.no_grad():
+        full = model(b.build())
+    engine = Engine(model, SPECIAL)
+    ctx = engine.new_context()
+    engine.add_text(ctx, text)
+    (v,) = engine.velocities([ctx], x, 0.7, (2, 3))
+    torch.testing.assert_close(v, full.velocities, rtol=1e-4, atol=1e-4)
+    assert ctx.length == len(text) + 2, "the denoising query must not be written to the cache"
+
+
+def test_batched_guidance_branches_equal_separate_forwards(model):
+    engine = Engine(model, SPECIAL)
+    c1, c2 = engine.new_context(), engine.new_context()
+    engine.add_text(c1, [9, 10, 11])
+    engine.add_vit_image(c2, _pixels(28, 28, 4))
+    x = _latents(4, 5)
+    together = engine.velocities([c1, c2, engine.new_context()], x, 0.5, (2, 2))
+    alone = [engine.velocities([c], x, 0.5, (2, 2))[0] for c in (c1, c2, engine.new_context())]
+    for a, b in zip(together, alone):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(together[0], together[1], atol=1e-3), "contexts must change the velocity"
+
+
+def _two_sample_batch(model, second_text, backend_latent_seed=7):
+    b = PackedBatchBuilder(model.config, SPECIAL)
+    b.new_sample()
+    b.add_vit_image(_pixels(28, 28, 8))
+    i1 = b.add_text([40, 41, 42], logits=True)
+    b.add_latent_image(_latents(4, backend_latent_seed), (2, 2), 0.5, noisy=True)
+    b.new_sample()
+    b.add_text(second_text, logits=True)
+    b.add_latent_image(_latents(4, 9), (2, 2), 0.3, noisy=True)
+    return b.build(), len(i1)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "flex"])
+def test_packed_samples_do_not_attend_across(model, backend):
+    batch_a, n1 = _two_sample_batch(model, [50, 51, 52, 53])
+    batch_b, _ = _two_sample_batch(model, [60, 61, 62, 63])
+    with torch.no_grad():
+        out_a = model(batch_a, attention_backend=backend)
+        out_b = model(batch_b, attention_backend=backend)
+    n_first = batch_a.layout.sample_lengths[0]
+    torch.testing.assert_close(out_a.hidden[:n_first], out_b.hidden[:n_first], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out_a.logits[:n1], out_b.logits[:n1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out_a.velocities[:4], out_b.velocities[:4], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(out_a.hidden[n_first:], out_b.hidden[n_first:], atol=1e-3)
+
+
+def test_flex_backend_equals_sdpa(model):
+    batch, _ = _two_sample_batch(model, [50, 51, 52, 53])
+    with torch.no_grad():
+        a = model(batch, attention_backend="sdpa")
+        b = model(batch, attention_backend="flex")
+    torch.testing.assert_close(a.hidden, b.hidden, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "flex"])
+def test_noise_split_is_hidden_from_other_splits(model, backend):
+    """Later text must not see a noisy block; the noisy block must see the earlier text."""
+
+    def run(latent_seed, first_text):
+        b = PackedBatchBuilder(model.config, SPECIAL)
+        b.add_text(first_text)
+        b.add_latent_image(_latents(4, latent_seed), (2, 2), 0.8, noisy=True)
+        later = b.add_text([70, 71, 72], logits=True)
+        with torch.no_grad():
+            return model(b.build(), attention_backend=backend), later
+
+    base, later = run(1, [10, 11])
+    other_noise, _ = run(2, [10, 11])
+    other_text, _ = run(1, [12, 13])
+    torch.testing.assert_close(base.logits, other_noise.logits, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(base.velocities, other_text.velocities, atol=1e-3)
+    # The noisy block does not advance the RoPE counter: the later text starts at position 4 + 0.
+    b = PackedBatchBuilder(model.config, SPECIAL)
+    b.add_text([10, 11])
+    b.add_latent_image(_latents(4, 1), (2, 2), 0.8, noisy=True)
+    b.add_text([70])
+    assert b.build().position_ids.tolist() == [0, 1, 2, 3] + [4] * 6 + [4, 5, 6]
+
+
+def test_causal_text_does_not_see_future_tokens(model):
+    def logits(tokens):
+        b = PackedBatchBuilder(model.config, SPECIAL)
+        b.add_tokens(tokens, logits=True)
+        with torch.no_grad():
+            return model(b.build()).logits
+
+    a, b = logits([5, 6, 7, 8]), logits([5, 6, 7, 9])
+    torch.testing.assert_close(a[:3], b[:3], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(a[3], b[3], atol=1e-3)
+
+
+def test_latent_tokens_use_the_generation_expert_only(model):
+    """Perturbing generation-expert weights changes velocities but not text-only logits."""
+    engine = Engine(model, SPECIAL)
+    ctx = engine.new_context()
+    engine.add_text(ctx, [10, 11, 12])
+    x = _latents(4, 3)
+    before_logits = engine.generate_text(ctx, 3, forced_ids=[5, 6, 7]).logits
+    before_v = engine.velocities([ctx], x, 0.5, (2, 2))[0]
+    saved = {n: p.detach().clone() for n, p in model.named_parameters() if "_moe_gen" in n}
+    try:
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "_moe_gen" in n:
+                    p.add_(0.05 * torch.randn_like(p))
+        ctx2 = engine.new_context()
+        engine.add_text(ctx2, [10, 11, 12])
+        after_logits = engine.generate_text(ctx2, 3, forced_ids=[5, 6, 7]).logits
+        after_v = engine.velocities([ctx2], x, 0.5, (2, 2))[0]
+    finally:
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n in saved:
+                    p.copy_(saved[n])
+    torch.testing.assert_close(before_logits, after_logits)
+    assert not torch.allclose(before_v, after_v, atol=1e-4)
+
+
+def test_patchify_round_trip_and_order():
+    x = torch.arange(2 * 4 * 6, dtype=torch.float32).reshape(2, 4, 6)
+    tokens = patchify(x, 2)
+    assert tokens.shape == (6, 8)
+    # token 1 = patch (row 0, col 1); its first entries are pixel (0, 2) channels 0 and 1.
+    assert tokens[1, :2].tolist() == [x[0, 0, 2].item(), x[1, 0, 2].item()]
+    torch.testing.assert_close(unpatchify(tokens, 2, 3, 2), x)
+
+
+def test_builder_positions_follow_the_layout_rules(model):
+    b = PackedBatchBuilder(model.config, SPECIAL)
+    b.add_latent_image(_latents(4, 0), (2, 2), 0.0, noisy=False)
+    b.add_vit_image(_pixels(14, 28, 0))
+    b.add_text([7, 8])
+    batch = b.build()
+    assert batch.position_ids.tolist() == [0] * 6 + [1] * 4 + [2, 3, 4, 5]
+    assert [s.mode for s in batch.layout.samples[0]] == ["full", "full", "causal"]
+    assert batch.token_ids.tolist() == [3, 4, 3, 4, 1, 7, 8, 2]
+    assert batch.latent_position_ids.tolist() == [0, 1, 64, 65]
+    assert batch.vit_position_ids.tolist() == [0, 1]
