@@ -257,12 +257,15 @@ def load_pretrained(
 
     with torch.device("meta"):
         model = UniMedVL(config)
-    state = {}
-    for key, (handle, file_key) in sources.items():
-        tensor = _convert(key, handle.get_tensor(file_key), expected[key])
-        if dtype is not None and tensor.is_floating_point():
-            tensor = tensor.to(dtype)
-        state[key] = tensor.to(device)
+    paths = {id(main): weight_path}
+    if ae is not None:
+        paths[id(ae)] = directory / AE_WEIGHTS
+    state = _read_tensors(
+        [(key, paths[id(handle)], file_key) for key, (handle, file_key) in sources.items()],
+        lambda key, t: _convert(key, t, expected[key]),
+        dtype,
+        torch.device(device),
+    )
     model.load_state_dict(state, strict=True, assign=True)
     del state
     model.eval()
@@ -275,6 +278,37 @@ def load_pretrained(
             )
         model.tokenizer = tok
     return model
+
+
+READ_CHUNK_BYTES = 256 * 2**20
+
+
+def _read_tensors(items, convert, dtype, device, chunk_bytes: int = READ_CHUNK_BYTES) -> dict[str, torch.Tensor]:
+    """Read ``(model_key, file, file_key)`` items into tensors of ``dtype`` on ``device``.
+
+    Tensors that need no cast and stay on the CPU keep pointing into the memory-mapped file
+    (zero-copy).  Cast or moved tensors are copies; the file is reopened every ``chunk_bytes`` of
+    such reads so that the source pages already consumed are unmapped, keeping the peak close to
+    the size of the loaded weights plus one chunk.
+    """
+    state: dict[str, torch.Tensor] = {}
+    handle, handle_path, consumed = None, None, 0
+    try:
+        for key, path, file_key in items:
+            if handle is None or handle_path != path or consumed >= chunk_bytes:
+                handle, handle_path, consumed = _open(path), path, 0
+            tensor = convert(key, handle.get_tensor(file_key))
+            source_bytes = tensor.numel() * tensor.element_size()
+            if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+                tensor = tensor.to(dtype)
+                consumed += source_bytes
+            if tensor.device != device:
+                tensor = tensor.to(device)
+                consumed += source_bytes
+            state[key] = tensor
+    finally:
+        handle = None
+    return state
 
 
 # ---- saving ----------------------------------------------------------------------------------
