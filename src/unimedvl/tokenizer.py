@@ -42,9 +42,9 @@ class Tokenizer:
                 raise TokenizerError(f"{directory}: tokenizer file {name} is missing (a Qwen2 tokenizer needs vocab.json and merges.txt)")
         self.directory = directory
         self.hf = Qwen2Tokenizer.from_pretrained(str(directory), local_files_only=True)
-        present = set()
-        for value in self.hf.special_tokens_map.values():
-            present.update([value] if isinstance(value, str) else value)
+        # The official loader consults the special-token map (which, in the transformers version it
+        # pins, includes ``additional_special_tokens``); newer transformers list those separately.
+        present = set(self.hf.all_special_tokens)
         missing = [t for t in SPECIAL_TOKENS if t not in present]
         self.num_added_tokens = self.hf.add_tokens(missing) if missing else 0
         ids = self.hf.convert_tokens_to_ids(list(SPECIAL_TOKENS))
