@@ -47,7 +47,7 @@ def test_kv_cached_incremental_forward_equals_full_forward(model):
     ctx = engine.new_context()
     engine.add_vit_image(ctx, image)
     engine.add_text(ctx, text1)
-    engine._update(ctx, lambda bb: bb.add_latent_image(latent, (2, 2), 0.0, noisy=False))
+    engine.add_latent_tokens(ctx, latent, (2, 2))
     engine.add_text(ctx, text2)
     assert ctx.length == idx[0] and ctx.rope == 1 + 6 + 1 + 5
     gen = engine.generate_text(ctx, len(decode) + 1, forced_ids=decode + [0])

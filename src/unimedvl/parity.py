@@ -221,7 +221,7 @@ def run_vqa(fx: Fixture, policy: str, engine: Engine) -> Iterator[ParityRow]:
 
     ctx = engine.new_context()
     engine.add_vit_image(ctx, pixels)
-    engine._update(ctx, lambda b: b.add_tokens(fx.get("inputs.vqa_text_ids").tolist()))
+    engine.add_token_ids(ctx, fx.get("inputs.vqa_text_ids").tolist())
     layout_ok = True
     note = f"kv_len={ctx.length} rope={ctx.rope}"
     if "kv_len_after_prefill" in info:
@@ -270,7 +270,7 @@ def _guidance(hyper: dict) -> GuidanceConfig:
 
 def _text_context(engine: Engine, ids: list[int]):
     ctx = engine.new_context()
-    engine._update(ctx, lambda b: b.add_tokens(ids))
+    engine.add_token_ids(ctx, ids)
     return ctx
 
 
@@ -328,7 +328,7 @@ def run_edit(fx: Fixture, policy: str, engine: Engine) -> Iterator[ParityRow]:
     engine.add_vae_image(ctx_t, vae_pixels, fx.get(f"{policy}.edit.noise0"))
     engine.add_vit_image(ctx_t, vit_pixels)
     ctx = ctx_t.fork()
-    engine._update(ctx, lambda b: b.add_tokens(text_ids))
+    engine.add_token_ids(ctx, text_ids)
     ctx_i = _text_context(engine, text_ids)
     yield from _sample_rows(fx, policy, engine, "edit", ctx, ctx_t, ctx_i, fx.get(f"{policy}.edit.noise1"), grid)
 

@@ -50,7 +50,7 @@ class Engine:
         return PackedBatchBuilder(self.config, self.special)
 
     @torch.no_grad()
-    def _update(self, ctx: KVCache, add: Callable[[PackedBatchBuilder], object], logits: bool = False):
+    def _update(self, ctx: KVCache, add: Callable[[PackedBatchBuilder], object]):
         b = self._builder().new_sample(ctx.rope)
         add(b)
         rope = b.rope
@@ -63,6 +63,10 @@ class Engine:
         """Append the text item ``<|im_start|> content <|im_end|>`` (causal)."""
         self._update(ctx, lambda b: b.add_text(list(content_ids)))
 
+    def add_token_ids(self, ctx: KVCache, ids: list[int]) -> None:
+        """Append already-wrapped token ids as one causal text split (e.g. a recorded prompt)."""
+        self._update(ctx, lambda b: b.add_tokens(list(ids)))
+
     def add_vit_image(self, ctx: KVCache, pixels: torch.Tensor) -> None:
         """Append a ViT block of ``pixels [3, h, w]`` in [-1, 1] (understanding input)."""
         self._update(ctx, lambda b: b.add_vit_image(pixels))
@@ -74,8 +78,12 @@ class Engine:
         the mean.  Returns the latent tokens that were added.
         """
         tokens, grid = self.encode_latents(pixels, posterior_noise)
-        self._update(ctx, lambda b: b.add_latent_image(tokens, grid, 0.0, noisy=False))
+        self.add_latent_tokens(ctx, tokens, grid)
         return tokens
+
+    def add_latent_tokens(self, ctx: KVCache, tokens: torch.Tensor, grid_hw: tuple[int, int]) -> None:
+        """Append already-encoded clean latent tokens ``[h*w, p*p*C]`` as a VAE block (``t = 0``)."""
+        self._update(ctx, lambda b: b.add_latent_image(tokens, grid_hw, 0.0, noisy=False))
 
     # ---- autoencoder --------------------------------------------------------------------------
     def latent_grid(self, height: int, width: int) -> tuple[int, int]:

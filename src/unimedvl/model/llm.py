@@ -89,18 +89,14 @@ class MoTAttention(nn.Module):
         h, d = cfg.hidden_size, cfg.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
         self.scale = 1.0 / math.sqrt(d)
-        self.q_proj = nn.Linear(h, cfg.num_heads * d, bias=True)
-        self.k_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=True)
-        self.v_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=True)
-        self.o_proj = nn.Linear(cfg.num_heads * d, h, bias=False)
-        self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
-        self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
-        self.q_proj_moe_gen = nn.Linear(h, cfg.num_heads * d, bias=True)
-        self.k_proj_moe_gen = nn.Linear(h, cfg.num_kv_heads * d, bias=True)
-        self.v_proj_moe_gen = nn.Linear(h, cfg.num_kv_heads * d, bias=True)
-        self.o_proj_moe_gen = nn.Linear(cfg.num_heads * d, h, bias=False)
-        self.q_norm_moe_gen = RMSNorm(d, cfg.rms_norm_eps)
-        self.k_norm_moe_gen = RMSNorm(d, cfg.rms_norm_eps)
+        # One parameter set per expert: un-suffixed (understanding) and ``_moe_gen`` (generation).
+        for sfx in ("", "_moe_gen"):
+            setattr(self, "q_proj" + sfx, nn.Linear(h, cfg.num_heads * d, bias=True))
+            setattr(self, "k_proj" + sfx, nn.Linear(h, cfg.num_kv_heads * d, bias=True))
+            setattr(self, "v_proj" + sfx, nn.Linear(h, cfg.num_kv_heads * d, bias=True))
+            setattr(self, "o_proj" + sfx, nn.Linear(cfg.num_heads * d, h, bias=False))
+            setattr(self, "q_norm" + sfx, RMSNorm(d, cfg.rms_norm_eps))
+            setattr(self, "k_norm" + sfx, RMSNorm(d, cfg.rms_norm_eps))
 
     def _qkv(self, x: torch.Tensor, gen: bool) -> torch.Tensor:
         sfx = "_moe_gen" if gen else ""
@@ -127,12 +123,10 @@ class MoTDecoderLayer(nn.Module):
         super().__init__()
         h = cfg.hidden_size
         self.self_attn = MoTAttention(cfg)
-        self.mlp = MLP(h, cfg.intermediate_size)
-        self.mlp_moe_gen = MLP(h, cfg.intermediate_size)
-        self.input_layernorm = RMSNorm(h, cfg.rms_norm_eps)
-        self.input_layernorm_moe_gen = RMSNorm(h, cfg.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(h, cfg.rms_norm_eps)
-        self.post_attention_layernorm_moe_gen = RMSNorm(h, cfg.rms_norm_eps)
+        for sfx in ("", "_moe_gen"):
+            setattr(self, "mlp" + sfx, MLP(h, cfg.intermediate_size))
+            setattr(self, "input_layernorm" + sfx, RMSNorm(h, cfg.rms_norm_eps))
+            setattr(self, "post_attention_layernorm" + sfx, RMSNorm(h, cfg.rms_norm_eps))
 
     def forward(self, x, routing: ExpertRouting, cos, sin, plan: AttentionPlan, layer: int) -> torch.Tensor:
         a = routing.apply(x, self.input_layernorm, self.input_layernorm_moe_gen)
