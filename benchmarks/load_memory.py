@@ -35,7 +35,7 @@ model = UniMedVL.from_pretrained(sys.argv[1], dtype=dtype)
 peak_load = status_mb("VmHWM")
 with torch.no_grad():  # touch every weight, as a first forward would
     for p in model.parameters():
-        p.float().sum()
+        p.sum()
 peak_used = status_mb("VmHWM")
 weights = sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2**20
 print(json.dumps({"rss_before_mb": round(before, 1), "weights_mb": round(weights, 1),
