@@ -66,8 +66,8 @@ class AttentionLayout:
         """Boolean mask ``[n_new, cache_len + n_new]`` (True = may attend) of sample ``s``, or
         ``None`` when every query may see every key (a single full/noise split)."""
         splits = self.samples[s]
-        if len(splits) == 1 and splits[0].mode != "causal":
-            return None
+        if len(splits) == 1 and (splits[0].mode != "causal" or splits[0].length == 1):
+            return None  # one block that sees itself and the whole cache (e.g. a decoding step)
         n = sum(sp.length for sp in splits)
         split_id = torch.repeat_interleave(
             torch.arange(len(splits), device=device), torch.tensor([sp.length for sp in splits], device=device)
