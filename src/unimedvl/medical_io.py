@@ -1,0 +1,247 @@
+"""Read medical images into the 8-bit RGB arrays the model sees, with metadata but no identifiers.
+
+* DICOM (pydicom): modality LUT / rescale slope and intercept, then a window - the file's own, a
+  named preset or explicit ``(center, width)`` - with the DICOM linear VOI function
+  (PS3.3 C.11.2.1.2); MONOCHROME1 is inverted after windowing; one frame of a multi-frame object.
+* NIfTI (nibabel): reoriented to the closest canonical (RAS+) orientation, one slice along a chosen
+  axis shown with superior/anterior at the top (neurological convention: the patient's right is on
+  the image's right), intensities scaled between volume percentiles.
+* PNG / TIFF / JPEG, 8 or 16 bit: 16-bit data is scaled by its own range, never clipped at 255.
+
+Every reader returns a :class:`MedicalImage`; every failure is a :class:`MedicalImageError` that
+names the file and what was expected.  Metadata never carries patient identifiers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+# (center, width) in Hounsfield units for CT.
+WINDOW_PRESETS: dict[str, tuple[float, float]] = {
+    "lung": (-600.0, 1500.0),
+    "mediastinum": (50.0, 350.0),
+    "bone": (400.0, 1800.0),
+    "brain": (40.0, 80.0),
+    "abdomen": (40.0, 400.0),
+}
+NIFTI_AXES = {"sagittal": 0, "coronal": 1, "axial": 2}
+DICOM_SUFFIXES = {".dcm", ".dicom", ".ima"}
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+class MedicalImageError(ValueError):
+    """A medical image cannot be read as asked; the message names the file."""
+
+
+@dataclass
+class MedicalImage:
+    pixels: np.ndarray  # [H, W, 3] uint8, what the model sees
+    meta: dict[str, Any] = field(default_factory=dict)  # modality, window, slice... never identifiers
+
+    def to_pil(self) -> Image.Image:
+        return Image.fromarray(self.pixels)
+
+
+def _gray_to_rgb(gray01: np.ndarray) -> np.ndarray:
+    u8 = np.round(np.clip(gray01, 0.0, 1.0) * 255.0).astype(np.uint8)
+    return np.repeat(u8[:, :, None], 3, axis=2)
+
+
+def resolve_window(window: str | tuple[float, float] | None, ds=None) -> tuple[tuple[float, float] | None, str]:
+    """``(center, width)`` and where it came from: a preset name, explicit values, or the file."""
+    if isinstance(window, str):
+        key = window.lower()
+        if key not in WINDOW_PRESETS:
+            raise MedicalImageError(f"unknown window preset {window!r}; known: {', '.join(WINDOW_PRESETS)}")
+        return WINDOW_PRESETS[key], f"preset:{key}"
+    if window is not None:
+        center, width = (float(v) for v in window)
+        if width < 1:
+            raise MedicalImageError(f"window width must be >= 1, got {width}")
+        return (center, width), "explicit"
+    if ds is not None and "WindowCenter" in ds and "WindowWidth" in ds:
+        try:  # multi-valued windows: the first is the default one
+            return (_first_value(ds.WindowCenter), _first_value(ds.WindowWidth)), "file"
+        except (TypeError, ValueError, IndexError):
+            pass
+    return None, "min-max"
+
+
+def _first_value(v) -> float:
+    return float(v[0]) if hasattr(v, "__len__") and not isinstance(v, (str, bytes)) else float(v)
+
+
+def apply_window(values: np.ndarray, center: float, width: float) -> np.ndarray:
+    """DICOM linear VOI function, output in [0, 1]."""
+    y = ((values - (center - 0.5)) / (width - 1.0)) + 0.5
+    return np.clip(y, 0.0, 1.0)
+
+
+def _minmax(values: np.ndarray) -> np.ndarray:
+    lo, hi = float(values.min()), float(values.max())
+    return np.zeros_like(values, dtype=np.float64) if hi <= lo else (values - lo) / (hi - lo)
+
+
+# ---- DICOM -----------------------------------------------------------------------------------
+
+
+def read_dicom(path: str | Path, window: str | tuple[float, float] | None = None, frame: int = 0) -> MedicalImage:
+    """One frame of a DICOM file as 8-bit RGB.  ``window``: ``None`` (the file's, else min-max), a
+    preset name (:data:`WINDOW_PRESETS`) or ``(center, width)`` in modality units (HU for CT)."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+    from pydicom.pixels import apply_modality_lut
+
+    path = Path(path)
+    try:
+        ds = pydicom.dcmread(str(path))
+    except (InvalidDicomError, OSError, EOFError, ValueError) as e:
+        raise MedicalImageError(f"{path}: not a readable DICOM file ({type(e).__name__}: {e})") from e
+    if "PixelData" not in ds:
+        raise MedicalImageError(f"{path}: the DICOM object has no pixel data (PixelData element missing)")
+    try:
+        arr = ds.pixel_array
+    except Exception as e:  # truncated data, missing decoder plugin, ...
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "unknown")
+        raise MedicalImageError(f"{path}: cannot decode pixel data (transfer syntax {syntax}): {e}") from e
+    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
+    samples = int(ds.get("SamplesPerPixel", 1))
+    if n_frames > 1:
+        if not 0 <= frame < n_frames:
+            raise MedicalImageError(f"{path}: frame {frame} requested but the file has {n_frames} frames (0..{n_frames - 1})")
+        arr = arr[frame]
+    elif frame != 0:
+        raise MedicalImageError(f"{path}: frame {frame} requested but the file has a single frame")
+    meta: dict[str, Any] = {
+        "format": "dicom",
+        "modality": str(ds.get("Modality", "")),
+        "photometric_interpretation": photometric,
+        "frame": frame,
+        "num_frames": n_frames,
+        "rows": int(arr.shape[0]),
+        "columns": int(arr.shape[1]),
+    }
+    if "PixelSpacing" in ds:
+        meta["pixel_spacing_mm"] = [float(v) for v in ds.PixelSpacing]
+    if samples == 3:  # colour (ultrasound, photographs): pydicom already returns RGB
+        meta["window"] = None
+        rgb = arr if arr.dtype == np.uint8 else np.round(_minmax(arr.astype(np.float64)) * 255).astype(np.uint8)
+        return MedicalImage(np.ascontiguousarray(rgb), meta)
+
+    values = apply_modality_lut(arr, ds).astype(np.float64)
+    win, source = resolve_window(window, ds)
+    gray = _minmax(values) if win is None else apply_window(values, *win)
+    if photometric == "MONOCHROME1":  # low values are bright: invert after windowing
+        gray = 1.0 - gray
+    meta["window"] = None if win is None else {"center": win[0], "width": win[1], "source": source}
+    return MedicalImage(_gray_to_rgb(gray), meta)
+
+
+# ---- NIfTI -----------------------------------------------------------------------------------
+
+
+def read_nifti(
+    path: str | Path,
+    axis: str | int = "axial",
+    slice_index: int | None = None,
+    percentiles: tuple[float, float] = (0.5, 99.5),
+    volume: int = 0,
+) -> MedicalImage:
+    """One slice of a NIfTI volume in canonical (RAS+) orientation as 8-bit RGB.
+
+    ``axis``: ``axial``/``coronal``/``sagittal`` or 2/1/0 in RAS voxel axes; ``slice_index``
+    defaults to the middle slice; intensities are scaled between the volume's ``percentiles``.
+    """
+    import nibabel as nib
+
+    path = Path(path)
+    try:
+        img = nib.as_closest_canonical(nib.load(str(path)))
+        data = np.asarray(img.dataobj, dtype=np.float64)
+    except Exception as e:
+        raise MedicalImageError(f"{path}: not a readable NIfTI file ({type(e).__name__}: {e})") from e
+    if data.ndim == 4:
+        if not 0 <= volume < data.shape[3]:
+            raise MedicalImageError(f"{path}: volume {volume} requested but the file has {data.shape[3]} volumes")
+        data = data[..., volume]
+    if data.ndim != 3:
+        raise MedicalImageError(f"{path}: expected a 3D (or 4D) volume, got shape {list(data.shape)}")
+    bad = int(np.count_nonzero(~np.isfinite(data)))
+    if bad:
+        raise MedicalImageError(f"{path}: the volume contains {bad} NaN/infinite voxels")
+    ax = NIFTI_AXES.get(axis, axis) if isinstance(axis, str) else axis
+    if ax not in (0, 1, 2):
+        raise MedicalImageError(f"{path}: axis must be one of {list(NIFTI_AXES)} or 0/1/2, got {axis!r}")
+    n = data.shape[ax]
+    index = n // 2 if slice_index is None else slice_index
+    if not 0 <= index < n:
+        raise MedicalImageError(f"{path}: slice {index} requested along axis {ax} of {n} slices")
+    plane = np.take(data, index, axis=ax)
+    # RAS voxel axes -> rows from superior/anterior (top) down, columns along the first remaining axis.
+    plane = plane.T[::-1, :]
+    lo, hi = np.percentile(data, percentiles)
+    gray = np.zeros_like(plane) if hi <= lo else (plane - lo) / (hi - lo)
+    meta = {
+        "format": "nifti",
+        "orientation": "RAS",
+        "axis": ax,
+        "slice_index": int(index),
+        "num_slices": int(n),
+        "percentiles": list(percentiles),
+        "intensity_range": [float(lo), float(hi)],
+        "voxel_size_mm": [float(v) for v in img.header.get_zooms()[:3]],
+    }
+    return MedicalImage(_gray_to_rgb(gray), meta)
+
+
+# ---- ordinary images -------------------------------------------------------------------------
+
+
+def read_raster(path: str | Path) -> MedicalImage:
+    """PNG / TIFF / JPEG.  8-bit images are used as they are; deeper grayscale data is scaled from
+    its own min..max to 0..255 (no clipping of 16-bit values)."""
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            im.load()
+            mode = im.mode
+            arr = np.asarray(im)
+    except Exception as e:
+        raise MedicalImageError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
+    meta = {"format": (Path(path).suffix.lower().lstrip(".") or "image"), "source_mode": mode, "bit_depth": int(arr.dtype.itemsize * 8)}
+    if arr.dtype == np.uint8 and arr.ndim == 3 and arr.shape[2] in (3, 4):
+        from .image_transforms import to_rgb
+
+        with Image.open(path) as im:
+            return MedicalImage(np.asarray(to_rgb(im)), meta)
+    if arr.ndim == 3:  # deep multi-channel: scale each image jointly
+        rgb = arr[..., :3].astype(np.float64)
+        return MedicalImage(np.round(_minmax(rgb) * 255).astype(np.uint8), meta)
+    gray = arr.astype(np.float64)
+    if arr.dtype == np.uint8:
+        return MedicalImage(np.repeat(arr[:, :, None], 3, axis=2), meta)
+    meta["intensity_range"] = [float(gray.min()), float(gray.max())]
+    return MedicalImage(_gray_to_rgb(_minmax(gray)), meta)
+
+
+def read_medical_image(path: str | Path, **options) -> MedicalImage:
+    """Dispatch on the file: DICOM (by suffix or the ``DICM`` preamble), NIfTI, else a raster image."""
+    path = Path(path)
+    if not path.is_file():
+        raise MedicalImageError(f"{path}: no such file")
+    name = path.name.lower()
+    if name.endswith(NIFTI_SUFFIXES):
+        return read_nifti(path, **options)
+    with open(path, "rb") as f:
+        head = f.read(132)
+    if path.suffix.lower() in DICOM_SUFFIXES or head[128:132] == b"DICM":
+        return read_dicom(path, **options)
+    if options:
+        raise MedicalImageError(f"{path}: options {sorted(options)} apply to DICOM/NIfTI only")
+    return read_raster(path)

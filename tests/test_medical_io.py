@@ -1,0 +1,140 @@
+"""Medical image readers on real sample files shipped by pydicom, pydicom-data and nibabel, and on
+volumes written by the tests with known orientation.  Assertions are about pixels."""
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+from pydicom.data import get_testdata_file
+from pydicom.pixels import apply_modality_lut
+
+from unimedvl.medical_io import MedicalImageError, apply_window, read_dicom, read_medical_image, read_nifti
+
+
+def _hu(name):
+    ds = pydicom.dcmread(get_testdata_file(name))
+    return ds, apply_modality_lut(ds.pixel_array, ds).astype(np.float64)
+
+
+def test_ct_rescale_and_named_window_presets():
+    ds, hu = _hu("CT_small.dcm")
+    assert float(ds.RescaleIntercept) != 0  # the rescale matters for this file
+    lung = read_dicom(get_testdata_file("CT_small.dcm"), window="lung")
+    expected = np.round(apply_window(hu, -600.0, 1500.0) * 255).astype(np.uint8)
+    assert np.array_equal(lung.pixels[..., 0], expected)
+    bone = read_dicom(get_testdata_file("CT_small.dcm"), window="bone")
+    assert not np.array_equal(lung.pixels, bone.pixels)
+    # a voxel at the window centre maps to mid grey; values beyond the window saturate
+    assert apply_window(np.array([-600.0, -1400.0, 200.0]), -600.0, 1500.0).round(3).tolist() == [0.5, 0.0, 1.0]
+    assert lung.meta["window"] == {"center": -600.0, "width": 1500.0, "source": "preset:lung"}
+    assert "PatientName" not in str(lung.meta) and str(ds.PatientName) not in str(lung.meta)
+
+
+def test_window_from_the_file_and_explicit_values():
+    ds, values = _hu("MR2_UNCR.dcm")  # pydicom-data MR with a window and a rescale slope of 3.77
+    own = read_dicom(get_testdata_file("MR2_UNCR.dcm"))
+    c, w = float(ds.WindowCenter), float(ds.WindowWidth)
+    assert own.meta["window"]["source"] == "file" and float(ds.RescaleSlope) != 1
+    assert np.array_equal(own.pixels[..., 0], np.round(apply_window(values, c, w) * 255).astype(np.uint8))
+    explicit = read_dicom(get_testdata_file("MR2_UNCR.dcm"), window=(c, w))
+    assert np.array_equal(explicit.pixels, own.pixels)
+    # no window in the file: the full range is used
+    ct = read_dicom(get_testdata_file("CT_small.dcm"))
+    assert ct.meta["window"] is None and ct.pixels.min() == 0 and ct.pixels.max() == 255
+
+
+def test_monochrome1_chest_radiograph_is_inverted():
+    path = get_testdata_file("RG3_UNCR.dcm")  # pydicom-data: a MONOCHROME1 CR chest radiograph
+    ds = pydicom.dcmread(path)
+    assert ds.PhotometricInterpretation == "MONOCHROME1"
+    image = read_dicom(path, window=(1000.0, 2000.0))
+    values = apply_modality_lut(ds.pixel_array, ds).astype(np.float64)
+    direct = np.round(apply_window(values, 1000.0, 2000.0) * 255).astype(np.uint8)
+    assert np.array_equal(image.pixels[..., 0], 255 - direct)
+    assert image.pixels.shape == (ds.Rows, ds.Columns, 3)
+    # with a window below the brightest value, the highest stored value is drawn black
+    low = read_dicom(path, window=(float(values.min()) + 2.0, 2.0))
+    r, c = np.unravel_index(np.argmax(values), values.shape)
+    assert low.pixels[r, c, 0] == 0 and low.pixels[np.unravel_index(np.argmin(values), values.shape)][0] == 255
+
+
+def test_multi_frame_choice_and_bounds():
+    path = get_testdata_file("emri_small.dcm")
+    ds = pydicom.dcmread(path)
+    n = int(ds.NumberOfFrames)
+    f3 = read_dicom(path, frame=3)
+    f0 = read_dicom(path, frame=0)
+    assert f3.meta["num_frames"] == n > 3 and not np.array_equal(f3.pixels, f0.pixels)
+    with pytest.raises(MedicalImageError, match=rf"emri_small\.dcm: frame {n} requested but the file has {n} frames"):
+        read_dicom(path, frame=n)
+
+
+def test_corrupt_dicom_is_reported_with_the_file_name(tmp_path):
+    data = Path(get_testdata_file("CT_small.dcm")).read_bytes()
+    bad = tmp_path / "truncated.dcm"
+    bad.write_bytes(data[: len(data) // 2])
+    with pytest.raises(MedicalImageError, match="truncated.dcm"):
+        read_dicom(bad)
+    empty = tmp_path / "empty.dcm"
+    empty.write_bytes(b"")
+    with pytest.raises(MedicalImageError, match="empty.dcm"):
+        read_medical_image(empty)
+    with pytest.raises(MedicalImageError, match="unknown window preset 'liver'"):
+        read_dicom(get_testdata_file("CT_small.dcm"), window="liver")
+
+
+def _volume_with_marker():
+    data = np.zeros((8, 10, 6), dtype=np.float32)
+    data[1, 7, 4] = 100.0  # x index 1 (toward the left), y index 7 (anterior), z index 4 (superior)
+    data[5, 2, 4] = 50.0
+    return data
+
+
+def test_nifti_is_reoriented_so_storage_order_does_not_matter(tmp_path):
+    ras = _volume_with_marker()
+    nib.save(nib.Nifti1Image(ras, np.eye(4)), tmp_path / "ras.nii.gz")
+    # the same anatomy stored left-right and anterior-posterior flipped (an LPS-like affine)
+    lps_affine = np.diag([-1.0, -1.0, 1.0, 1.0])
+    lps_affine[:3, 3] = [7.0, 9.0, 0.0]
+    nib.save(nib.Nifti1Image(ras[::-1, ::-1, :].copy(), lps_affine), tmp_path / "lps.nii.gz")
+    a = read_nifti(tmp_path / "ras.nii.gz", axis="axial", slice_index=4, percentiles=(0, 100))
+    b = read_nifti(tmp_path / "lps.nii.gz", axis="axial", slice_index=4, percentiles=(0, 100))
+    assert np.array_equal(a.pixels, b.pixels)
+    # axial slice: rows run anterior (top) to posterior, columns along x (RAS)
+    rows, cols = a.pixels.shape[:2]
+    assert (rows, cols) == (10, 8)
+    assert a.pixels[10 - 1 - 7, 1, 0] == 255 and a.pixels[10 - 1 - 2, 5, 0] == 128
+
+
+def test_nifti_axes_and_errors(tmp_path):
+    data = _volume_with_marker()
+    nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / "v.nii")
+    sag = read_nifti(tmp_path / "v.nii", axis="sagittal", slice_index=1, percentiles=(0, 100))
+    assert sag.pixels.shape[:2] == (6, 10) and sag.pixels[6 - 1 - 4, 7, 0] == 255  # superior at the top
+    with pytest.raises(MedicalImageError, match="slice 6 requested along axis 2 of 6 slices"):
+        read_nifti(tmp_path / "v.nii", slice_index=6)
+    data[0, 0, 0] = np.nan
+    nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / "nan.nii")
+    with pytest.raises(MedicalImageError, match=r"nan\.nii: the volume contains 1 NaN"):
+        read_nifti(tmp_path / "nan.nii")
+
+
+def test_nibabel_sample_volume_reads():
+    from nibabel.testing import data_path
+
+    image = read_medical_image(Path(data_path) / "example4d.nii.gz", volume=1)
+    assert image.pixels.dtype == np.uint8 and image.meta["orientation"] == "RAS"
+    assert image.pixels.max() == 255 and image.pixels.min() == 0
+
+
+def test_sixteen_bit_png_is_scaled_not_clipped(tmp_path):
+    ramp = np.tile(np.linspace(0, 4095, 64).astype(np.uint16), (8, 1))  # 12-bit data in a 16-bit PNG
+    Image.fromarray(ramp).save(tmp_path / "ramp.png")
+    image = read_medical_image(tmp_path / "ramp.png")
+    row = image.pixels[0, :, 0].astype(int)
+    assert row[0] == 0 and row[-1] == 255 and np.all(np.diff(row) >= 0)
+    assert len(np.unique(row)) > 60  # the ramp keeps its levels; clipping at 255 would flatten it
+    assert image.meta["bit_depth"] == 16
