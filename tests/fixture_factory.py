@@ -95,7 +95,7 @@ def make_fixture(out: Path, tokenizer_dir: Path, seed: int = 11) -> Path:
         m = model.to(dtype)
         p = policy + "."
 
-        def forward(build, **kw):
+        def forward(build):
             b = PackedBatchBuilder(cfg, special)
             build(b)
             with torch.no_grad():

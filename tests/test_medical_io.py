@@ -138,3 +138,13 @@ def test_sixteen_bit_png_is_scaled_not_clipped(tmp_path):
     assert row[0] == 0 and row[-1] == 255 and np.all(np.diff(row) >= 0)
     assert len(np.unique(row)) > 60  # the ramp keeps its levels; clipping at 255 would flatten it
     assert image.meta["bit_depth"] == 16
+
+
+def test_palette_png_gives_colours_not_palette_indices(tmp_path):
+    rgb = np.zeros((4, 6, 3), dtype=np.uint8)
+    rgb[:, :3] = (200, 30, 30)
+    rgb[:, 3:] = (10, 220, 90)
+    Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE, colors=2).save(tmp_path / "pal.png")
+    image = read_medical_image(tmp_path / "pal.png")
+    assert image.meta["source_mode"] == "P" and image.meta["bit_depth"] == 8
+    assert np.array_equal(image.pixels, rgb)

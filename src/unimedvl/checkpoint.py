@@ -210,7 +210,9 @@ def _open(path: Path):
         raise CheckpointError(f"{path}: cannot read as safetensors ({e})") from e
 
 
-def _file_shapes(handle) -> dict[str, tuple[int, ...]]:
+def _file_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes from a safetensors header (no tensor data is read)."""
+    handle = _open(path)
     return {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
 
 
@@ -232,23 +234,20 @@ def load_pretrained(
                               "load with visual_gen=False for understanding only)")
     expected = expected_shapes(config)
 
-    main = _open(weight_path)
-    sources: dict[str, tuple[Any, str]] = {}  # model key -> (file handle, file key)
+    sources: dict[str, tuple[Path, str]] = {}  # model key -> (file, key in that file)
     shapes: dict[str, tuple[int, ...]] = {}
     ignored = []
-    ae = None
     if visual_gen:
-        ae = _open(directory / AE_WEIGHTS)
-        for k, shape in _file_shapes(ae).items():
-            sources[ae_key_to_model(k)] = (ae, k)
+        for k, shape in _file_shapes(directory / AE_WEIGHTS).items():
+            sources[ae_key_to_model(k)] = (directory / AE_WEIGHTS, k)
             shapes[ae_key_to_model(k)] = shape
-    for k, shape in _file_shapes(main).items():
+    for k, shape in _file_shapes(weight_path).items():
         if IGNORED.match(k) or (not visual_gen and (GENERATION_ONLY.match(k) or k.startswith(AE_PREFIX))):
             ignored.append(k)
             continue
         if k == PATCH_EMBED_KEY and len(shape) == 4:
             shape = (shape[0], shape[1] * shape[2] * shape[3])
-        sources[k] = (main, k)  # vae_model.* keys override ae.safetensors
+        sources[k] = (weight_path, k)  # vae_model.* keys override ae.safetensors
         shapes[k] = shape
     if ignored:
         log.info("%s: %d checkpoint keys not used by this model (%s)", weight_path.name, len(ignored), _describe(ignored, 3))
@@ -257,11 +256,8 @@ def load_pretrained(
 
     with torch.device("meta"):
         model = UniMedVL(config)
-    paths = {id(main): weight_path}
-    if ae is not None:
-        paths[id(ae)] = directory / AE_WEIGHTS
     state = _read_tensors(
-        [(key, paths[id(handle)], file_key) for key, (handle, file_key) in sources.items()],
+        [(key, path, file_key) for key, (path, file_key) in sources.items()],
         lambda key, t: _convert(key, t, expected[key]),
         dtype,
         torch.device(device),
@@ -293,21 +289,18 @@ def _read_tensors(items, convert, dtype, device, chunk_bytes: int = READ_CHUNK_B
     """
     state: dict[str, torch.Tensor] = {}
     handle, handle_path, consumed = None, None, 0
-    try:
-        for key, path, file_key in items:
-            if handle is None or handle_path != path or consumed >= chunk_bytes:
-                handle, handle_path, consumed = _open(path), path, 0
-            tensor = convert(key, handle.get_tensor(file_key))
-            source_bytes = tensor.numel() * tensor.element_size()
-            if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
-                tensor = tensor.to(dtype)
-                consumed += source_bytes
-            if tensor.device != device:
-                tensor = tensor.to(device)
-                consumed += source_bytes
-            state[key] = tensor
-    finally:
-        handle = None
+    for key, path, file_key in items:
+        if handle is None or handle_path != path or consumed >= chunk_bytes:
+            handle, handle_path, consumed = _open(path), path, 0  # dropping the old handle unmaps it
+        tensor = convert(key, handle.get_tensor(file_key))
+        source_bytes = tensor.numel() * tensor.element_size()
+        if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+            tensor = tensor.to(dtype)
+            consumed += source_bytes
+        if tensor.device != device:
+            tensor = tensor.to(device)
+            consumed += source_bytes
+        state[key] = tensor
     return state
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -47,11 +46,11 @@ def info(
     table.add_column("", justify="right")
     for name, n in counts.items():
         table.add_row(name, f"{n:,}", f"{n / 1e9:.3f} B" if n >= 1e8 else f"{n / 1e6:.3f} M")
-    c = config
     Console().print(table)
+    llm, vit, ae = config.llm, config.vit, config.ae
     typer.echo(
-        f"LLM hidden {c.llm.hidden_size} x {c.llm.num_layers} layers ({c.llm.num_heads} q / {c.llm.num_kv_heads} kv heads), "
-        f"vocab {c.llm.vocab_size}; ViT {c.vit.hidden_size} x {c.vit.num_layers}; autoencoder ch {c.ae.ch}, z {c.ae.z_channels}"
+        f"LLM hidden {llm.hidden_size} x {llm.num_layers} layers ({llm.num_heads} q / {llm.num_kv_heads} kv heads), "
+        f"vocab {llm.vocab_size}; ViT {vit.hidden_size} x {vit.num_layers}; autoencoder ch {ae.ch}, z {ae.z_channels}"
     )
 
 

@@ -203,31 +203,35 @@ def read_nifti(
 # ---- ordinary images -------------------------------------------------------------------------
 
 
+EIGHT_BIT_MODES = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "YCbCr", "LAB", "HSV"}
+
+
 def read_raster(path: str | Path) -> MedicalImage:
-    """PNG / TIFF / JPEG.  8-bit images are used as they are; deeper grayscale data is scaled from
-    its own min..max to 0..255 (no clipping of 16-bit values)."""
+    """PNG / TIFF / JPEG.  8-bit images (grey, palette, RGB, with or without alpha) are converted to
+    RGB as they are; deeper data (16-bit, 32-bit, float) is scaled from its own min..max to 0..255,
+    never clipped at 255."""
+    from .image_transforms import to_rgb
+
     path = Path(path)
     try:
         with Image.open(path) as im:
             im.load()
             mode = im.mode
-            arr = np.asarray(im)
+            if mode in EIGHT_BIT_MODES:
+                rgb, deep = np.asarray(to_rgb(im)), None
+            else:
+                rgb, deep = None, np.asarray(im).astype(np.float64)
     except Exception as e:
         raise MedicalImageError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
-    meta = {"format": (Path(path).suffix.lower().lstrip(".") or "image"), "source_mode": mode, "bit_depth": int(arr.dtype.itemsize * 8)}
-    if arr.dtype == np.uint8 and arr.ndim == 3 and arr.shape[2] in (3, 4):
-        from .image_transforms import to_rgb
-
-        with Image.open(path) as im:
-            return MedicalImage(np.asarray(to_rgb(im)), meta)
-    if arr.ndim == 3:  # deep multi-channel: scale each image jointly
-        rgb = arr[..., :3].astype(np.float64)
-        return MedicalImage(np.round(_minmax(rgb) * 255).astype(np.uint8), meta)
-    gray = arr.astype(np.float64)
-    if arr.dtype == np.uint8:
-        return MedicalImage(np.repeat(arr[:, :, None], 3, axis=2), meta)
-    meta["intensity_range"] = [float(gray.min()), float(gray.max())]
-    return MedicalImage(_gray_to_rgb(_minmax(gray)), meta)
+    meta: dict[str, Any] = {"format": path.suffix.lower().lstrip(".") or "image", "source_mode": mode}
+    if deep is None:
+        meta["bit_depth"] = 8
+        return MedicalImage(rgb, meta)
+    meta["bit_depth"] = 32 if mode in ("I", "F") else 16
+    meta["intensity_range"] = [float(deep.min()), float(deep.max())]
+    if deep.ndim == 3:  # deep multi-channel: one range for all channels
+        return MedicalImage(np.round(_minmax(deep[..., :3]) * 255).astype(np.uint8), meta)
+    return MedicalImage(_gray_to_rgb(_minmax(deep)), meta)
 
 
 def read_medical_image(path: str | Path, **options) -> MedicalImage:
