@@ -202,3 +202,33 @@ def test_builder_positions_follow_the_layout_rules(model):
     assert batch.token_ids.tolist() == [3, 4, 3, 4, 1, 7, 8, 2]
     assert batch.latent_position_ids.tolist() == [0, 1, 64, 65]
     assert batch.vit_position_ids.tolist() == [0, 1]
+
+
+def test_kv_cache_forks_are_copy_on_write():
+    """Forks share storage until one of them writes past the shared prefix; neither sees the other's rows."""
+    from unimedvl.model import KVCache
+
+    cache = KVCache(1)
+    k = lambda n, fill: torch.full((2, n, 4), float(fill))  # noqa: E731
+    cache.extend(0, k(3, 1), k(3, 1), commit=True)
+    cache.advance(3)
+    fork = cache.fork()
+    fork.extend(0, k(2, 2), k(2, 2), commit=True)
+    fork.advance(2)
+    cache.extend(0, k(1, 3), k(1, 3), commit=True)  # must not overwrite the fork's rows
+    cache.advance(1)
+    fk, _ = fork.get(0)
+    ck, _ = cache.get(0)
+    assert fk[0, :, 0].tolist() == [1, 1, 1, 2, 2]
+    assert ck[0, :, 0].tolist() == [1, 1, 1, 3]
+    # Scratch rows (a denoising query) never become part of the context.
+    keys, _ = cache.extend(0, k(5, 9), k(5, 9), commit=False)
+    assert keys.shape[1] == 9 and cache.length == 4
+    assert cache.get(0)[0][0, :, 0].tolist() == [1, 1, 1, 3]
+    assert fork.get(0)[0][0, :, 0].tolist() == [1, 1, 1, 2, 2]
+    # Growth past the initial capacity keeps the content.
+    for i in range(KVCache.MIN_CAPACITY + 10):
+        cache.extend(0, k(1, i), k(1, i), commit=True)
+        cache.advance(1)
+    assert cache.length == 4 + KVCache.MIN_CAPACITY + 10
+    assert cache.get(0)[0][0, :5, 0].tolist() == [1, 1, 1, 3, 0]

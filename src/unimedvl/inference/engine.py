@@ -17,6 +17,9 @@ import torch
 
 from ..flow import GuidanceConfig, combine_guidance, euler_step, sampling_timesteps
 from ..model import KVCache, UniMedVL
+from ..model.attention import AttentionLayout, AttentionPlan, Split
+from ..model.llm import ExpertRouting
+from ..model.unimedvl import ForwardPlan, PackedBatch
 from ..model.patching import latent_to_tokens, unpatchify
 from ..packing import PackedBatchBuilder
 from ..tokenizer import SpecialTokens
@@ -27,6 +30,79 @@ class TextGeneration:
     ids: list[int]  # generated content ids (the start token and the final <|im_end|> excluded)
     logits: torch.Tensor  # [steps, V] float32, row k = logits that predicted token k
     finished: bool  # True when generation stopped at <|im_end|>
+    context: KVCache  # the decoding fork: the input context + <|im_start|> + ids
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """Next-token choice.  ``temperature == 0``: greedy (the reference's ``do_sample=False``);
+    otherwise multinomial from ``softmax(logits / temperature)`` - the reference's sampling - with an
+    optional nucleus (``top_p < 1``) restriction that the reference does not have."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    generator: torch.Generator | None = None
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    def __call__(self, logits: torch.Tensor) -> int:
+        if self.temperature == 0:
+            return int(torch.argmax(logits))
+        probs = torch.softmax(logits.float().cpu() / self.temperature, dim=-1)
+        if self.top_p < 1.0:
+            sorted_p, order = torch.sort(probs, descending=True)
+            keep = (sorted_p.cumsum(0) - sorted_p) < self.top_p  # always keeps the most likely token
+            probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+
+class TextStream:
+    """Iterator over generated token ids (ARCHITECTURE 9.3) that keeps its decoding state.
+
+    Stops after a step that predicts ``<|im_end|>`` (not yielded) or after ``max_new_tokens``
+    steps (the last prediction is then dropped, as in the reference, so at most
+    ``max_new_tokens - 1`` ids).  Afterwards :attr:`ids`, :attr:`finished` and :attr:`context` (the
+    fork holding ``<|im_start|>`` and the yielded ids) describe the result.
+    """
+
+    def __init__(self, engine: "Engine", ctx: KVCache, max_new_tokens: int, sampler: Sampler, forced_ids: list[int] | None):
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        self.engine, self.sampler, self.forced_ids = engine, sampler, forced_ids
+        self.max_new_tokens = max_new_tokens
+        self.context = ctx.fork()
+        self.ids: list[int] = []
+        self.logits: list[torch.Tensor] = []
+        self.keep_logits = False
+        self.finished = False
+        self._iter = self._run()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> int:
+        return next(self._iter)
+
+    @torch.no_grad()
+    def _run(self):
+        eos, fed = self.engine.special.eos, self.engine.special.bos
+        for step in range(self.max_new_tokens):
+            logits = self.engine._decode_step(self.context, fed)
+            if self.keep_logits:
+                self.logits.append(logits)
+            nxt = self.sampler(logits) if self.forced_ids is None else int(self.forced_ids[step])
+            if nxt == eos and self.forced_ids is None:
+                self.finished = True
+                return
+            if step == self.max_new_tokens - 1:
+                return  # the reference drops the last prediction when it runs out of steps
+            self.ids.append(nxt)
+            fed = nxt
+            yield nxt
 
 
 @dataclass
@@ -41,6 +117,7 @@ class Engine:
         self.model = model
         self.special = special
         self.config = model.config
+        self.forwarded_tokens = 0  # every token any forward ran (tests and benchmarks read it)
 
     # ---- helpers ------------------------------------------------------------------------------
     def new_context(self) -> KVCache:
@@ -50,11 +127,16 @@ class Engine:
         return PackedBatchBuilder(self.config, self.special)
 
     @torch.no_grad()
+    def forward(self, batch: PackedBatch, caches: list[KVCache], update_cache: bool, plan: ForwardPlan | None = None):
+        """One packed forward; counts the tokens it ran (:attr:`forwarded_tokens`)."""
+        self.forwarded_tokens += batch.num_tokens
+        return self.model(batch, caches=caches, update_cache=update_cache, plan=plan)
+
     def _update(self, ctx: KVCache, add: Callable[[PackedBatchBuilder], object]):
         b = self._builder().new_sample(ctx.rope)
         add(b)
         rope = b.rope
-        out = self.model(b.build(self.model.device), caches=[ctx], update_cache=True)
+        out = self.forward(b.build(self.model.device), [ctx], update_cache=True)
         ctx.rope = rope
         return out
 
@@ -113,6 +195,39 @@ class Engine:
         return self.model.vae_model.decode(z[None].to(self.model.device))[0]
 
     # ---- text ---------------------------------------------------------------------------------
+    def _decode_step(self, ctx: KVCache, token: int) -> torch.Tensor:
+        """Feed one token at the end of ``ctx`` (appended to it); returns its next-token logits ``[V]``.
+
+        The batch and plan of a single causal token are built directly: no packing, no mask.
+        """
+        device = self.model.device
+        position = torch.tensor([ctx.rope], device=device)
+        zero = torch.zeros(1, dtype=torch.long, device=device)
+        batch = PackedBatch(
+            layout=AttentionLayout([[Split(1, "causal")]]),
+            position_ids=position,
+            token_ids=torch.tensor([token], device=device),
+            token_index=zero,
+            logit_index=zero,
+        )
+        attention = AttentionPlan(batch.layout, [ctx], True, masks=[None], slices=[slice(0, 1)])
+        plan = ForwardPlan(ExpertRouting(1, None, None), attention, self.model.language_model.model.rotary(position, self.model.dtype))
+        out = self.forward(batch, [ctx], update_cache=True, plan=plan)
+        ctx.rope += 1
+        return out.logits[-1].float()
+
+    def stream_text(
+        self,
+        ctx: KVCache,
+        max_new_tokens: int,
+        *,
+        sampler: "Sampler | None" = None,
+        forced_ids: list[int] | None = None,
+    ) -> "TextStream":
+        """Decode from ``ctx`` (left unchanged) token by token: feed ``<|im_start|>``, then each
+        prediction (ARCHITECTURE 9.3).  Iterate the returned :class:`TextStream` for the ids."""
+        return TextStream(self, ctx, max_new_tokens, sampler or Sampler(), forced_ids)
+
     @torch.no_grad()
     def generate_text(
         self,
@@ -120,81 +235,44 @@ class Engine:
         max_new_tokens: int,
         *,
         temperature: float = 0.0,
+        top_p: float = 1.0,
         generator: torch.Generator | None = None,
         forced_ids: list[int] | None = None,
-        stop_at_eos: bool = True,
     ) -> TextGeneration:
-        """Decode from ``ctx`` (left unchanged): feed ``<|im_start|>``, then each prediction.
+        """Decode from ``ctx`` (left unchanged) and collect the ids and every step's logits.
 
         ``temperature == 0`` is greedy (argmax, first index on ties); otherwise multinomial sampling
-        from ``softmax(logits / temperature)``.  ``forced_ids`` feeds those ids instead of the
-        predictions (teacher forcing) while still recording the logits.
+        from ``softmax(logits / temperature)``, restricted to the top-``p`` nucleus when ``top_p < 1``.
+        ``forced_ids`` feeds those ids instead of the predictions (teacher forcing) while still
+        recording the logits.
         """
-        work = ctx.fork()
-        fed = self.special.bos
-        ids, rows, finished = [], [], False
-        for step in range(max_new_tokens):
-            out = self._update(work, lambda b: b.add_tokens([fed], logits=True))
-            logits = out.logits[-1].float()
-            rows.append(logits)
-            if temperature > 0:
-                probs = torch.softmax(logits / temperature, dim=-1)
-                nxt = int(torch.multinomial(probs.cpu(), 1, generator=generator))
-            else:
-                nxt = int(torch.argmax(logits))
-            if forced_ids is not None:
-                nxt = forced_ids[step]
-            if stop_at_eos and nxt == self.special.eos and forced_ids is None:
-                finished = True
-                break
-            ids.append(nxt)
-            fed = nxt
-        return TextGeneration(ids, torch.stack(rows), finished)
+        stream = self.stream_text(ctx, max_new_tokens, sampler=Sampler(temperature, top_p, generator), forced_ids=forced_ids)
+        stream.keep_logits = True
+        for _ in stream:
+            pass
+        return TextGeneration(stream.ids, torch.stack(stream.logits), stream.finished, stream.context)
+
+    def close_answer(self, stream: "TextStream") -> KVCache:
+        """The context after an answer: the decoding fork with ``<|im_end|>`` fed, i.e. exactly the
+        context plus the answer as a text item, without recomputing it (multi-turn reuse)."""
+        work = stream.context
+        with torch.no_grad():
+            self._decode_step(work, self.special.eos)
+        return work
 
     # ---- images -------------------------------------------------------------------------------
-    @torch.no_grad()
+    def denoising_query(self, contexts: list[KVCache], grid_hw: tuple[int, int]) -> "DenoisingQuery":
+        """The packed noisy-block query over ``contexts`` (one branch each), built once and reused
+        by every step while the contexts stay unchanged."""
+        return DenoisingQuery(self, contexts, grid_hw)
+
     def velocities(self, contexts: list[KVCache], x: torch.Tensor, t: float | torch.Tensor, grid_hw: tuple[int, int]) -> list[torch.Tensor]:
         """Velocity of the noisy latent block ``x [h*w, p*p*C]`` at time ``t`` under each context.
 
         All contexts run in one packed forward; the block sits at each context's RoPE position
         and is not written to any cache.  Returns float32 ``[h*w, p*p*C]`` per context.
         """
-        b = self._builder()
-        for ctx in contexts:
-            b.new_sample(ctx.rope)
-            b.add_latent_image(x, grid_hw, float(t), noisy=True)
-        batch = b.build(self.model.device)
-        out = self.model(batch, caches=list(contexts), update_cache=False)
-        return list(out.velocities.float().split(x.shape[0]))
-
-    def guided_velocity(
-        self,
-        ctx: KVCache,
-        ctx_text_uncond: KVCache | None,
-        ctx_img_uncond: KVCache | None,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        grid_hw: tuple[int, int],
-        guidance: GuidanceConfig,
-    ) -> torch.Tensor:
-        text_scale, img_scale = guidance.scales_at(float(t))
-        branches = [ctx]
-        if text_scale > 1.0:
-            branches.append(ctx_text_uncond)
-            if img_scale > 1.0:
-                branches.append(ctx_img_uncond)
-        if any(c is None for c in branches):
-            raise ValueError("guidance is on but an unconditional context is missing")
-        vs = self.velocities(branches, x, t, grid_hw)
-        return combine_guidance(
-            vs[0],
-            vs[1] if len(vs) > 1 else None,
-            vs[2] if len(vs) > 2 else None,
-            text_scale,
-            img_scale,
-            guidance.cfg_renorm_type,
-            guidance.cfg_renorm_min,
-        )
+        return self.denoising_query(contexts, grid_hw)(x, t)
 
     def sample_image(
         self,
@@ -209,14 +287,66 @@ class Engine:
         guidance: GuidanceConfig = GuidanceConfig(),
         progress: Callable[[int, int], None] | None = None,
     ) -> ImageSample:
-        """Euler integration from ``noise [h*w, p*p*C]`` at ``t = 1`` to ``t = 0`` (ARCHITECTURE 9.4)."""
+        """Euler integration from ``noise [h*w, p*p*C]`` at ``t = 1`` to ``t = 0`` (ARCHITECTURE 9.4).
+
+        Each step evaluates the guidance branches it needs in one packed forward; the query batches
+        (with and without guidance) are built once for the whole loop.
+        """
         ts = sampling_timesteps(num_timesteps, timestep_shift)
         x = noise.to(torch.float32).to(self.model.device)
+        if x.shape[0] != grid_hw[0] * grid_hw[1]:
+            raise ValueError(f"noise has {x.shape[0]} tokens, the {grid_hw[0]}x{grid_hw[1]} latent grid needs {grid_hw[0] * grid_hw[1]}")
+        queries: dict[int, DenoisingQuery] = {}
         per_step = []
         for k in range(num_timesteps - 1):
-            v = self.guided_velocity(ctx, ctx_text_uncond, ctx_img_uncond, x, ts[k], grid_hw, guidance)
+            text_scale, img_scale = guidance.scales_at(float(ts[k]))
+            branches = [ctx]
+            if text_scale > 1.0:  # as in the reference, image guidance only acts together with text guidance
+                branches.append(ctx_text_uncond)
+                if img_scale > 1.0:
+                    branches.append(ctx_img_uncond)
+            if any(c is None for c in branches):
+                raise ValueError("guidance is on but an unconditional context is missing")
+            if len(branches) not in queries:
+                queries[len(branches)] = self.denoising_query(branches, grid_hw)
+            vs = queries[len(branches)](x, ts[k])
+            v = combine_guidance(
+                vs[0], vs[1] if len(vs) > 1 else None, vs[2] if len(vs) > 2 else None,
+                text_scale, img_scale, guidance.cfg_renorm_type, guidance.cfg_renorm_min,
+            )
             per_step.append(v)
             x = euler_step(x, v, ts[k], ts[k + 1])
             if progress is not None:
                 progress(k + 1, num_timesteps - 1)
         return ImageSample(x, grid_hw, per_step)
+
+
+class DenoisingQuery:
+    """A noisy latent block queried against several contexts in one packed forward.
+
+    Positions, indices, routing, masks and RoPE tables are computed once; each call only swaps in
+    the latents and the time.  The contexts must not change while the query is in use.
+    """
+
+    def __init__(self, engine: Engine, contexts: list[KVCache], grid_hw: tuple[int, int]):
+        self.engine, self.contexts, self.grid_hw = engine, list(contexts), grid_hw
+        n = grid_hw[0] * grid_hw[1]
+        placeholder = torch.zeros(n, engine.config.patch_latent_dim)
+        b = engine._builder()
+        for ctx in self.contexts:
+            b.new_sample(ctx.rope)
+            b.add_latent_image(placeholder, grid_hw, 0.0, noisy=True)
+        self.batch = b.build(engine.model.device)
+        self.plan = engine.model.plan(self.batch, self.contexts, update_cache=False)
+        self.lengths = [c.length for c in self.contexts]
+        self.num_tokens = n
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, t: float | torch.Tensor) -> list[torch.Tensor]:
+        if [c.length for c in self.contexts] != self.lengths:
+            raise RuntimeError("a context changed after its denoising query was built")
+        nb = len(self.contexts)
+        self.batch.latents = x.to(self.engine.model.device).repeat(nb, 1)
+        self.batch.latent_timesteps = torch.as_tensor(t, dtype=torch.float32, device=self.batch.latents.device).reshape(1).repeat(nb)
+        out = self.engine.forward(self.batch, self.contexts, update_cache=False, plan=self.plan)
+        return list(out.velocities.float().split(self.num_tokens))

@@ -97,34 +97,90 @@ class AttentionLayout:
         return (torch.cat(sample_ids).to(device), torch.cat(split_ids).to(device), torch.cat(modes).to(device))
 
 
-class KVCache:
-    """Keys and values of one context, per decoder layer, as ``[kv_heads, length, head_dim]``.
+class _KVStore:
+    """Preallocated key/value buffers ``[kv_heads, capacity, head_dim]`` per layer, shared by forks.
 
-    Keys are stored after q/k-norm and RoPE.  ``rope`` is the next RoPE position of the context
-    (ARCHITECTURE 9.1).  Appending builds new tensors, so a shallow :meth:`fork` can share the
-    stored tensors with its parent safely.
+    ``claimed`` is the longest prefix any cache on this store has committed and ``owner`` the cache
+    that committed it; a cache may write past its own length only when those rows are unclaimed or
+    its own (otherwise it copies its prefix into a fresh store first: copy-on-write).
     """
 
     def __init__(self, num_layers: int):
         self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
+        self.claimed = 0
+        self.owner: object | None = None
+
+
+class KVCache:
+    """Keys and values of one context, per decoder layer, as ``[kv_heads, length, head_dim]`` views.
+
+    Keys are stored after q/k-norm and RoPE.  ``rope`` is the next RoPE position of the context
+    (ARCHITECTURE 9.1).  Storage is preallocated and grows geometrically, so appending a token costs
+    O(1) copies instead of re-concatenating the whole cache.  :meth:`fork` is O(1): the fork shares
+    the parent's storage and whichever of the two writes first past the shared prefix keeps it; the
+    other copies its prefix on its next write.  Query tokens that are *not* added to the context
+    (a denoising step) are written to the spare capacity past ``length`` without claiming it.
+    """
+
+    GROWTH = 1.5
+    MIN_CAPACITY = 256
+
+    def __init__(self, num_layers: int):
+        self.num_layers = num_layers
+        self._store = _KVStore(num_layers)
+        self.length = 0
         self.rope = 0
 
-    @property
-    def length(self) -> int:
-        k = self.keys[0]
-        return 0 if k is None else k.shape[1]
-
     def get(self, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        return self.keys[layer], self.values[layer]
-
-    def set(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-        self.keys[layer], self.values[layer] = keys, values
+        k, v = self._store.keys[layer], self._store.values[layer]
+        if k is None or self.length == 0:
+            return None, None
+        return k[:, : self.length], v[:, : self.length]
 
     def fork(self) -> "KVCache":
-        other = KVCache(len(self.keys))
-        other.keys, other.values, other.rope = list(self.keys), list(self.values), self.rope
+        other = KVCache(self.num_layers)
+        other._store, other.length, other.rope = self._store, self.length, self.rope
         return other
+
+    def _ensure_writable(self, layer: int, n: int, like: torch.Tensor) -> None:
+        """Make rows ``[length, length + n)`` of ``layer`` writable by this cache."""
+        store = self._store
+        if store.claimed > self.length and store.owner is not self:  # a fork owns rows past our prefix
+            fresh = _KVStore(self.num_layers)
+            for i in range(self.num_layers):
+                if store.keys[i] is not None:
+                    fresh.keys[i] = store.keys[i][:, : self.length].clone()
+                    fresh.values[i] = store.values[i][:, : self.length].clone()
+            fresh.claimed, fresh.owner = self.length, self
+            self._store = store = fresh
+        need = self.length + n
+        k = store.keys[layer]
+        if k is None or k.shape[1] < need:
+            cap = max(need, self.MIN_CAPACITY, int((0 if k is None else k.shape[1]) * self.GROWTH))
+            for buffers in (store.keys, store.values):
+                grown = like.new_empty((like.shape[0], cap, like.shape[2]))
+                if buffers[layer] is not None:
+                    grown[:, : self.length] = buffers[layer][:, : self.length]
+                buffers[layer] = grown
+
+    def extend(self, layer: int, keys: torch.Tensor, values: torch.Tensor, commit: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write ``keys/values [kv_heads, n, d]`` after this context and return the views of
+        context + new rows.  ``commit`` makes them part of the context (after the last layer,
+        :meth:`advance` moves ``length``); otherwise they are scratch rows for one forward."""
+        n = keys.shape[1]
+        self._ensure_writable(layer, n, keys)
+        store = self._store
+        end = self.length + n
+        store.keys[layer][:, self.length : end] = keys
+        store.values[layer][:, self.length : end] = values
+        if commit:
+            store.claimed, store.owner = end, self
+        return store.keys[layer][:, :end], store.values[layer][:, :end]
+
+    def advance(self, n: int) -> None:
+        """Make the ``n`` rows written with ``commit=True`` in every layer part of the context."""
+        self.length += n
 
 
 @dataclass
@@ -137,6 +193,7 @@ class AttentionPlan:
     backend: str = "sdpa"
     masks: list[torch.Tensor | None] = field(default_factory=list)
     block_mask: object | None = None
+    slices: list[slice] = field(default_factory=list)
 
     @classmethod
     def build(
@@ -153,9 +210,11 @@ class AttentionPlan:
             raise ValueError(f"got {len(caches)} caches for {n_samples} packed samples")
         if update_cache and any(c is None for c in caches):
             raise ValueError("update_cache=True needs a KVCache for every sample")
+        if update_cache and len({id(c) for c in caches}) != len(caches):
+            raise ValueError("update_cache=True needs a distinct KVCache per sample")
         if backend not in ("sdpa", "flex"):
             raise ValueError(f"attention backend must be 'sdpa' or 'flex', got {backend!r}")
-        plan = cls(layout, caches, update_cache, backend)
+        plan = cls(layout, caches, update_cache, backend, slices=layout.sample_slices())
         if backend == "flex":
             if any(c is not None for c in caches):
                 raise ValueError("the flex backend serves cache-free (training) forwards; use 'sdpa' with KV caches")
@@ -166,6 +225,12 @@ class AttentionPlan:
             ]
         return plan
 
+    def finish(self) -> None:
+        """After the last layer: the committed rows become part of their contexts."""
+        if self.update_cache:
+            for cache, n in zip(self.caches, self.layout.sample_lengths):
+                cache.advance(n)
+
 
 def attend(plan: AttentionPlan, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """Joint attention of packed ``q [N, hq, d]`` over ``k, v [N, hkv, d]`` (GQA) and the caches.
@@ -175,15 +240,11 @@ def attend(plan: AttentionPlan, layer: int, q: torch.Tensor, k: torch.Tensor, v:
     if plan.backend == "flex":
         return _flex_attend(plan, q, k, v, scale)
     outs = []
-    for s, sl in enumerate(plan.layout.sample_slices()):
+    for s, sl in enumerate(plan.slices):
         qs, ks, vs = q[sl].transpose(0, 1), k[sl].transpose(0, 1), v[sl].transpose(0, 1)
         cache = plan.caches[s]
         if cache is not None:
-            pk, pv = cache.get(layer)
-            if pk is not None:
-                ks, vs = torch.cat([pk, ks], dim=1), torch.cat([pv, vs], dim=1)
-            if plan.update_cache:
-                cache.set(layer, ks, vs)
+            ks, vs = cache.extend(layer, ks, vs, commit=plan.update_cache)
         out = F.scaled_dot_product_attention(
             qs[None], ks[None], vs[None], attn_mask=plan.masks[s], scale=scale, enable_gqa=ks.shape[0] != qs.shape[0]
         )

@@ -149,9 +149,19 @@ class Qwen2MoTModel(nn.Module):
         self.norm_moe_gen = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.gradient_checkpointing = False
 
-    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, routing: ExpertRouting, plan: AttentionPlan) -> torch.Tensor:
+    def rotary(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return rotary_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, dtype)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        position_ids: torch.Tensor,
+        routing: ExpertRouting,
+        plan: AttentionPlan,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """``x [N, H]`` packed input embeddings -> final hidden states ``[N, H]`` (after the per-expert final norm)."""
-        cos, sin = rotary_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        cos, sin = rope if rope is not None else self.rotary(position_ids, x.dtype)
         for i, layer in enumerate(self.layers):
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(layer, x, routing, cos, sin, plan, i, use_reentrant=False)

@@ -64,6 +64,17 @@ class PackedBatch:
 
 
 @dataclass
+class ForwardPlan:
+    """The per-forward bookkeeping derived from a batch's layout and its caches: expert routing,
+    attention plan and RoPE tables.  Build it once with :meth:`UniMedVL.plan` and pass it to several
+    forwards that share the layout (the steps of a denoising loop)."""
+
+    routing: ExpertRouting
+    attention: AttentionPlan
+    rope: tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
 class ModelOutput:
     logits: torch.Tensor | None  # [len(logit_index), V]
     velocities: torch.Tensor | None  # [N_lat, p*p*C] for every latent token of the batch
@@ -214,26 +225,42 @@ class UniMedVL(nn.Module):
         return x
 
     # ---- forward ----------------------------------------------------------------------------
+    def plan(
+        self,
+        batch: PackedBatch,
+        caches: list[KVCache | None] | None = None,
+        update_cache: bool = False,
+        attention_backend: str = "sdpa",
+    ) -> ForwardPlan:
+        """Routing, attention plan and RoPE tables of ``batch`` (valid while the caches' lengths stay)."""
+        gen_mask = torch.zeros(batch.num_tokens, dtype=torch.bool, device=batch.position_ids.device)
+        if batch.latent_index is not None and batch.latent_index.numel():
+            gen_mask[batch.latent_index] = True
+        routing = ExpertRouting.from_gen_mask(gen_mask)
+        attention = AttentionPlan.build(batch.layout, caches, update_cache, batch.position_ids.device, attention_backend)
+        rope = self.language_model.model.rotary(batch.position_ids, self.dtype)
+        return ForwardPlan(routing, attention, rope)
+
     def forward(
         self,
         batch: PackedBatch,
         caches: list[KVCache | None] | None = None,
         update_cache: bool = False,
         attention_backend: str = "sdpa",
+        plan: ForwardPlan | None = None,
     ) -> ModelOutput:
         """Run one packed forward.
 
         ``caches`` holds one :class:`KVCache` (or ``None``) per packed sample: its context.  With
         ``update_cache`` the new tokens' keys/values are appended to those caches (context updates);
-        without, the caches are only read (the denoising query, ARCHITECTURE 9.4).
+        without, the caches are only read (the denoising query, ARCHITECTURE 9.4).  ``plan`` (from
+        :meth:`plan`) replaces ``caches``/``update_cache``/``attention_backend`` when given.
         """
+        if plan is None:
+            plan = self.plan(batch, caches, update_cache, attention_backend)
         x = self.embed(batch)
-        gen_mask = torch.zeros(batch.num_tokens, dtype=torch.bool, device=x.device)
-        if batch.latent_index is not None and batch.latent_index.numel():
-            gen_mask[batch.latent_index] = True
-        routing = ExpertRouting.from_gen_mask(gen_mask)
-        plan = AttentionPlan.build(batch.layout, caches, update_cache, x.device, attention_backend)
-        hidden = self.language_model.model(x, batch.position_ids, routing, plan)
+        hidden = self.language_model.model(x, batch.position_ids, plan.routing, plan.attention, rope=plan.rope)
+        plan.attention.finish()
         logits = None
         if batch.logit_index is not None:
             logits = self.language_model.lm_head(hidden[batch.logit_index])
