@@ -148,3 +148,58 @@ def test_palette_png_gives_colours_not_palette_indices(tmp_path):
     image = read_medical_image(tmp_path / "pal.png")
     assert image.meta["source_mode"] == "P" and image.meta["bit_depth"] == 8
     assert np.array_equal(image.pixels, rgb)
+
+
+def test_nilearn_mni_template_orientation_is_storage_independent(tmp_path):
+    """A real brain volume stored in a flipped (LPS) voxel order reads to the same pixels, and the
+    sagittal view has superior at the top."""
+    import nilearn
+
+    path = Path(nilearn.__file__).parent / "datasets" / "data" / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
+    img = nib.load(path)
+    flipped = nib.as_closest_canonical(img).as_reoriented(nib.orientations.axcodes2ornt(("L", "P", "S")))
+    nib.save(flipped, tmp_path / "lps.nii.gz")
+    for axis in ("axial", "coronal", "sagittal"):
+        a = read_nifti(path, axis=axis)
+        b = read_nifti(tmp_path / "lps.nii.gz", axis=axis)
+        assert np.array_equal(a.pixels, b.pixels), axis
+    # sagittal slice of the RAS volume: rows run superior -> inferior, columns posterior -> anterior
+    data = np.asarray(img.dataobj, dtype=float)[98]  # [y, z]
+    sag = read_nifti(path, axis="sagittal", slice_index=98).pixels[..., 0].astype(float)
+    expected = np.flipud(data.T)
+    assert sag.shape == expected.shape
+    assert np.corrcoef(sag.ravel(), expected.ravel())[0, 1] > 0.98
+    assert np.corrcoef(sag.ravel(), data.T.ravel())[0, 1] < 0.7  # upside down matches far worse
+
+
+def test_scikit_image_histology_and_fundus_photographs_read_exactly():
+    import skimage
+
+    data_dir = Path(skimage.__file__).parent / "data"
+    for name in ("ihc.png", "retina.jpg"):
+        ours = read_medical_image(data_dir / name)
+        with Image.open(data_dir / name) as im:
+            ref = np.array(im.convert("RGB"))
+        assert ours.pixels.shape == ref.shape and np.array_equal(ours.pixels, ref), name
+    # the IHC stain is brown-dominant, the fundus red-dominant: channels are in RGB order
+    ihc = read_medical_image(data_dir / "ihc.png").pixels.reshape(-1, 3).mean(0)
+    fundus = read_medical_image(data_dir / "retina.jpg").pixels.reshape(-1, 3).mean(0)
+    assert fundus[0] > fundus[1] > fundus[2] and ihc[0] > ihc[2]
+
+
+def test_pipeline_inputs_honour_the_dicom_and_nifti_options():
+    from nibabel.testing import data_path
+
+    from unimedvl.inference import ImageReadOptions, load_image
+
+    ct = get_testdata_file("CT_small.dcm")
+    lung = np.array(load_image(ct, ImageReadOptions(window="lung")))
+    assert np.array_equal(lung, read_dicom(ct, window="lung").pixels)
+    assert not np.array_equal(lung, np.array(load_image(ct, ImageReadOptions(window="bone"))))
+    vol = Path(data_path) / "anatomical.nii"
+    s3 = np.array(load_image(vol, ImageReadOptions(axis="coronal", slice_index=3)))
+    assert np.array_equal(s3, read_nifti(vol, axis="coronal", slice_index=3).pixels)
+    with pytest.raises(MedicalImageError, match="apply to NIfTI volumes only"):
+        load_image(ct, ImageReadOptions(slice_index=3))
+    with pytest.raises(MedicalImageError, match="must be uint8"):
+        load_image(np.zeros((4, 4), dtype=np.uint16))

@@ -2,23 +2,32 @@
 
 Quick start::
 
-    from unimedvl import UniMedVL
-    model = UniMedVL.from_pretrained("/path/to/UniMedVL", dtype=torch.bfloat16)
+    from unimedvl import UniMedVLPipeline
+    pipe = UniMedVLPipeline.from_pretrained("/path/to/UniMedVL", dtype="bf16")
+    print(pipe.ask(["chest.dcm"], "Is there a pleural effusion?").text)
+    pipe.generate_image("Chest X-ray of a healthy adult.").save("cxr.png")
 """
-
-from .config import AutoencoderConfig, LLMConfig, PRESETS, UniMedVLConfig, ViTConfig
-from .model import KVCache, PackedBatch, UniMedVL
 
 __version__ = "0.1.0"
 
+from .config import AutoencoderConfig, LLMConfig, PRESETS, UniMedVLConfig, ViTConfig  # noqa: E402
+from .model import KVCache, PackedBatch, UniMedVL  # noqa: E402
+from .inference import Answer, Conversation, GeneratedImage, ImageReadOptions, Report, UniMedVLPipeline  # noqa: E402
+
 __all__ = [
+    "Answer",
     "AutoencoderConfig",
+    "Conversation",
+    "GeneratedImage",
+    "ImageReadOptions",
     "KVCache",
     "LLMConfig",
     "PRESETS",
     "PackedBatch",
+    "Report",
     "UniMedVL",
     "UniMedVLConfig",
+    "UniMedVLPipeline",
     "ViTConfig",
     "__version__",
 ]

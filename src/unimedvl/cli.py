@@ -86,6 +86,292 @@ def parity(
         raise typer.Exit(1)
 
 
+# ---- inference ---------------------------------------------------------------------------------
+
+ModelOpt = typer.Option(..., "--model", "-m", help="Checkpoint directory in the official layout (weights, configs, tokenizer).")
+DeviceOpt = typer.Option("cpu", "--device", help="torch device, e.g. cpu, cuda, cuda:1.")
+DtypeOpt = typer.Option("bf16", "--dtype", help="bf16 (as the official scripts) or fp32 (faster on CPUs without bfloat16 units).")
+WindowOpt = typer.Option(None, "--window", help="DICOM window: a preset (lung, mediastinum, bone, brain, abdomen) or CENTER,WIDTH; default: the file's own.")
+FrameOpt = typer.Option(0, "--frame", help="DICOM multi-frame: frame index.")
+AxisOpt = typer.Option("axial", "--axis", help="NIfTI: slicing axis (sagittal, coronal, axial).")
+SliceOpt = typer.Option(None, "--slice", help="NIfTI: slice index along --axis (default: the middle slice).")
+SeedOpt = typer.Option(42, "--seed", help="Seed of every random draw; the same seed gives the same output.")
+
+
+def _read_options(window: Optional[str], frame: int, axis: str, slice_index: Optional[int]):
+    from .inference import ImageReadOptions
+
+    parsed = window
+    if window and "," in window:
+        try:
+            center, width = (float(v) for v in window.split(","))
+        except ValueError:
+            _fail(f"--window {window!r}: expected a preset name or CENTER,WIDTH (two numbers)")
+        parsed = (center, width)
+    return ImageReadOptions(window=parsed, frame=frame, axis=axis, slice_index=slice_index)
+
+
+def _user_errors():
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .medical_io import MedicalImageError
+    from .tokenizer import TokenizerError
+
+    return (CheckpointError, ConfigError, MedicalImageError, TokenizerError, ValueError, RuntimeError, FileNotFoundError)
+
+
+def _load_pipeline(model: Path, device: str, dtype: str, read_options, visual_gen: bool = True):
+    from .inference import UniMedVLPipeline
+
+    try:
+        with _status(f"loading {model}"):
+            return UniMedVLPipeline.from_pretrained(model, device=device, dtype=dtype, visual_gen=visual_gen, read_options=read_options)
+    except _user_errors() as e:
+        _fail(str(e))
+
+
+def _status(message: str):
+    from rich.console import Console
+
+    return Console(stderr=True).status(message)
+
+
+def _denoise_progress(desc: str):
+    """A tqdm bar fed by the pipeline's ``progress(step, total)`` callback."""
+    from tqdm import tqdm
+
+    state: dict = {}
+
+    def update(step: int, total: int) -> None:
+        if "bar" not in state:
+            state["bar"] = tqdm(total=total, desc=desc, unit="step", leave=False)
+        state["bar"].update(step - state["bar"].n)
+        if step == total:
+            state["bar"].close()
+
+    return update
+
+
+@app.command()
+def ask(
+    images: list[Path] = typer.Argument(None, help="Images (PNG/JPEG/TIFF, DICOM, NIfTI), shown to the model in order."),
+    question: str = typer.Option(..., "--question", "-q", help="The question."),
+    model: Path = ModelOpt,
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    think: bool = typer.Option(False, "--think", help="Reason in <think> tags first; the reasoning is printed separately."),
+    max_new_tokens: int = typer.Option(512, "--max-new-tokens"),
+    temperature: float = typer.Option(0.1, "--temperature", help="0 decodes greedily."),
+    top_p: float = typer.Option(1.0, "--top-p"),
+    seed: int = SeedOpt,
+    stream: bool = typer.Option(True, "--stream/--no-stream", help="Print the answer as it is decoded."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (implies --no-stream)."),
+    window: Optional[str] = WindowOpt,
+    frame: int = FrameOpt,
+    axis: str = AxisOpt,
+    slice_index: Optional[int] = SliceOpt,
+) -> None:
+    """Answer a question about medical images."""
+    pipe = _load_pipeline(model, device, dtype, _read_options(window, frame, axis, slice_index), visual_gen=False)
+    try:
+        result = pipe.ask(images or [], question, think=think, max_new_tokens=max_new_tokens, temperature=temperature,
+                          top_p=top_p, seed=seed, stream=stream and not as_json)
+        if stream and not as_json:
+            for piece in result:
+                typer.echo(piece, nl=False)
+            typer.echo()
+            result = result.answer
+    except _user_errors() as e:
+        _fail(str(e))
+    if as_json:
+        typer.echo(json.dumps({"answer": result.text, "thinking": result.thinking, "finished": result.finished}, indent=1))
+    elif not stream:
+        if result.thinking:
+            typer.secho(result.thinking, dim=True)
+        typer.echo(result.text)
+
+
+@app.command()
+def report(
+    image: Path = typer.Argument(..., help="The image to report on."),
+    model: Path = ModelOpt,
+    modality: Optional[str] = typer.Option(None, "--modality", help='e.g. "chest X-ray"; default: the DICOM/NIfTI modality if any.'),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    max_new_tokens: int = typer.Option(512, "--max-new-tokens"),
+    temperature: float = typer.Option(0.1, "--temperature"),
+    seed: int = SeedOpt,
+    as_json: bool = typer.Option(False, "--json"),
+    window: Optional[str] = WindowOpt,
+    frame: int = FrameOpt,
+    axis: str = AxisOpt,
+    slice_index: Optional[int] = SliceOpt,
+) -> None:
+    """Write a findings / impression report for one image."""
+    pipe = _load_pipeline(model, device, dtype, _read_options(window, frame, axis, slice_index), visual_gen=False)
+    try:
+        rep = pipe.report(image, modality, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+    except _user_errors() as e:
+        _fail(str(e))
+    if as_json:
+        typer.echo(json.dumps({"modality": rep.modality, "findings": rep.findings, "impression": rep.impression, "text": rep.text}, indent=1))
+    else:
+        typer.echo(f"Findings: {rep.findings}\nImpression: {rep.impression}")
+
+
+def _sampler_options(steps, cfg_text_scale, cfg_img_scale, cfg_interval, cfg_renorm_type, cfg_renorm_min, timestep_shift) -> dict:
+    out = dict(num_timesteps=steps, cfg_text_scale=cfg_text_scale, cfg_img_scale=cfg_img_scale, cfg_renorm_type=cfg_renorm_type,
+               cfg_renorm_min=cfg_renorm_min, timestep_shift=timestep_shift)
+    if cfg_interval is not None:
+        out["cfg_interval"] = tuple(cfg_interval)
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def _check_output(out: Path) -> None:
+    if out.suffix.lower() not in (".png", ".dcm", ".dicom"):
+        _fail(f"--out {out}: use a .png or .dcm file name (both are marked synthetic)")
+    if out.parent and not out.parent.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+
+
+@app.command()
+def generate(
+    prompt: str = typer.Argument(..., help="What to draw, e.g. 'Axial T2-weighted brain MRI, normal study.'"),
+    out: Path = typer.Option(..., "--out", "-o", help="Output file: .png (metadata marks it synthetic) or .dcm (DICOM Secondary Capture)."),
+    model: Path = ModelOpt,
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    height: int = typer.Option(1024, "--height"),
+    width: int = typer.Option(1024, "--width"),
+    steps: int = typer.Option(50, "--steps", help="Number of timesteps (steps - 1 model evaluations)."),
+    cfg_text_scale: float = typer.Option(3.0, "--cfg-text-scale"),
+    cfg_img_scale: float = typer.Option(1.5, "--cfg-img-scale"),
+    cfg_interval: Optional[tuple[float, float]] = typer.Option(None, "--cfg-interval", help="Guidance is on for t in (LO, HI]; default 0.4 1.0."),
+    cfg_renorm_type: str = typer.Option("global", "--cfg-renorm-type", help="global, channel or text_channel."),
+    cfg_renorm_min: float = typer.Option(0.0, "--cfg-renorm-min"),
+    timestep_shift: float = typer.Option(3.0, "--timestep-shift"),
+    seed: int = SeedOpt,
+    think: bool = typer.Option(False, "--think", help="Write a plan first and condition the image on it."),
+) -> None:
+    """Generate a medical image from text."""
+    _check_output(out)
+    pipe = _load_pipeline(model, device, dtype, _read_options(None, 0, "axial", None))
+    try:
+        result = pipe.generate_image(
+            prompt, height=height, width=width, seed=seed, think=think, progress=_denoise_progress("denoising"),
+            **_sampler_options(steps, cfg_text_scale, cfg_img_scale, cfg_interval, cfg_renorm_type, cfg_renorm_min, timestep_shift),
+        )
+        path = result.save(out)
+    except _user_errors() as e:
+        _fail(str(e))
+    if result.thinking:
+        typer.secho(result.thinking, dim=True)
+    typer.echo(f"wrote {path} ({result.image.size[0]}x{result.image.size[1]}, synthetic, seed {seed})")
+
+
+@app.command()
+def edit(
+    images: list[Path] = typer.Argument(..., help="Input image(s): PNG/JPEG/TIFF, DICOM or NIfTI."),
+    instruction: str = typer.Option(..., "--instruction", "-i", help="e.g. 'Translate this T2 slice to FLAIR.'"),
+    out: Path = typer.Option(..., "--out", "-o", help="Output .png or .dcm (marked synthetic)."),
+    model: Path = ModelOpt,
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    height: Optional[int] = typer.Option(None, "--height", help="Default: the input's size after the generation resize rule."),
+    width: Optional[int] = typer.Option(None, "--width"),
+    steps: int = typer.Option(50, "--steps"),
+    cfg_text_scale: float = typer.Option(4.0, "--cfg-text-scale"),
+    cfg_img_scale: float = typer.Option(2.0, "--cfg-img-scale"),
+    cfg_interval: Optional[tuple[float, float]] = typer.Option(None, "--cfg-interval", help="Default 0.0 1.0."),
+    cfg_renorm_type: str = typer.Option("text_channel", "--cfg-renorm-type"),
+    cfg_renorm_min: float = typer.Option(0.0, "--cfg-renorm-min"),
+    timestep_shift: float = typer.Option(3.0, "--timestep-shift"),
+    seed: int = SeedOpt,
+    analyze: bool = typer.Option(True, "--analyze/--no-analyze", help="The official understanding pre-pass appended to the instruction."),
+    think: bool = typer.Option(False, "--think"),
+    explain: bool = typer.Option(False, "--explain", help="Also print the model's text about the generated image."),
+    window: Optional[str] = WindowOpt,
+    frame: int = FrameOpt,
+    axis: str = AxisOpt,
+    slice_index: Optional[int] = SliceOpt,
+) -> None:
+    """Image-to-image: virtual staining, super-resolution, contrast translation, counterfactuals."""
+    _check_output(out)
+    pipe = _load_pipeline(model, device, dtype, _read_options(window, frame, axis, slice_index))
+    try:
+        result = pipe.edit(
+            images, instruction, height=height, width=width, seed=seed, analyze=analyze, think=think, explain=explain,
+            progress=_denoise_progress("denoising"),
+            **_sampler_options(steps, cfg_text_scale, cfg_img_scale, cfg_interval, cfg_renorm_type, cfg_renorm_min, timestep_shift),
+        )
+        path = result.save(out)
+    except _user_errors() as e:
+        _fail(str(e))
+    if result.analysis:
+        typer.secho(f"analysis: {result.analysis}", dim=True)
+    if result.explanation:
+        typer.echo(f"explanation: {result.explanation}")
+    typer.echo(f"wrote {path} ({result.image.size[0]}x{result.image.size[1]}, synthetic, seed {seed})")
+
+
+CHAT_HELP = "commands: /image PATH (attach to the next question), /reset (new conversation), /quit"
+
+
+@app.command()
+def chat(
+    model: Path = ModelOpt,
+    image: list[Path] = typer.Option(None, "--image", help="Image(s) attached to the first question."),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    think: bool = typer.Option(False, "--think"),
+    max_new_tokens: int = typer.Option(512, "--max-new-tokens"),
+    temperature: float = typer.Option(0.1, "--temperature"),
+    seed: int = SeedOpt,
+    window: Optional[str] = WindowOpt,
+    frame: int = FrameOpt,
+    axis: str = AxisOpt,
+    slice_index: Optional[int] = SliceOpt,
+) -> None:
+    """An interactive multi-turn conversation about images; earlier turns are never recomputed."""
+    pipe = _load_pipeline(model, device, dtype, _read_options(window, frame, axis, slice_index), visual_gen=False)
+    conversation = pipe.chat(think=think)
+    pending: list = list(image or [])
+    typer.echo(CHAT_HELP)
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            break
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            break
+        if line == "/reset":
+            conversation, pending = pipe.chat(think=think), []
+            typer.echo("(new conversation)")
+            continue
+        if line.startswith("/image"):
+            path = Path(line[len("/image"):].strip())
+            if not path.is_file():
+                typer.secho(f"error: {path}: no such image file", fg=typer.colors.RED, err=True)
+            else:
+                pending.append(path)
+                typer.echo(f"(attached {path.name} to the next question)")
+            continue
+        if line.startswith("/"):
+            typer.echo(CHAT_HELP)
+            continue
+        try:
+            stream = conversation.ask(line, pending, stream=True, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+            typer.echo("model> ", nl=False)
+            for piece in stream:
+                typer.echo(piece, nl=False)
+            typer.echo()
+            pending = []
+        except _user_errors() as e:
+            typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     app()

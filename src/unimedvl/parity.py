@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 
 from .flow import GuidanceConfig, combine_guidance
 from .image_transforms import ImageTransform, normalize_u8, to_uint8_image
-from .inference import Engine
+from .inference import UniMedVLPipeline
 from .model import UniMedVL
 from .model.layers import grid_position_ids
 from .model.patching import patchify
@@ -206,7 +206,8 @@ def check_inputs(fx: Fixture, tokenizer) -> Iterator[ParityRow]:
             yield compare("inputs.edit_vit_input_u8_0 (transform)", torch.from_numpy(ours.copy()), fx.get("inputs.edit_vit_input_u8_0"), RESIZE)
 
 
-def run_vqa(fx: Fixture, policy: str, engine: Engine) -> Iterator[ParityRow]:
+def run_vqa(fx: Fixture, policy: str, pipe: UniMedVLPipeline) -> Iterator[ParityRow]:
+    engine = pipe.engine
     model, p = engine.model, f"{policy}.vqa."
     info = fx.info(policy, "vqa")
     pixels = normalize_u8(_u8(fx.get("inputs.vqa_vit_input_u8")).numpy())
@@ -254,7 +255,7 @@ def run_vqa(fx: Fixture, policy: str, engine: Engine) -> Iterator[ParityRow]:
     )
 
 
-def _grid(engine: Engine, hw) -> tuple[int, int]:
+def _grid(engine, hw) -> tuple[int, int]:
     return engine.latent_grid(int(hw[0]), int(hw[1]))
 
 
@@ -268,13 +269,14 @@ def _guidance(hyper: dict) -> GuidanceConfig:
     )
 
 
-def _text_context(engine: Engine, ids: list[int]):
+def _text_context(engine, ids: list[int]):
     ctx = engine.new_context()
     engine.add_token_ids(ctx, ids)
     return ctx
 
 
-def run_flow_step(fx: Fixture, policy: str, engine: Engine) -> Iterator[ParityRow]:
+def run_flow_step(fx: Fixture, policy: str, pipe: UniMedVLPipeline) -> Iterator[ParityRow]:
+    engine = pipe.engine
     p, info = f"{policy}.flow_step.", fx.info(policy, "flow_step")
     defaults = fx.meta.get("recipe", {}).get("defaults", {}).get("flow_step", {})
     grid = _grid(engine, info.get("image_hw", fx.meta["recipe"]["t2i_hw"]))
@@ -292,50 +294,54 @@ def run_flow_step(fx: Fixture, policy: str, engine: Engine) -> Iterator[ParityRo
             yield compare(key, v, fx.get(key), TOLERANCES["velocity_cfg"][policy])
 
 
-def _sample_rows(fx, policy, engine, exp, ctx, ctx_t, ctx_i, noise, grid) -> Iterator[ParityRow]:
-    p = f"{policy}.{exp}."
-    hyper = fx.meta["recipe"][exp]
-    sample = engine.sample_image(
-        ctx, ctx_t, ctx_i, noise, grid,
-        num_timesteps=int(hyper["num_timesteps"]), timestep_shift=float(hyper["timestep_shift"]), guidance=_guidance(hyper),
+def _sampler_kwargs(hyper: dict) -> dict:
+    g = _guidance(hyper)
+    return dict(
+        num_timesteps=int(hyper["num_timesteps"]), timestep_shift=float(hyper["timestep_shift"]),
+        cfg_text_scale=g.cfg_text_scale, cfg_img_scale=g.cfg_img_scale, cfg_interval=g.cfg_interval,
+        cfg_renorm_type=g.cfg_renorm_type, cfg_renorm_min=g.cfg_renorm_min,
     )
+
+
+def _image_rows(fx: Fixture, policy: str, exp: str, result) -> Iterator[ParityRow]:
+    p = f"{policy}.{exp}."
     if fx.has(p + "v_per_step"):
         ref = fx.get(p + "v_per_step")
         for k in range(ref.shape[0]):
-            ours = sample.velocities[k] if k < len(sample.velocities) else torch.zeros_like(ref[k])
+            ours = result.velocities[k] if k < len(result.velocities) else torch.zeros_like(ref[k])
             yield compare(f"{p}v_per_step[{k}]", ours, ref[k], TOLERANCES["velocity_step"][policy])
-    yield compare(p + "final_latent", sample.latents, fx.get(p + "final_latent"), TOLERANCES["final_latent"][policy])
-    image = to_uint8_image(engine.decode_latents(sample.latents, grid))
-    yield compare(p + "image_u8", torch.from_numpy(image), fx.get(p + "image_u8"), TOLERANCES["image"][policy])
+    yield compare(p + "final_latent", result.latents, fx.get(p + "final_latent"), TOLERANCES["final_latent"][policy])
+    image = torch.from_numpy(np.array(result.image))
+    yield compare(p + "image_u8", image, fx.get(p + "image_u8"), TOLERANCES["image"][policy])
 
 
-def run_t2i(fx: Fixture, policy: str, engine: Engine) -> Iterator[ParityRow]:
+def run_t2i(fx: Fixture, policy: str, pipe: UniMedVLPipeline) -> Iterator[ParityRow]:
+    """Text-to-image through the public API, with the recorded initial noise."""
     info = fx.info(policy, "t2i")
-    grid = _grid(engine, info.get("image_hw", fx.meta["recipe"]["t2i_hw"]))
-    ctx = _text_context(engine, fx.get("inputs.t2i_text_ids").tolist())
-    # Text-to-image: the text-dropped context is empty; the image-dropped one equals the full one.
-    yield from _sample_rows(fx, policy, engine, "t2i", ctx, engine.new_context(), ctx, fx.get(f"{policy}.t2i.noise0"), grid)
+    h, w = (int(v) for v in info.get("image_hw", fx.meta["recipe"]["t2i_hw"]))
+    result = pipe.generate_image(
+        fx.meta["prompts"]["t2i"], height=h, width=w, noise=fx.get(f"{policy}.t2i.noise0"), **_sampler_kwargs(fx.meta["recipe"]["t2i"])
+    )
+    yield from _image_rows(fx, policy, "t2i", result)
 
 
-def run_edit(fx: Fixture, policy: str, engine: Engine) -> Iterator[ParityRow]:
+def run_edit(fx: Fixture, policy: str, pipe: UniMedVLPipeline) -> Iterator[ParityRow]:
+    """Editing through the public API (no understanding pre-pass, as recorded), with the recorded
+    posterior sample of the input's encoding and initial noise."""
     info = fx.info(policy, "edit")
-    grid = _grid(engine, info.get("image_hw", fx.meta["recipe"]["edit_hw"]))
-    vae_pixels = normalize_u8(_u8(fx.get("inputs.edit_vae_input_u8_0")).numpy())
-    vit_pixels = normalize_u8(_u8(fx.get("inputs.edit_vit_input_u8_0")).numpy())
-    text_ids = fx.get("inputs.edit_text_ids").tolist()
-    # c_T: the image blocks (VAE then ViT); c: c_T + instruction; c_I: the instruction only.
-    ctx_t = engine.new_context()
-    engine.add_vae_image(ctx_t, vae_pixels, fx.get(f"{policy}.edit.noise0"))
-    engine.add_vit_image(ctx_t, vit_pixels)
-    ctx = ctx_t.fork()
-    engine.add_token_ids(ctx, text_ids)
-    ctx_i = _text_context(engine, text_ids)
-    yield from _sample_rows(fx, policy, engine, "edit", ctx, ctx_t, ctx_i, fx.get(f"{policy}.edit.noise1"), grid)
+    h, w = (int(v) for v in info.get("image_hw", fx.meta["recipe"]["edit_hw"]))
+    posterior = fx.get(f"{policy}.edit.noise0")
+    result = pipe.edit(
+        [fx.image()], fx.meta["prompts"]["edit"], height=h, width=w, analyze=False,
+        posterior_noise=[posterior.reshape(posterior.shape[-3:])], noise=fx.get(f"{policy}.edit.noise1"),
+        **_sampler_kwargs(fx.meta["recipe"]["edit"]),
+    )
+    yield from _image_rows(fx, policy, "edit", result)
 
 
-def run_vae(fx: Fixture, policy: str, engine: Engine) -> Iterator[ParityRow]:
-    p, vae = f"{policy}.vae.", engine.model.vae_model
-    pixels = normalize_u8(_u8(fx.get("inputs.vae_input_u8")).numpy())[None].to(engine.model.device)
+def run_vae(fx: Fixture, policy: str, pipe: UniMedVLPipeline) -> Iterator[ParityRow]:
+    p, vae = f"{policy}.vae.", pipe.model.vae_model
+    pixels = normalize_u8(_u8(fx.get("inputs.vae_input_u8")).numpy())[None].to(pipe.model.device)
     tol = TOLERANCES["vae"][policy]
     with torch.no_grad():
         mean, logvar = vae.moments(pixels)
@@ -347,7 +353,7 @@ def run_vae(fx: Fixture, policy: str, engine: Engine) -> Iterator[ParityRow]:
     yield compare(p + "decoded_u8", torch.from_numpy(to_uint8_image(decoded[0])), fx.get(p + "decoded_u8"), TOLERANCES["vae_u8"][policy])
 
 
-EXPERIMENTS: dict[str, Callable[[Fixture, str, Engine], Iterator[ParityRow]]] = {
+EXPERIMENTS: dict[str, Callable[[Fixture, str, UniMedVLPipeline], Iterator[ParityRow]]] = {
     "vqa": run_vqa,
     "flow_step": run_flow_step,
     "t2i": run_t2i,
@@ -378,9 +384,9 @@ def replay(
         if policy == policies[0]:
             for row in check_inputs(fx, model.tokenizer):
                 emit(row)
-        engine = Engine(model, model.tokenizer.special)
+        pipe = UniMedVLPipeline(model, model.tokenizer, name=fx.dir.name)
         for exp in fx.experiments(policy):
-            for row in EXPERIMENTS[exp](fx, policy, engine):
+            for row in EXPERIMENTS[exp](fx, policy, pipe):
                 emit(row)
-        del engine, model
+        del pipe, model
     return rows

@@ -307,9 +307,12 @@ class Engine:
                     branches.append(ctx_img_uncond)
             if any(c is None for c in branches):
                 raise ValueError("guidance is on but an unconditional context is missing")
+            # A branch whose context *is* another branch's (text-to-image: c_I equals c) is not run twice.
+            unique = list({id(c): c for c in branches}.values())
             if len(branches) not in queries:
-                queries[len(branches)] = self.denoising_query(branches, grid_hw)
-            vs = queries[len(branches)](x, ts[k])
+                queries[len(branches)] = self.denoising_query(unique, grid_hw)
+            by_id = dict(zip((id(c) for c in unique), queries[len(branches)](x, ts[k])))
+            vs = [by_id[id(c)] for c in branches]
             v = combine_guidance(
                 vs[0], vs[1] if len(vs) > 1 else None, vs[2] if len(vs) > 2 else None,
                 text_scale, img_scale, guidance.cfg_renorm_type, guidance.cfg_renorm_min,
