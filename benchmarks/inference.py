@@ -61,6 +61,18 @@ def median_ms(fn, repeats: int, warmup: int = 1) -> float:
     return round(statistics.median(times), 2)
 
 
+def paired_median_ms(fn_a, fn_b, repeats: int) -> tuple[float, float]:
+    """Medians of two functions timed alternately, so that machine noise hits both alike."""
+    fn_a(), fn_b()
+    a, b = [], []
+    for _ in range(repeats):
+        for fn, acc in ((fn_a, a), (fn_b, b)):
+            t = time.perf_counter()
+            fn()
+            acc.append((time.perf_counter() - t) * 1000)
+    return round(statistics.median(a), 2), round(statistics.median(b), 2)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, help="checkpoint directory (default: a random small-like checkpoint)")
@@ -143,8 +155,6 @@ def main() -> None:
         for _ in stream:
             pass
 
-    out["decode_ms_per_token"] = round(median_ms(decode, max(1, args.repeats // 2)) / steps, 2)
-
     def decode_packed_baseline():
         work = ctx.fork()
         token = sp.bos
@@ -152,7 +162,9 @@ def main() -> None:
             o = engine._update(work, lambda b: b.add_tokens([token], logits=True))
             token = int(o.logits[-1].argmax())
 
-    out["baseline_decode_ms_per_token"] = round(median_ms(decode_packed_baseline, max(1, args.repeats // 2)) / steps, 2)
+    ours, base = paired_median_ms(decode, decode_packed_baseline, max(2, args.repeats // 2))
+    out["decode_ms_per_token"] = round(ours / steps, 2)
+    out["baseline_decode_ms_per_token"] = round(base / steps, 2)
 
     if cfg.visual_gen:
         grid = (16, 16)  # 256x256 pixels
@@ -163,11 +175,12 @@ def main() -> None:
         with torch.no_grad():
             q_cfg = engine.denoising_query([text_ctx, empty], grid)
             q_plain = engine.denoising_query([text_ctx], grid)
-            out["step_ms_cfg"] = median_ms(lambda: q_cfg(x, 0.8), args.repeats)
-            out["step_ms_nocfg"] = median_ms(lambda: q_plain(x, 0.8), args.repeats)
-            out["baseline_step_ms_cfg_sequential"] = median_ms(
-                lambda: (engine.velocities([text_ctx], x, 0.8, grid), engine.velocities([empty], x, 0.8, grid)), args.repeats
+            out["step_ms_cfg"], out["baseline_step_ms_cfg_sequential"] = paired_median_ms(
+                lambda: q_cfg(x, 0.8),
+                lambda: (engine.velocities([text_ctx], x, 0.8, grid), engine.velocities([empty], x, 0.8, grid)),
+                args.repeats,
             )
+            out["step_ms_nocfg"] = median_ms(lambda: q_plain(x, 0.8), args.repeats)
 
             def t2i():
                 c = engine.new_context()

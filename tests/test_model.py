@@ -232,3 +232,20 @@ def test_kv_cache_forks_are_copy_on_write():
         cache.advance(1)
     assert cache.length == 4 + KVCache.MIN_CAPACITY + 10
     assert cache.get(0)[0][0, :5, 0].tolist() == [1, 1, 1, 3, 0]
+
+
+@pytest.mark.parametrize("n_und", [0, 1, 2, 9, 20])
+def test_expert_routing_paths_agree(n_und):
+    """Gather/scatter, all-one-expert and 'majority expert on every row' give the same rows."""
+    from unimedvl.model.llm import ExpertRouting
+
+    n = 20
+    gen_mask = torch.ones(n, dtype=torch.bool)
+    gen_mask[torch.randperm(n, generator=torch.Generator().manual_seed(n_und))[:n_und]] = False
+    x = torch.randn(n, 6)
+    und, gen = (lambda t: t * 2 + 1), (lambda t: -t)
+    expected = torch.where(gen_mask[:, None], gen(x), und(x))
+    routing = ExpertRouting.from_gen_mask(gen_mask)
+    assert torch.equal(routing.apply(x, und, gen), expected)
+    parts = routing.apply_split(x, lambda t: (und(t)[:, :2], und(t)[:, 2:]), lambda t: (gen(t)[:, :2], gen(t)[:, 2:]), [2, 4])
+    assert torch.equal(torch.cat(parts, dim=1), expected)

@@ -56,6 +56,23 @@ class ExpertRouting:
     def all_gen(self) -> bool:
         return self.gen_index is not None and self.und_index is None
 
+    @property
+    def gen_majority(self) -> bool:
+        """Mixed, with at most one understanding token in sixteen."""
+        return self.und_index is not None and self.gen_index is not None and self.gen_index.numel() * 16 >= self.num_tokens * 15
+
+    def apply_split(self, x: torch.Tensor, und, gen, sizes: list[int]) -> list[torch.Tensor]:
+        """Like :meth:`apply` for maps returning ``[N, sum(sizes), ...]`` pieces concatenated on dim 1,
+        returned split; when no gather is needed the maps' pieces are used without concatenating."""
+        if self.all_und or self.all_gen or self.gen_majority:
+            parts = list((und if self.all_und else gen)(x))
+            if self.gen_majority:
+                fix = und(x.index_select(0, self.und_index))
+                for p, f in zip(parts, fix):
+                    p[self.und_index] = f.to(p.dtype)
+            return parts
+        return list(self.apply(x, lambda t: torch.cat(und(t), dim=1), lambda t: torch.cat(gen(t), dim=1)).split(sizes, dim=1))
+
     def apply(self, x: torch.Tensor, und: Callable[[torch.Tensor], torch.Tensor], gen: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """``und`` on understanding tokens and ``gen`` on generation tokens of ``x [N, ...]``.
 
@@ -67,8 +84,7 @@ class ExpertRouting:
             return und(x)
         if self.all_gen:
             return gen(x)
-        n_gen = self.gen_index.numel()
-        if n_gen * 16 >= self.num_tokens * 15:  # a handful of understanding rows
+        if self.gen_majority:  # a handful of understanding rows
             out = gen(x)
             out[self.und_index] = und(x.index_select(0, self.und_index)).to(out.dtype)
             return out
@@ -112,20 +128,20 @@ class MoTAttention(nn.Module):
             setattr(self, "q_norm" + sfx, RMSNorm(d, cfg.rms_norm_eps))
             setattr(self, "k_norm" + sfx, RMSNorm(d, cfg.rms_norm_eps))
 
-    def _qkv(self, x: torch.Tensor, gen: bool) -> torch.Tensor:
+    def _qkv(self, x: torch.Tensor, gen: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         sfx = "_moe_gen" if gen else ""
         n = x.shape[0]
         q = getattr(self, "q_proj" + sfx)(x).view(n, self.num_heads, self.head_dim)
         k = getattr(self, "k_proj" + sfx)(x).view(n, self.num_kv_heads, self.head_dim)
         v = getattr(self, "v_proj" + sfx)(x).view(n, self.num_kv_heads, self.head_dim)
-        q = getattr(self, "q_norm" + sfx)(q)
-        k = getattr(self, "k_norm" + sfx)(k)
-        # One tensor so that routing gathers/scatters once: [n, hq + 2*hkv, d].
-        return torch.cat([q, k, v], dim=1)
+        return getattr(self, "q_norm" + sfx)(q), getattr(self, "k_norm" + sfx)(k), v
 
     def forward(self, x, routing: ExpertRouting, cos, sin, plan: AttentionPlan, layer: int) -> torch.Tensor:
-        qkv = routing.apply(x, lambda t: self._qkv(t, False), lambda t: self._qkv(t, True))
-        q, k, v = qkv.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=1)
+        # [n, heads, d] pieces; mixed batches gather/scatter them as one [n, hq + 2*hkv, d] tensor
+        q, k, v = routing.apply_split(
+            x, lambda t: self._qkv(t, False), lambda t: self._qkv(t, True),
+            [self.num_heads, self.num_kv_heads, self.num_kv_heads],
+        )
         q = apply_rotary(q, cos, sin)
         k = apply_rotary(k, cos, sin)
         out = attend(plan, layer, q, k, v, self.scale).reshape(x.shape[0], -1)
