@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -45,6 +46,7 @@ def test_edit_reads_dicom_with_a_window_and_writes_dicom(fixture_a, tmp_path):
     assert ds.ConversionType == "SYN" and ds.Rows == 128 and ds.Columns == 128
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom warns while failing on the corrupt file
 def test_errors_name_the_problem(fixture_a, tmp_path):
     r = runner.invoke(app, ["ask", "x.png", "-q", "hi", "-m", str(tmp_path / "missing")])
     assert r.exit_code == 2 and "no such model directory" in r.output

@@ -30,7 +30,7 @@ from PIL import Image
 
 from ..flow import GuidanceConfig
 from ..image_transforms import GEN_VAE, GEN_VIT, VQA_VIT, normalize_u8, to_uint8_image
-from ..medical_io import MedicalImageError, read_medical_image
+from ..medical_io import MedicalImage, MedicalImageError, read_medical_image
 from ..model import KVCache, UniMedVL
 from ..outputs import generation_record, save_dicom_secondary_capture, save_png
 from ..tokenizer import Tokenizer
@@ -115,7 +115,8 @@ class Conversation:
 
 class AnswerStream:
     """Iterator of text pieces of an answer as it is decoded; ``"".join`` of them equals the
-    non-streamed answer.  After exhaustion :attr:`answer` holds the :class:`Answer`."""
+    non-streamed answer (in think mode: the raw text, ``<think>`` block included).  After
+    exhaustion :attr:`answer` holds the :class:`Answer`."""
 
     def __init__(self, pipeline: "UniMedVLPipeline", conversation: Conversation, stream: TextStream, question: str):
         self.pipeline, self.conversation, self.stream, self.question = pipeline, conversation, stream, question
@@ -227,7 +228,7 @@ class UniMedVLPipeline:
     def _images(self, images: ImageInput | Sequence[ImageInput] | None) -> list[tuple[Image.Image, dict]]:
         if images is None:
             return []
-        if isinstance(images, (str, Path, Image.Image)) or hasattr(images, "shape"):
+        if isinstance(images, (str, Path, Image.Image, MedicalImage)) or hasattr(images, "shape"):
             images = [images]
         return [self._load(im) for im in images]
 
