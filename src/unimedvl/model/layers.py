@@ -27,6 +27,15 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
+def uninitialized_embedding(num_embeddings: int, dim: int) -> nn.Embedding:
+    """An ``nn.Embedding`` whose weight is left uninitialised (the model initialises or loads it).
+
+    Skipping ``reset_parameters`` also keeps torch from importing its compiler stack (~75 MB of
+    resident memory) when the model is built on the meta device for loading.
+    """
+    return nn.Embedding(num_embeddings, dim, _weight=torch.empty(num_embeddings, dim))
+
+
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 

@@ -26,7 +26,7 @@ from torch import nn
 
 from ..config import LLMConfig
 from .attention import AttentionPlan, attend
-from .layers import RMSNorm, apply_rotary, rotary_cos_sin
+from .layers import RMSNorm, apply_rotary, rotary_cos_sin, uninitialized_embedding
 
 
 @dataclass
@@ -173,7 +173,7 @@ class Qwen2MoTModel(nn.Module):
     def __init__(self, cfg: LLMConfig):
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = uninitialized_embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList([MoTDecoderLayer(cfg) for _ in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.norm_moe_gen = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)

@@ -16,14 +16,14 @@ from torch import nn
 
 from ..config import ViTConfig
 from .attention import varlen_attention
-from .layers import gelu_tanh
+from .layers import gelu_tanh, uninitialized_embedding
 
 
 class SiglipEmbeddings(nn.Module):
     def __init__(self, cfg: ViTConfig):
         super().__init__()
         self.patch_embedding = nn.Linear(3 * cfg.patch_size**2, cfg.hidden_size)
-        self.position_embedding = nn.Embedding(cfg.num_patches_per_side**2, cfg.hidden_size)
+        self.position_embedding = uninitialized_embedding(cfg.num_patches_per_side**2, cfg.hidden_size)
 
     def forward(self, patches: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         x = self.patch_embedding(patches.to(self.patch_embedding.weight.dtype))
