@@ -92,7 +92,7 @@ def test_report_uses_the_dicom_modality(pipe):
 
 
 def test_generate_image_is_reproducible_and_marked_synthetic(pipe, tmp_path):
-    kw = dict(height=64, width=96, num_timesteps=4)
+    kw = dict(height=64, width=96, steps=4)
     a = pipe.generate_image("A chest X-ray of a healthy adult.", seed=5, **kw)
     b = pipe.generate_image("A chest X-ray of a healthy adult.", seed=5, **kw)
     c = pipe.generate_image("A chest X-ray of a healthy adult.", seed=6, **kw)
@@ -116,11 +116,11 @@ def test_generate_image_is_reproducible_and_marked_synthetic(pipe, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cxr.dcm", "cxr.png"]  # no partial files left
 
     with pytest.raises(ValueError, match="multiple of 16"):
-        pipe.generate_image("x", height=70, width=64, num_timesteps=2)
+        pipe.generate_image("x", height=70, width=64, steps=2)
 
 
 def test_interrupted_save_leaves_no_file(pipe, tmp_path, monkeypatch):
-    result = pipe.generate_image("A brain MRI.", height=32, width=32, num_timesteps=2)
+    result = pipe.generate_image("A brain MRI.", height=32, width=32, steps=2)
 
     def boom(*a, **k):
         raise KeyboardInterrupt
@@ -134,7 +134,7 @@ def test_interrupted_save_leaves_no_file(pipe, tmp_path, monkeypatch):
 def test_image_guidance_branch_equal_to_the_conditional_one_is_not_run_twice(pipe):
     """Text-to-image: c_I equals c, so a guided step runs two branches, not three."""
     before = pipe.engine.forwarded_tokens
-    pipe.generate_image("A knee MRI.", height=32, width=32, num_timesteps=3, cfg_interval=(0.0, 1.0))
+    pipe.generate_image("A knee MRI.", height=32, width=32, steps=3, cfg_interval=(0.0, 1.0))
     ran = pipe.engine.forwarded_tokens - before
     prompt_tokens = len(pipe.tokenizer.encode("A knee MRI.")) + 2
     block = 2 * 2 + 2  # 2x2 latent tokens + the two markers
@@ -144,14 +144,14 @@ def test_image_guidance_branch_equal_to_the_conditional_one_is_not_run_twice(pip
 def test_edit_keeps_the_input_size_and_conditions_on_the_analysis(pipe, image):
     src = image.resize((300, 200))
     out_w, out_h = GEN_VAE.target_size(300, 200)
-    plain = pipe.edit([src], "Stain this tile.", num_timesteps=3, analyze=False)
+    plain = pipe.edit([src], "Stain this tile.", steps=3, analyze=False)
     assert plain.image.size == (out_w, out_h)
     assert plain.analysis is None and plain.record["conditioning_text"] == "Stain this tile."
-    analysed = pipe.edit([src], "Stain this tile.", num_timesteps=3, max_analysis_tokens=6, explain=True, max_explanation_tokens=5)
+    analysed = pipe.edit([src], "Stain this tile.", steps=3, max_analysis_tokens=6, explain=True, max_explanation_tokens=5)
     assert analysed.record["conditioning_text"] == "Stain this tile.\n\n" + analysed.analysis
     assert isinstance(analysed.explanation, str) and analysed.record["explanation"] == analysed.explanation
     assert not torch.equal(plain.latents, analysed.latents)  # the pre-pass answer conditions the image
-    same = pipe.edit([src], "Stain this tile.", num_timesteps=3, analyze=False)
+    same = pipe.edit([src], "Stain this tile.", steps=3, analyze=False)
     assert torch.equal(plain.latents, same.latents)
 
 

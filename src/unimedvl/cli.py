@@ -220,7 +220,7 @@ def report(
 
 
 def _sampler_options(steps, cfg_text_scale, cfg_img_scale, cfg_interval, cfg_renorm_type, cfg_renorm_min, timestep_shift) -> dict:
-    out = dict(num_timesteps=steps, cfg_text_scale=cfg_text_scale, cfg_img_scale=cfg_img_scale, cfg_renorm_type=cfg_renorm_type,
+    out = dict(steps=steps, cfg_text_scale=cfg_text_scale, cfg_img_scale=cfg_img_scale, cfg_renorm_type=cfg_renorm_type,
                cfg_renorm_min=cfg_renorm_min, timestep_shift=timestep_shift)
     if cfg_interval is not None:
         out["cfg_interval"] = tuple(cfg_interval)

@@ -297,7 +297,7 @@ def run_flow_step(fx: Fixture, policy: str, pipe: UniMedVLPipeline) -> Iterator[
 def _sampler_kwargs(hyper: dict) -> dict:
     g = _guidance(hyper)
     return dict(
-        num_timesteps=int(hyper["num_timesteps"]), timestep_shift=float(hyper["timestep_shift"]),
+        steps=int(hyper["num_timesteps"]), timestep_shift=float(hyper["timestep_shift"]),
         cfg_text_scale=g.cfg_text_scale, cfg_img_scale=g.cfg_img_scale, cfg_interval=g.cfg_interval,
         cfg_renorm_type=g.cfg_renorm_type, cfg_renorm_min=g.cfg_renorm_min,
     )

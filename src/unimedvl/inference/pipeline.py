@@ -351,7 +351,7 @@ class UniMedVLPipeline:
         *,
         height: int = 1024,
         width: int = 1024,
-        num_timesteps: int = 50,
+        steps: int = 50,
         cfg_text_scale: float = 3.0,
         cfg_img_scale: float = 1.5,
         cfg_interval: tuple[float, float] = (0.4, 1.0),
@@ -366,14 +366,15 @@ class UniMedVLPipeline:
     ) -> GeneratedImage:
         """Text-to-image.  The text-unconditional context is empty (or the system prompt in think
         mode); the image-unconditional one equals the conditional one, so ``cfg_img_scale`` only
-        rescales text guidance (as in the reference driver).  ``think`` first writes a plan that
+        rescales text guidance (as in the reference driver).  ``steps`` is the official
+        ``num_timesteps``: the schedule's length, ``steps - 1`` model evaluations.  ``think`` first writes a plan that
         conditions the image.  ``noise [h*w, 64]`` overrides the seeded initial noise."""
         self._require_generation()
         if not prompt or not prompt.strip():
             raise ValueError("the prompt is empty")
         grid = self.engine.latent_grid(height, width)
         settings = dict(
-            num_timesteps=num_timesteps, cfg_text_scale=cfg_text_scale, cfg_img_scale=cfg_img_scale, cfg_interval=list(cfg_interval),
+            num_timesteps=steps, cfg_text_scale=cfg_text_scale, cfg_img_scale=cfg_img_scale, cfg_interval=list(cfg_interval),
             cfg_renorm_type=cfg_renorm_type, cfg_renorm_min=cfg_renorm_min, timestep_shift=timestep_shift, height=height, width=width,
         )
         generator = torch.Generator().manual_seed(seed)
@@ -398,7 +399,7 @@ class UniMedVLPipeline:
         *,
         height: int | None = None,
         width: int | None = None,
-        num_timesteps: int = 50,
+        steps: int = 50,
         cfg_text_scale: float = 4.0,
         cfg_img_scale: float = 2.0,
         cfg_interval: tuple[float, float] = (0.0, 1.0),
@@ -473,7 +474,7 @@ class UniMedVLPipeline:
         self._add_text(ctx_img, final_instruction)
 
         settings = dict(
-            num_timesteps=num_timesteps, cfg_text_scale=cfg_text_scale, cfg_img_scale=cfg_img_scale, cfg_interval=list(cfg_interval),
+            num_timesteps=steps, cfg_text_scale=cfg_text_scale, cfg_img_scale=cfg_img_scale, cfg_interval=list(cfg_interval),
             cfg_renorm_type=cfg_renorm_type, cfg_renorm_min=cfg_renorm_min, timestep_shift=timestep_shift, height=height, width=width,
         )
         sample, image = self._sample(ctx, ctx_text, ctx_img, grid, noise, generator, settings, progress)
