@@ -372,6 +372,47 @@ def chat(
             typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
 
 
+# ---- data ----------------------------------------------------------------------------------
+
+data_app = typer.Typer(no_args_is_help=True, help="Build training data from medical archives.")
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("build")
+def data_build(
+    config: Path = typer.Argument(..., help="YAML build config (sources, splits, QC settings)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder: shards/, manifest.json, README.md (the dataset card)."),
+    workers: int = typer.Option(1, "--workers", "-w", help="Parallel worker processes."),
+    num_partitions: int = typer.Option(1, "--num-partitions", help="Split the shards over this many machines/jobs."),
+    partition: int = typer.Option(0, "--partition", help="Which partition this job builds (0-based)."),
+) -> None:
+    """Build (or resume) a dataset; a killed build restarted with the same command continues."""
+    from tqdm import tqdm
+
+    from .data.build_config import BuildConfigError, load_build_config
+    from .data.builder import build
+
+    try:
+        cfg = load_build_config(config)
+        bar: dict = {}
+
+        def progress(counts: dict, done: int, total: int) -> None:
+            if "bar" not in bar:
+                bar["bar"] = tqdm(total=total, desc="shards", unit="shard")
+            bar["bar"].update(1)
+            bar["bar"].set_postfix(records=counts["records"], rejected=counts["rejections"])
+
+        summary = build(cfg, out, workers=workers, num_partitions=num_partitions, partition=partition, progress=progress)
+        if "bar" in bar:
+            bar["bar"].close()
+    except (BuildConfigError, FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    typer.echo(
+        f"{summary['shards_built']} shards built, {summary['shards_skipped']} already complete, of {summary['shards_total']}"
+        + ("; manifest and dataset card written" if summary["finalized"] else "; other partitions still to run")
+    )
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     app()

@@ -146,18 +146,9 @@ def read_dicom(path: str | Path, window: str | tuple[float, float] | None = None
 # ---- NIfTI -----------------------------------------------------------------------------------
 
 
-def read_nifti(
-    path: str | Path,
-    axis: str | int = "axial",
-    slice_index: int | None = None,
-    percentiles: tuple[float, float] = (0.5, 99.5),
-    volume: int = 0,
-) -> MedicalImage:
-    """One slice of a NIfTI volume in canonical (RAS+) orientation as 8-bit RGB.
-
-    ``axis``: ``axial``/``coronal``/``sagittal`` or 2/1/0 in RAS voxel axes; ``slice_index``
-    defaults to the middle slice; intensities are scaled between the volume's ``percentiles``.
-    """
+def load_nifti_volume(path: str | Path, volume: int = 0) -> tuple[np.ndarray, list[float]]:
+    """A NIfTI volume reoriented to the closest canonical (RAS+) frame, as float64 ``[x, y, z]``
+    (scl_slope/inter applied), with its voxel size in mm.  NaN/infinite voxels are an error."""
     import nibabel as nib
 
     path = Path(path)
@@ -175,6 +166,28 @@ def read_nifti(
     bad = int(np.count_nonzero(~np.isfinite(data)))
     if bad:
         raise MedicalImageError(f"{path}: the volume contains {bad} NaN/infinite voxels")
+    return data, [float(v) for v in img.header.get_zooms()[:3]]
+
+
+def nifti_plane(data: np.ndarray, axis: int, index: int) -> np.ndarray:
+    """Slice ``index`` along RAS voxel ``axis``, rows from superior/anterior (top) down."""
+    return np.take(data, index, axis=axis).T[::-1, :]
+
+
+def read_nifti(
+    path: str | Path,
+    axis: str | int = "axial",
+    slice_index: int | None = None,
+    percentiles: tuple[float, float] = (0.5, 99.5),
+    volume: int = 0,
+) -> MedicalImage:
+    """One slice of a NIfTI volume in canonical (RAS+) orientation as 8-bit RGB.
+
+    ``axis``: ``axial``/``coronal``/``sagittal`` or 2/1/0 in RAS voxel axes; ``slice_index``
+    defaults to the middle slice; intensities are scaled between the volume's ``percentiles``.
+    """
+    path = Path(path)
+    data, zooms = load_nifti_volume(path, volume)
     ax = NIFTI_AXES.get(axis, axis) if isinstance(axis, str) else axis
     if ax not in (0, 1, 2):
         raise MedicalImageError(f"{path}: axis must be one of {list(NIFTI_AXES)} or 0/1/2, got {axis!r}")
@@ -182,9 +195,7 @@ def read_nifti(
     index = n // 2 if slice_index is None else slice_index
     if not 0 <= index < n:
         raise MedicalImageError(f"{path}: slice {index} requested along axis {ax} of {n} slices")
-    plane = np.take(data, index, axis=ax)
-    # RAS voxel axes -> rows from superior/anterior (top) down, columns along the first remaining axis.
-    plane = plane.T[::-1, :]
+    plane = nifti_plane(data, ax, index)
     lo, hi = np.percentile(data, percentiles)
     gray = np.zeros_like(plane) if hi <= lo else (plane - lo) / (hi - lo)
     meta = {
@@ -195,7 +206,7 @@ def read_nifti(
         "num_slices": int(n),
         "percentiles": list(percentiles),
         "intensity_range": [float(lo), float(hi)],
-        "voxel_size_mm": [float(v) for v in img.header.get_zooms()[:3]],
+        "voxel_size_mm": zooms,
     }
     return MedicalImage(_gray_to_rgb(gray), meta)
 

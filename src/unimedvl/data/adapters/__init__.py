@@ -1,0 +1,19 @@
+"""Source adapters, selected by ``kind:`` in a build config."""
+
+from __future__ import annotations
+
+from .base import Adapter, BuildContext, SourceConfig
+from .dicom import DicomAdapter
+from .image_folder import ImageFolderAdapter
+from .nifti import NiftiAdapter
+
+ADAPTERS: dict[str, type[Adapter]] = {a.kind: a for a in (ImageFolderAdapter, DicomAdapter, NiftiAdapter)}
+
+
+def make_adapter(source: SourceConfig, ctx: BuildContext) -> Adapter:
+    if source.kind not in ADAPTERS:
+        raise ValueError(f"source {source.name!r}: unknown kind {source.kind!r}; known: {sorted(ADAPTERS)}")
+    return ADAPTERS[source.kind](source, ctx)
+
+
+__all__ = ["ADAPTERS", "Adapter", "BuildContext", "SourceConfig", "make_adapter"]

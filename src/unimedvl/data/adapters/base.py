@@ -1,0 +1,101 @@
+"""What every source adapter shares: its configuration, stable ids, patient groups and splits."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from ..schema import MODALITIES, Record, Rejection
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """One ``sources:`` entry of a build config."""
+
+    name: str
+    kind: str
+    path: Path
+    modality: str = "auto"  # one of MODALITIES, or "auto" where the adapter can tell (DICOM)
+    license: str = "unknown"
+    options: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    salt: str  # keyed hashing of patient identifiers; keep it secret, keep it fixed per corpus
+    seed: int = 0
+    val_fraction: float = 0.0
+    test_fraction: float = 0.1
+    max_side: int = 1024
+
+
+def stable_hash(*parts: str, length: int = 16) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p.encode("utf-8"))
+        h.update(b"\0")
+    return h.hexdigest()[:length]
+
+
+class Adapter:
+    """Turns a source into work items, and a work item into records (or rejections).
+
+    ``items()`` is deterministic (sorted) and cheap; ``process(item)`` does the reading and may be
+    run in any worker process.  Items are strings (a path relative to the source root, with an
+    optional ``#suffix``) so that they can be recorded in the rejection log.
+    """
+
+    kind = ""
+    options: dict = {}  # option name -> default, checked against the config
+
+    def __init__(self, source: SourceConfig, ctx: BuildContext):
+        unknown = set(source.options) - set(self.options)
+        if unknown:
+            raise ValueError(f"source {source.name!r} (kind {self.kind}): unknown option(s) {sorted(unknown)}; known: {sorted(self.options)}")
+        if source.modality != "auto" and source.modality not in MODALITIES:
+            raise ValueError(f"source {source.name!r}: modality must be one of {MODALITIES} or auto, got {source.modality!r}")
+        if not source.path.exists():
+            raise FileNotFoundError(f"source {source.name!r}: {source.path} does not exist")
+        self.source, self.ctx = source, ctx
+        self.opt = {**self.options, **source.options}
+
+    def items(self) -> list[str]:
+        raise NotImplementedError
+
+    def process(self, item: str) -> Iterator[Record | Rejection]:
+        raise NotImplementedError
+
+    # ---- helpers --------------------------------------------------------------------------
+    def record_id(self, item: str, task: str, k: int = 0) -> str:
+        return stable_hash(self.source.name, item, task, str(k), length=20)
+
+    def patient_group(self, patient_id: str | None, item: str) -> str:
+        """Salted hash of the patient identifier; without one, each item is its own group."""
+        key = f"patient:{patient_id}" if patient_id else f"item:{self.source.name}/{item}"
+        return stable_hash(self.ctx.salt, key, length=16)
+
+    def split_for(self, group: str) -> str:
+        """By patient group, so no patient spans two splits."""
+        u = int(stable_hash(str(self.ctx.seed), group, length=12), 16) / 16**12
+        if u < self.ctx.test_fraction:
+            return "test"
+        if u < self.ctx.test_fraction + self.ctx.val_fraction:
+            return "val"
+        return "train"
+
+    def reject(self, item: str, reason: str, detail: str = "", stage: str = "read") -> Rejection:
+        return Rejection(item, self.source.name, stage, reason, detail)
+
+
+def files_under(root: Path, suffixes: tuple[str, ...] | None = None) -> list[Path]:
+    """Regular files under ``root`` (or ``root`` itself), sorted, hidden files skipped."""
+    if root.is_file():
+        return [root]
+    out = []
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts):
+            if suffixes is None or p.name.lower().endswith(suffixes):
+                out.append(p)
+    return out

@@ -1,0 +1,117 @@
+"""``kind: dicom`` - DICOM files anywhere under a folder -> windowed 8-bit images with captions,
+modality questions and text-to-image prompts.  Only pixels and generated text leave: no header
+field is copied, the patient ID becomes a salted hash (DATA.md 5.2).
+
+Example::
+
+    - name: hospital-ct
+      kind: dicom
+      path: /archive/ct
+      modality: auto              # from the DICOM Modality (CT, MR->MRI, CR/DX chest->CXR, US, ...)
+      license: internal
+      options:
+        window: null              # the file's own window; or lung, mediastinum, bone, brain, abdomen
+        frame: middle             # multi-frame objects: middle or first
+        tasks: [caption, modality_vqa, t2i]
+
+Objects flagged ``BurnedInAnnotation YES`` are rejected (``burned_in_annotation``); with
+``reject_possible_burned_in: true`` so are ultrasound, endoscopy and secondary-capture objects
+that do not say (they usually carry text in the pixels).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterator
+
+from ...medical_io import DICOM_SUFFIXES, MedicalImageError, read_dicom
+from .. import templates as T
+from ..imaging import as_rgb_u8, limit_size, png_bytes
+from ..schema import Record, Rejection
+from .base import Adapter, files_under
+
+TASKS = ("caption", "modality_vqa", "t2i")
+DICOM_MODALITY = {"CT": "CT", "MR": "MRI", "US": "Ultrasound", "OP": "CFP", "OPT": "OCT", "ES": "Endoscopy", "SM": "HIS", "XC": "Dermoscopy"}
+LIKELY_BURNED_IN = {"US", "ES", "OT", "SC", "XC"}
+
+
+def _is_dicom(path) -> bool:
+    if path.suffix.lower() in DICOM_SUFFIXES:
+        return True
+    try:
+        with open(path, "rb") as f:
+            return f.read(132)[128:132] == b"DICM"
+    except OSError:
+        return False
+
+
+def body_part(value) -> str:
+    """A coded body part (e.g. ``CHEST``) as lower-case words; anything else is dropped."""
+    text = str(value or "").strip()
+    return text.lower().replace("_", " ") if re.fullmatch(r"[A-Z][A-Z _]{1,15}", text) else ""
+
+
+class DicomAdapter(Adapter):
+    kind = "dicom"
+    options = {"window": None, "frame": "middle", "tasks": list(TASKS), "reject_possible_burned_in": False}
+
+    def items(self) -> list[str]:
+        root = self.source.path
+        return [str(p.relative_to(root)) if root.is_dir() else p.name for p in files_under(root) if _is_dicom(p)]
+
+    def _path(self, item: str):
+        return self.source.path / item if self.source.path.is_dir() else self.source.path
+
+    def process(self, item: str) -> Iterator[Record | Rejection]:
+        import pydicom
+
+        path = self._path(item)
+        try:
+            ds = pydicom.dcmread(str(path), stop_before_pixels=True)
+        except Exception as e:
+            yield self.reject(item, "unreadable", f"not a readable DICOM file ({type(e).__name__})")
+            return
+        burned = str(ds.get("BurnedInAnnotation", "")).upper()
+        dicom_modality = str(ds.get("Modality", "")).upper()
+        if burned == "YES":
+            yield self.reject(item, "burned_in_annotation", "the object says it has burned-in annotation")
+            return
+        if self.opt["reject_possible_burned_in"] and not burned and dicom_modality in LIKELY_BURNED_IN:
+            yield self.reject(item, "possible_burned_in_text", f"{dicom_modality} object without a BurnedInAnnotation flag")
+            return
+        n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+        frame = n_frames // 2 if (self.opt["frame"] == "middle" and n_frames > 1) else 0
+        try:
+            image = read_dicom(path, window=self.opt["window"], frame=frame)
+        except MedicalImageError as e:
+            detail = str(e).split(": ", 1)[-1]  # the message without the path
+            yield self.reject(item, "unreadable", detail[:200])
+            return
+        part = body_part(ds.get("BodyPartExamined"))
+        modality = self.source.modality
+        if modality == "auto":
+            modality = DICOM_MODALITY.get(dicom_modality, "Other")
+            if dicom_modality in ("CR", "DX") and part in ("chest", ""):
+                modality = "CXR"
+        group = self.patient_group(str(ds.get("PatientID", "") or ""), item)
+        pixels = limit_size(as_rgb_u8(image.pixels), self.ctx.max_side)
+        png = png_bytes(pixels)
+        name = T.MODALITY_NAMES[modality]
+        description = f"{name} image of the {part}" if part and modality != "CXR" else f"{name} image"
+        caption = f"A {description}."
+        meta = {"width": pixels.shape[1], "height": pixels.shape[0], "dicom_modality": dicom_modality, "body_part": part,
+                "window": image.meta.get("window"), "frame": frame, "num_frames": n_frames,
+                "photometric_interpretation": image.meta.get("photometric_interpretation")}
+        base = dict(modality=modality, source=self.source.name, license=self.source.license, patient_group=group,
+                    split=self.split_for(group), meta=meta)
+        tasks = self.opt["tasks"]
+        if "caption" in tasks:
+            yield Record(id=self.record_id(item, "caption"), family="understanding", task="caption", input_images=[png],
+                         messages=[{"from": "human", "value": "<image>\nDescribe this image."}, {"from": "gpt", "value": caption}], **base)
+        if "modality_vqa" in tasks:
+            yield Record(id=self.record_id(item, "modality_vqa"), family="understanding", task="vqa", input_images=[png],
+                         messages=[{"from": "human", "value": "<image>\n" + T.pick(T.MODALITY_QUESTION, item)},
+                                   {"from": "gpt", "value": f"This is a {description}."}], **base)
+        if "t2i" in tasks:
+            yield Record(id=self.record_id(item, "t2i"), family="generation", task="t2i", output_images=[png],
+                         captions={"caption": caption, "prompt": f"Generate a {description}."}, **base)

@@ -1,0 +1,112 @@
+"""``kind: nifti`` - NIfTI volumes -> 8-bit slices with captions and text-to-image prompts, and
+4x super-resolution pairs made by k-space truncation (MRI).
+
+Example::
+
+    - name: brain-mri
+      kind: nifti
+      path: /data/brain            # *.nii / *.nii.gz anywhere below
+      modality: MRI
+      options:
+        description: T1-weighted brain MRI
+        axis: axial
+        slices_per_volume: 4       # evenly spaced among the usable slices
+        min_foreground: 0.15       # skip slices whose foreground covers less than this
+        edge_fraction: 0.1         # and the outermost 10% of slices at each end
+        tasks: [caption, t2i, sr]
+
+Slice selection: foreground = voxels above 10% of the volume's upper percentile.  Intensities are
+scaled per volume between the 0.5th and 99.5th percentiles of its foreground voxels (DATA.md 5.3).
+Super-resolution: input = the central quarter of the slice's k-space inverted at a quarter of the
+size (a low-resolution acquisition), target = the slice; both stored as images.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+
+from ...medical_io import NIFTI_AXES, MedicalImageError, load_nifti_volume, nifti_plane
+from .. import templates as T
+from ..imaging import as_rgb_u8, kspace_downsample, limit_size, png_bytes
+from ..schema import Record, Rejection
+from .base import Adapter, files_under
+
+TASKS = ("caption", "t2i", "sr")
+
+
+class NiftiAdapter(Adapter):
+    kind = "nifti"
+    options = {"description": "", "axis": "axial", "slices_per_volume": 4, "min_foreground": 0.15, "edge_fraction": 0.1,
+               "tasks": ["caption", "t2i"], "sr_factor": 4, "volume": 0}
+
+    def __init__(self, source, ctx):
+        super().__init__(source, ctx)
+        if self.source.modality == "auto":
+            raise ValueError(f"source {source.name!r}: nifti needs an explicit modality")
+        if self.opt["axis"] not in NIFTI_AXES:
+            raise ValueError(f"source {source.name!r}: axis must be one of {list(NIFTI_AXES)}")
+
+    def items(self) -> list[str]:
+        root = self.source.path
+        files = files_under(root, (".nii", ".nii.gz"))
+        return [str(p.relative_to(root)) if root.is_dir() else p.name for p in files]
+
+    def choose_slices(self, data: np.ndarray, axis: int) -> tuple[list[int], float, float]:
+        hi_all = np.percentile(data, 99.5)
+        fg = data > 0.1 * hi_all if hi_all > 0 else data > data.min()
+        n = data.shape[axis]
+        edge = int(n * self.opt["edge_fraction"])
+        other = tuple(a for a in range(3) if a != axis)
+        coverage = fg.mean(axis=other)
+        usable = [i for i in range(edge, n - edge) if coverage[i] >= self.opt["min_foreground"]]
+        k = int(self.opt["slices_per_volume"])
+        if len(usable) > k:
+            usable = [usable[int(round(j * (len(usable) - 1) / max(k - 1, 1)))] for j in range(k)]
+        values = data[fg] if fg.any() else data.ravel()
+        lo, hi = np.percentile(values, (0.5, 99.5))
+        return usable, float(lo), float(hi)
+
+    def process(self, item: str) -> Iterator[Record | Rejection]:
+        path = self.source.path / item if self.source.path.is_dir() else self.source.path
+        try:
+            data, zooms = load_nifti_volume(path, int(self.opt["volume"]))
+        except MedicalImageError as e:
+            yield self.reject(item, "unreadable", str(e).split(": ", 1)[-1][:200])
+            return
+        axis = NIFTI_AXES[self.opt["axis"]]
+        slices, lo, hi = self.choose_slices(data, axis)
+        if not slices:
+            yield self.reject(item, "no_usable_slice", f"no slice covers {self.opt['min_foreground']:.0%} foreground")
+            return
+        group = self.patient_group(None, item)
+        split = self.split_for(group)
+        mod, tasks = self.source.modality, self.opt["tasks"]
+        what = self.opt["description"] or T.MODALITY_NAMES[mod]
+        for index in slices:
+            key = f"{item}#{self.opt['axis']}{index}"
+            plane = nifti_plane(data, axis, index)
+            grey = np.round(np.clip((plane - lo) / (hi - lo) if hi > lo else plane * 0, 0, 1) * 255).astype(np.uint8)
+            pixels = limit_size(as_rgb_u8(grey), self.ctx.max_side)
+            png = png_bytes(pixels)
+            caption = f"An {self.opt['axis']} slice of a {what}."
+            meta = {"width": pixels.shape[1], "height": pixels.shape[0], "axis": self.opt["axis"], "slice_index": index,
+                    "num_slices": int(data.shape[axis]), "voxel_size_mm": zooms}
+            base = dict(modality=mod, source=self.source.name, license=self.source.license, patient_group=group, split=split, meta=meta)
+            if "caption" in tasks:
+                yield Record(id=self.record_id(key, "caption"), family="understanding", task="caption", input_images=[png],
+                             messages=[{"from": "human", "value": "<image>\nDescribe this image."}, {"from": "gpt", "value": caption}], **base)
+            if "t2i" in tasks:
+                yield Record(id=self.record_id(key, "t2i"), family="generation", task="t2i", output_images=[png],
+                             captions={"caption": caption, "prompt": f"Generate an {self.opt['axis']} slice of a {what}."}, **base)
+            if "sr" in tasks:
+                factor = int(self.opt["sr_factor"])
+                g = pixels[..., 0]
+                h, w = (g.shape[0] // factor) * factor, (g.shape[1] // factor) * factor
+                target = g[:h, :w]
+                low = kspace_downsample(target, factor)
+                yield Record(id=self.record_id(key, "sr"), family="interleaved", task="sr",
+                             input_images=[png_bytes(as_rgb_u8(low))], output_images=[png_bytes(as_rgb_u8(target))],
+                             instruction=T.fill(T.pick(T.SR_INSTRUCTION, key), mod), response=T.fill(T.SR_RESPONSE, mod),
+                             **{**base, "meta": {**meta, "sr_factor": factor, "degradation": "central k-space crop"}})

@@ -1,0 +1,119 @@
+"""The YAML build config: sources, splits, sharding and quality-control settings.
+
+```yaml
+salt: a-secret-string        # keys the patient hashes; keep it private and fixed for a corpus
+seed: 0                      # split assignment and every other choice
+splits: {val: 0.0, test: 0.1}
+items_per_shard: 64          # work items (files / volumes) per Parquet shard
+max_side: 1024               # images are stored at most this long on their long edge
+qc: {min_side: 128}          # see unimedvl.data.qc.QCConfig
+sources:
+  - {name: fundus, kind: image_folder, path: fundus/, modality: CFP, license: CC-BY-4.0,
+     options: {labels: labels.csv}}
+```
+
+Relative source paths are resolved against the config file's folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .adapters.base import BuildContext, SourceConfig
+from .qc import QCConfig
+
+TOP_LEVEL = {"salt", "seed", "splits", "items_per_shard", "max_side", "qc", "sources"}
+SOURCE_FIELDS = {"name", "kind", "path", "modality", "license", "options"}
+
+
+class BuildConfigError(ValueError):
+    pass
+
+
+@dataclass
+class BuildConfig:
+    sources: list[SourceConfig]
+    context: BuildContext
+    items_per_shard: int = 64
+    qc: QCConfig = field(default_factory=QCConfig)
+
+    def fingerprint(self) -> str:
+        """Changes whenever anything that shapes the output changes (the salt is not revealed)."""
+        doc = {
+            "sources": [{**s.__dict__, "path": str(s.path)} for s in self.sources],
+            "context": {**self.context.__dict__, "salt": hashlib.sha256(self.context.salt.encode()).hexdigest()},
+            "items_per_shard": self.items_per_shard,
+            "qc": self.qc.__dict__,
+        }
+        return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _require(d: dict, key: str, kind: type, where: str):
+    if key not in d:
+        raise BuildConfigError(f"{where}: missing field {key!r}")
+    if not isinstance(d[key], kind):
+        raise BuildConfigError(f"{where}: field {key!r} must be {kind.__name__}, got {type(d[key]).__name__}")
+    return d[key]
+
+
+def parse_build_config(doc: dict, base_dir: Path, where: str = "build config") -> BuildConfig:
+    if not isinstance(doc, dict):
+        raise BuildConfigError(f"{where}: expected a mapping at the top level")
+    extra = set(doc) - TOP_LEVEL
+    if extra:
+        raise BuildConfigError(f"{where}: unknown field(s) {sorted(extra)}; known: {sorted(TOP_LEVEL)}")
+    salt = _require(doc, "salt", str, where)
+    if len(salt) < 8:
+        raise BuildConfigError(f"{where}: salt must be at least 8 characters (it keys the patient hashes)")
+    splits = doc.get("splits", {}) or {}
+    bad = set(splits) - {"val", "test"}
+    if bad:
+        raise BuildConfigError(f"{where}: splits may set val and test fractions, not {sorted(bad)}")
+    val, test = float(splits.get("val", 0.0)), float(splits.get("test", 0.1))
+    if not (0 <= val and 0 <= test and val + test < 1):
+        raise BuildConfigError(f"{where}: split fractions val={val}, test={test} must be >= 0 and sum below 1")
+    ctx = BuildContext(salt=salt, seed=int(doc.get("seed", 0)), val_fraction=val, test_fraction=test, max_side=int(doc.get("max_side", 1024)))
+    try:
+        qc = QCConfig.from_dict(doc.get("qc", {}) or {}, f"{where}: qc")
+    except (TypeError, ValueError) as e:
+        raise BuildConfigError(str(e)) from e
+    raw_sources = _require(doc, "sources", list, where)
+    if not raw_sources:
+        raise BuildConfigError(f"{where}: sources is empty")
+    sources, names = [], set()
+    for i, s in enumerate(raw_sources):
+        w = f"{where}: sources[{i}]"
+        if not isinstance(s, dict):
+            raise BuildConfigError(f"{w}: expected a mapping")
+        extra = set(s) - SOURCE_FIELDS
+        if extra:
+            raise BuildConfigError(f"{w}: unknown field(s) {sorted(extra)}; known: {sorted(SOURCE_FIELDS)}")
+        name = _require(s, "name", str, w)
+        if name in names:
+            raise BuildConfigError(f"{w}: duplicate source name {name!r}")
+        names.add(name)
+        path = Path(_require(s, "path", str, w)).expanduser()
+        sources.append(SourceConfig(
+            name=name, kind=_require(s, "kind", str, w), path=path if path.is_absolute() else (base_dir / path),
+            modality=str(s.get("modality", "auto")), license=str(s.get("license", "unknown")), options=dict(s.get("options", {}) or {}),
+        ))
+    per_shard = int(doc.get("items_per_shard", 64))
+    if per_shard < 1:
+        raise BuildConfigError(f"{where}: items_per_shard must be >= 1")
+    return BuildConfig(sources, ctx, per_shard, qc)
+
+
+def load_build_config(path: str | Path) -> BuildConfig:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise BuildConfigError(f"{path}: no such build config")
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise BuildConfigError(f"{path}: not valid YAML ({e})") from e
+    return parse_build_config(doc, path.parent, str(path))

@@ -1,0 +1,172 @@
+"""Run a build: plan shards, process them in parallel, write them atomically, finish with the
+duplicate pass and the manifest.
+
+Plan: every source lists its work items (deterministic order); the concatenated list is cut into
+shards of ``items_per_shard`` items.  Shard ``k`` is processed by one worker and written as
+``shards/{k:05d}.parquet`` plus ``shards/{k:05d}.rejections.jsonl``, each to a temporary name and
+renamed; ``shards/{k:05d}.done.json`` is written last and marks the shard complete.  A restarted
+build skips complete shards and redoes the rest, so a killed build resumes and yields the same
+bytes.  ``--num-partitions P --partition I`` processes the shards with ``k % P == I``, so a
+scheduler can spread one build over many machines; the build that finds every shard complete
+writes the manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .adapters import make_adapter
+from .build_config import BuildConfig
+from .imaging import decode_png, perceptual_hash, sha256_pixels
+from .qc import check_record
+from .schema import Record, Rejection, arrow_schema
+
+ROW_GROUP_SIZE = 256
+
+
+@dataclass
+class ShardPlan:
+    index: int
+    items: list[tuple[int, str]]  # (source index, item)
+
+
+def plan_shards(config: BuildConfig) -> list[ShardPlan]:
+    items: list[tuple[int, str]] = []
+    for i, source in enumerate(config.sources):
+        adapter = make_adapter(source, config.context)
+        items += [(i, it) for it in adapter.items()]
+    n = config.items_per_shard
+    return [ShardPlan(k, items[k * n : (k + 1) * n]) for k in range((len(items) + n - 1) // n)]
+
+
+def shard_paths(out: Path, index: int) -> dict[str, Path]:
+    stem = out / "shards" / f"{index:05d}"
+    return {"parquet": stem.with_suffix(".parquet"), "rejections": Path(f"{stem}.rejections.jsonl"), "done": Path(f"{stem}.done.json")}
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.partial")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _finish_record(record: Record, item_key: str, qc) -> Record | Rejection:
+    images = [decode_png(b) for b in record.output_images] or [decode_png(b) for b in record.input_images]
+    others = [decode_png(b) for b in record.input_images] if record.output_images else []
+    bad = check_record(record, images, others, qc)
+    if bad:
+        return Rejection(item_key, record.source, "qc1", bad[0], f"{record.task}: {bad[1]}")
+    record.item_hash = item_key_hash(record.source, item_key)
+    record.image_sha256 = sha256_pixels(images[0]) if images else ""
+    record.image_phash = f"{perceptual_hash(images[0]):016x}" if images else ""
+    return record
+
+
+def item_key_hash(source: str, item: str) -> str:
+    from .adapters.base import stable_hash
+
+    return stable_hash(source, item, length=16)
+
+
+def build_shard(config: BuildConfig, plan: ShardPlan, out: Path) -> dict:
+    """Process one shard and write its files; returns its counts."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    adapters: dict[int, object] = {}
+    records: list[Record] = []
+    rejections: list[Rejection] = []
+    for source_index, item in plan.items:
+        if source_index not in adapters:
+            adapters[source_index] = make_adapter(config.sources[source_index], config.context)
+        adapter = adapters[source_index]
+        try:
+            produced = list(adapter.process(item))
+        except Exception as e:  # an adapter bug or an unforeseen file problem must not stop the build
+            produced = [Rejection(item, config.sources[source_index].name, "read", "error", f"{type(e).__name__}: {str(e)[:200]}")]
+        for r in produced:
+            if isinstance(r, Rejection):
+                rejections.append(r)
+            else:
+                done = _finish_record(r, item, config.qc)
+                (rejections if isinstance(done, Rejection) else records).append(done)
+    paths = shard_paths(out, plan.index)
+    table = pa.Table.from_pylist([r.to_row() for r in records], schema=arrow_schema())
+    buf = io.BytesIO()
+    pq.write_table(table, buf, row_group_size=ROW_GROUP_SIZE, compression="zstd")
+    _atomic_write_bytes(paths["parquet"], buf.getvalue())
+    lines = "".join(json.dumps(r.to_json(), sort_keys=True) + "\n" for r in rejections)
+    _atomic_write_bytes(paths["rejections"], lines.encode())
+    counts = {"shard": plan.index, "items": len(plan.items), "records": len(records), "rejections": len(rejections)}
+    _atomic_write_bytes(paths["done"], json.dumps(counts, sort_keys=True).encode())
+    return counts
+
+
+def _worker(args):
+    config, plan, out = args
+    return build_shard(config, plan, out)
+
+
+def build(
+    config: BuildConfig,
+    out: str | Path,
+    *,
+    workers: int = 1,
+    num_partitions: int = 1,
+    partition: int = 0,
+    progress: Callable[[dict, int, int], None] | None = None,
+) -> dict:
+    """Build (or resume) the shards of this partition; finalise when every shard is complete.
+
+    Returns a summary: shards built now, skipped (already complete), and whether the manifest
+    was written.
+    """
+    if not 0 <= partition < num_partitions:
+        raise ValueError(f"partition {partition} is outside 0..{num_partitions - 1}")
+    out = Path(out)
+    (out / "shards").mkdir(parents=True, exist_ok=True)
+    fingerprint_file = out / "build.json"
+    fp = config.fingerprint()
+    if fingerprint_file.exists():
+        previous = json.loads(fingerprint_file.read_text()).get("fingerprint")
+        if previous != fp:
+            raise ValueError(f"{out} holds a build of another config (fingerprint {previous}, this config {fp}); use a new --out")
+    else:
+        _atomic_write_bytes(fingerprint_file, json.dumps({"fingerprint": fp}).encode())
+    for stale in (out / "shards").glob(".*.partial"):
+        stale.unlink()  # left by a killed run; never visible under a final name
+
+    plans = plan_shards(config)
+    mine = [p for p in plans if p.index % num_partitions == partition]
+    todo = [p for p in mine if not shard_paths(out, p.index)["done"].exists()]
+    built = 0
+    if workers <= 1:
+        for plan in todo:
+            counts = build_shard(config, plan, out)
+            built += 1
+            if progress:
+                progress(counts, built, len(todo))
+    else:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            for counts in pool.map(_worker, [(config, p, out) for p in todo]):
+                built += 1
+                if progress:
+                    progress(counts, built, len(todo))
+    complete = all(shard_paths(out, p.index)["done"].exists() for p in plans)
+    summary = {"shards_total": len(plans), "shards_built": built, "shards_skipped": len(mine) - len(todo), "finalized": False}
+    if complete:
+        from .finalize import finalize
+
+        finalize(config, out, len(plans))
+        summary["finalized"] = True
+    return summary

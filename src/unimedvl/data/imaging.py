@@ -1,0 +1,79 @@
+"""Pixel helpers for the dataset builder: canonical 8-bit RGB, PNG bytes, hashes, degradations."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+
+import numpy as np
+from PIL import Image
+
+MAX_SIDE = 1024  # images are stored at <= 1024 px long edge (DATA.md 4.6)
+
+
+def as_rgb_u8(pixels: np.ndarray) -> np.ndarray:
+    """``[H, W]`` or ``[H, W, 3]`` uint8 -> ``[H, W, 3]`` uint8."""
+    if pixels.dtype != np.uint8:
+        raise ValueError(f"expected uint8 pixels, got {pixels.dtype}")
+    if pixels.ndim == 2:
+        return np.repeat(pixels[..., None], 3, axis=2)
+    if pixels.ndim == 3 and pixels.shape[2] == 3:
+        return pixels
+    raise ValueError(f"expected HxW or HxWx3 pixels, got shape {pixels.shape}")
+
+
+def limit_size(pixels: np.ndarray, max_side: int = MAX_SIDE) -> np.ndarray:
+    """Shrink so the long edge is at most ``max_side`` (bicubic, aspect kept); never enlarge."""
+    h, w = pixels.shape[:2]
+    if max(h, w) <= max_side:
+        return pixels
+    scale = max_side / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return np.asarray(Image.fromarray(pixels).resize(size, Image.BICUBIC))
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    """Deterministic PNG encoding (no timestamps or text chunks)."""
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG", optimize=False, compress_level=6)
+    return buf.getvalue()
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def sha256_pixels(pixels: np.ndarray) -> str:
+    h = hashlib.sha256()
+    h.update(str(pixels.shape).encode())
+    h.update(np.ascontiguousarray(pixels).tobytes())
+    return h.hexdigest()
+
+
+def perceptual_hash(pixels: np.ndarray) -> int:
+    """64-bit difference hash: grey 9x8 thumbnail, one bit per horizontal neighbour comparison.
+
+    Robust to rescaling and re-encoding; equal or nearly equal (small Hamming distance) for
+    near-duplicates."""
+    grey = Image.fromarray(as_rgb_u8(pixels)).convert("L").resize((9, 8), Image.BILINEAR)
+    a = np.asarray(grey, dtype=np.int16)
+    bits = (a[:, 1:] > a[:, :-1]).ravel()
+    return int("".join("1" if b else "0" for b in bits), 2)
+
+
+def hamming(a: int, b: int) -> int:
+    return bin(a ^ b).count("1")
+
+
+def kspace_downsample(grey: np.ndarray, factor: int = 4) -> np.ndarray:
+    """Low-resolution MRI by central k-space cropping: keep the central ``1/factor`` of the
+    spectrum in each direction and invert at the reduced size (DATA.md 5.3), then rescale to the
+    input's 8-bit range.  ``grey [H, W]`` uint8 -> ``[H/factor, W/factor]`` uint8."""
+    h, w = grey.shape
+    lh, lw = h // factor, w // factor
+    spectrum = np.fft.fftshift(np.fft.fft2(grey.astype(np.float64)))
+    top, left = (h - lh) // 2, (w - lw) // 2
+    low = spectrum[top : top + lh, left : left + lw]
+    image = np.abs(np.fft.ifft2(np.fft.ifftshift(low))) / (factor * factor)
+    return np.clip(np.round(image), 0, 255).astype(np.uint8)
