@@ -58,9 +58,19 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _finish_record(record: Record, item_key: str, qc) -> Record | Rejection:
-    images = [decode_png(b) for b in record.output_images] or [decode_png(b) for b in record.input_images]
-    others = [decode_png(b) for b in record.input_images] if record.output_images else []
+def _finish_record(record: Record, item_key: str, qc, decoded: dict) -> Record | Rejection:
+    """Stage-1 QC and the hashes.  ``decoded`` caches decoded images by their bytes (the records
+    of one item usually share their image)."""
+
+    def decode(b: bytes):
+        if b not in decoded:
+            if len(decoded) >= 16:
+                decoded.clear()
+            decoded[b] = decode_png(b)
+        return decoded[b]
+
+    images = [decode(b) for b in record.output_images] or [decode(b) for b in record.input_images]
+    others = [decode(b) for b in record.input_images] if record.output_images else []
     bad = check_record(record, images, others, qc)
     if bad:
         return Rejection(item_key, record.source, "qc1", bad[0], f"{record.task}: {bad[1]}")
@@ -76,6 +86,13 @@ def item_key_hash(source: str, item: str) -> str:
     return stable_hash(source, item, length=16)
 
 
+_ADAPTER_CACHE: dict[str, dict] = {}  # per process: a worker builds each source's adapter once
+
+
+def _adapters_for(config: BuildConfig) -> dict:
+    return _ADAPTER_CACHE.setdefault(config.fingerprint(), {})
+
+
 def build_shard(config: BuildConfig, plan: ShardPlan, out: Path) -> dict:
     """Process one shard and write its files; returns its counts."""
     import io
@@ -83,9 +100,10 @@ def build_shard(config: BuildConfig, plan: ShardPlan, out: Path) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    adapters: dict[int, object] = {}
+    adapters = _adapters_for(config)
     records: list[Record] = []
     rejections: list[Rejection] = []
+    decoded: dict = {}
     for source_index, item in plan.items:
         if source_index not in adapters:
             adapters[source_index] = make_adapter(config.sources[source_index], config.context)
@@ -98,7 +116,7 @@ def build_shard(config: BuildConfig, plan: ShardPlan, out: Path) -> dict:
             if isinstance(r, Rejection):
                 rejections.append(r)
             else:
-                done = _finish_record(r, item, config.qc)
+                done = _finish_record(r, item, config.qc, decoded)
                 (rejections if isinstance(done, Rejection) else records).append(done)
     paths = shard_paths(out, plan.index)
     table = pa.Table.from_pylist([r.to_row() for r in records], schema=arrow_schema())
@@ -145,6 +163,8 @@ def build(
         _atomic_write_bytes(fingerprint_file, json.dumps({"fingerprint": fp}).encode())
     for stale in (out / "shards").glob(".*.partial"):
         stale.unlink()  # left by a killed run; never visible under a final name
+
+    import pyarrow.parquet  # noqa: F401  (imported once here, inherited by forked workers)
 
     plans = plan_shards(config)
     mine = [p for p in plans if p.index % num_partitions == partition]
