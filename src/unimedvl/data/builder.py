@@ -76,7 +76,7 @@ def _finish_record(record: Record, item_key: str, qc, decoded: dict) -> Record |
         return Rejection(item_key, record.source, "qc1", bad[0], f"{record.task}: {bad[1]}")
     record.item_hash = item_key_hash(record.source, item_key)
     record.image_sha256 = sha256_pixels(images[0]) if images else ""
-    record.image_phash = f"{perceptual_hash(images[0]):016x}" if images else ""
+    record.image_phash = f"{perceptual_hash(images[0]):064x}" if images else ""
     return record
 
 

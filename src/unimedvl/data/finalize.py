@@ -4,9 +4,10 @@ Shards are never rewritten (they stay byte-identical across resumed builds); rec
 duplicates are listed in ``manifest.json["excluded"]`` and ``duplicates.jsonl`` with their reason,
 and the training loader skips them.
 
-* exact duplicate: the primary image's pixels equal those of a record from an *earlier work item*
-  (one item legitimately yields several records from one image);
-* perceptual duplicate: the same 64-bit difference hash, from an earlier item.
+* exact duplicate: a record of the same family and task whose primary image has the same pixels,
+  from an *earlier work item* (one item legitimately yields several records from one image, and
+  one image may serve different tasks, e.g. as a caption sample and as a staining target);
+* perceptual duplicate: likewise with the same 256-bit difference hash.
 """
 
 from __future__ import annotations
@@ -49,12 +50,13 @@ def finalize(config: BuildConfig, out: Path, num_shards: int) -> dict:
         shards.append({"file": f"shards/{paths['parquet'].name}", "rows": len(rows), "sha256": _file_sha256(paths["parquet"])})
         for row in rows:
             reason = None
+            task = f"{row['family']}/{row['task']}/"
             if row["image_sha256"]:
-                first = first_item_by_sha.setdefault(row["image_sha256"], row["item_hash"])
+                first = first_item_by_sha.setdefault(task + row["image_sha256"], row["item_hash"])
                 if first != row["item_hash"]:
                     reason = "exact_duplicate"
             if reason is None and row["image_phash"]:
-                first = first_item_by_phash.setdefault(row["image_phash"], row["item_hash"])
+                first = first_item_by_phash.setdefault(task + row["image_phash"], row["item_hash"])
                 if first != row["item_hash"]:
                     reason = "perceptual_duplicate"
             if reason:

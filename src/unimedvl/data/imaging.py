@@ -51,12 +51,13 @@ def sha256_pixels(pixels: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def perceptual_hash(pixels: np.ndarray) -> int:
-    """64-bit difference hash: grey 9x8 thumbnail, one bit per horizontal neighbour comparison.
+def perceptual_hash(pixels: np.ndarray, size: int = 16) -> int:
+    """Difference hash of ``size * size`` bits (256 by default): a grey ``(size+1) x size``
+    thumbnail, one bit per horizontal neighbour comparison.
 
-    Robust to rescaling and re-encoding; equal or nearly equal (small Hamming distance) for
-    near-duplicates."""
-    grey = Image.fromarray(as_rgb_u8(pixels)).convert("L").resize((9, 8), Image.BILINEAR)
+    Equal for re-encoded or rescaled copies of an image; 256 bits (rather than the common 64) keep
+    distinct images of the same anatomy and protocol - which look alike at 9x8 pixels - apart."""
+    grey = Image.fromarray(as_rgb_u8(pixels)).convert("L").resize((size + 1, size), Image.BILINEAR)
     a = np.asarray(grey, dtype=np.int16)
     bits = (a[:, 1:] > a[:, :-1]).ravel()
     return int("".join("1" if b else "0" for b in bits), 2)

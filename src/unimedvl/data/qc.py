@@ -25,7 +25,6 @@ class QCConfig:
     blank_std: float = 2.0  # pixel standard deviation below which an image is blank/constant
     saturated_fraction: float = 0.9  # share of pixels at 0 or 255 above which an image is saturated
     min_letter_fraction: float = 0.5  # language sanity: share of letters among non-space characters
-    phash_max_distance: int = 0  # perceptual duplicates: Hamming distance <= this
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "qc") -> "QCConfig":

@@ -44,7 +44,7 @@ class Record:
     meta: dict = field(default_factory=dict)  # width/height, window, slice... never identifiers
     item_hash: str = ""  # hash of the work item it came from (set by the builder)
     image_sha256: str = ""  # of the primary image's pixels (set by the builder)
-    image_phash: str = ""  # 64-bit perceptual hash of the primary image, hex (set by the builder)
+    image_phash: str = ""  # 256-bit difference hash of the primary image, hex (set by the builder)
 
     def __post_init__(self):
         if self.family not in FAMILIES:

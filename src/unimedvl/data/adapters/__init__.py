@@ -6,8 +6,9 @@ from .base import Adapter, BuildContext, SourceConfig
 from .dicom import DicomAdapter
 from .image_folder import ImageFolderAdapter
 from .nifti import NiftiAdapter
+from .paired_images import PairedImagesAdapter
 
-ADAPTERS: dict[str, type[Adapter]] = {a.kind: a for a in (ImageFolderAdapter, DicomAdapter, NiftiAdapter)}
+ADAPTERS: dict[str, type[Adapter]] = {a.kind: a for a in (ImageFolderAdapter, DicomAdapter, NiftiAdapter, PairedImagesAdapter)}
 
 
 def make_adapter(source: SourceConfig, ctx: BuildContext) -> Adapter:

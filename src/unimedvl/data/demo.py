@@ -1,0 +1,164 @@
+"""The embedded demo corpus: a small real dataset built offline from the medical files that
+installable packages ship, plus procedural stand-ins for the modalities none ships.
+
+    unimedvl data demo --out DIR        # DIR/sources/, DIR/build.yaml, DIR/dataset/
+
+Real files: pydicom/pydicom-data DICOMs (CT, MR, CR chest in MONOCHROME1, CR extremity,
+ultrasound including colour, plus a 64-px MR that quality control rejects), the MNI152 T1
+template shipped with nilearn (slices and 4x super-resolution pairs), scikit-image's fundus
+photograph (CFP) and IHC tile (HIS; hematoxylin-only -> IHC staining pairs made by colour
+deconvolution of the tile itself). Procedural: chest X-ray, OCT, endoscopy, ultrasound and
+dermoscopy images with a label-defining feature, and chest X-ray counterfactual pairs with an
+explanation. Sources whose package is not installed are skipped and reported.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .procedural import GENERATORS, counterfactual_pair
+
+DEMO_DICOMS = [
+    "CT_small.dcm", "693_UNCR.dcm", "MR2_UNCR.dcm", "MR-SIEMENS-DICOM-WithOverlays.dcm", "RG1_UNCR.dcm", "RG3_UNCR.dcm",
+    "US1_UNCR.dcm", "OBXXXX1A.dcm", "examples_ybr_color.dcm", "MR_small.dcm",
+]
+SALT = "unimedvl-demo-corpus"  # the demo has no real patients; a real build keeps its salt private
+
+
+def _save(pixels: np.ndarray, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+
+
+def stage_dicoms(dst: Path) -> list[str]:
+    from pydicom.data import get_testdata_file
+
+    dst.mkdir(parents=True, exist_ok=True)
+    staged = []
+    for name in DEMO_DICOMS:
+        path = get_testdata_file(name)
+        if path:
+            shutil.copy(path, dst / name)
+            staged.append(name)
+    return staged
+
+
+def stage_mni(dst: Path) -> bool:
+    try:
+        import nilearn
+    except ImportError:
+        return False
+    src = Path(nilearn.__file__).parent / "datasets" / "data" / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
+    if not src.is_file():
+        return False
+    dst.mkdir(parents=True, exist_ok=True)
+    shutil.copy(src, dst / "mni152_t1.nii.gz")
+    return True
+
+
+def stage_skimage(fundus_dir: Path, pairs_dir: Path, his_dir: Path) -> bool:
+    try:
+        import skimage
+        from skimage.color import hed2rgb, rgb2hed
+    except ImportError:
+        return False
+    data = Path(skimage.__file__).parent / "data"
+    retina = np.asarray(Image.open(data / "retina.jpg").convert("RGB"))
+    h, w = retina.shape[:2]
+    rows = ["file,label"]
+    crops = {"whole.png": retina, "upper_left.png": retina[: h // 2, : w // 2], "upper_right.png": retina[: h // 2, w // 2 :],
+             "lower_left.png": retina[h // 2 :, : w // 2], "lower_right.png": retina[h // 2 :, w // 2 :]}
+    for name, px in crops.items():
+        _save(px, fundus_dir / name)
+        rows.append(f"{name},the retina with its vessels" + (" and optic disc" if name == "whole.png" else ""))
+    (fundus_dir / "labels.csv").write_text("\n".join(rows) + "\n")
+
+    ihc = np.asarray(Image.open(data / "ihc.png").convert("RGB"))
+    hed = rgb2hed(ihc)
+    hematoxylin = (np.clip(hed2rgb(np.stack([hed[..., 0], np.zeros_like(hed[..., 0]), np.zeros_like(hed[..., 0])], -1)), 0, 1) * 255).astype(np.uint8)
+    pairs = ["input,target,instruction,response"]
+    size = ihc.shape[0] // 2
+    for i in range(2):
+        for j in range(2):
+            tile = (slice(i * size, (i + 1) * size), slice(j * size, (j + 1) * size))
+            _save(hematoxylin[tile], pairs_dir / f"h_{i}{j}.png")
+            _save(ihc[tile], pairs_dir / f"ihc_{i}{j}.png")
+            pairs.append(f"h_{i}{j}.png,ihc_{i}{j}.png,Stain this hematoxylin tile as the matching HER2 immunohistochemistry (DAB) slide.,"
+                         "Here is the tile with DAB immunohistochemical staining.")
+    (pairs_dir / "pairs.csv").write_text("\n".join(pairs) + "\n")
+    rows = ["file,label"]
+    for i in range(2):
+        for j in range(2):
+            _save(ihc[i * size : (i + 1) * size, j * size : (j + 1) * size], his_dir / f"ihc_{i}{j}.png")
+            rows.append(f"ihc_{i}{j}.png,immunohistochemical DAB staining of tumour cells")
+    (his_dir / "labels.csv").write_text("\n".join(rows) + "\n")
+    return True
+
+
+def stage_procedural(root: Path, per_label: int) -> list[str]:
+    made = []
+    for m_index, (modality, (gen, normal, finding)) in enumerate(GENERATORS.items()):
+        folder = root / modality.lower()
+        rows = ["file,label"]
+        for k in range(per_label):
+            for has, label in ((False, normal), (True, finding)):
+                name = f"{'finding' if has else 'normal'}_{k:02d}.png"
+                _save(gen(np.random.default_rng([k, int(has), m_index]), has), folder / name)
+                rows.append(f"{name},{label}")
+        (folder / "labels.csv").write_text("\n".join(rows) + "\n")
+        made.append(modality)
+    cf = root / "cxr_counterfactual"
+    pairs = ["input,target,instruction,response"]
+    for k in range(per_label):
+        before, after = counterfactual_pair(1000 + k)
+        _save(before, cf / f"before_{k:02d}.png")
+        _save(after, cf / f"after_{k:02d}.png")
+        pairs.append(f"before_{k:02d}.png,after_{k:02d}.png,Show how this chest X-ray would look if a focal lung opacity developed.,"
+                     "A new focal opacity has appeared in one lung; the rest of the radiograph is unchanged.")
+    (cf / "pairs.csv").write_text("\n".join(pairs) + "\n")
+    return made
+
+
+def demo_config(out: Path, have: dict) -> dict:
+    src = "sources"
+    sources = [{"name": "pydicom-samples", "kind": "dicom", "path": f"{src}/dicom", "license": "pydicom / pydicom-data test files (MIT)",
+                "options": {"tasks": ["caption", "modality_vqa", "t2i"]}}]
+    if have["mni"]:
+        sources.append({"name": "mni152-t1", "kind": "nifti", "path": f"{src}/nifti", "modality": "MRI", "license": "MNI ICBM152 (nilearn)",
+                        "options": {"description": "T1-weighted brain MRI", "slices_per_volume": 6, "tasks": ["caption", "t2i", "sr"]}})
+    if have["skimage"]:
+        sources += [
+            {"name": "skimage-fundus", "kind": "image_folder", "path": f"{src}/fundus", "modality": "CFP", "license": "scikit-image data (CC0/BSD)",
+             "options": {"tasks": ["caption", "t2i"]}},
+            {"name": "skimage-ihc", "kind": "image_folder", "path": f"{src}/ihc_tiles", "modality": "HIS", "license": "scikit-image data (CC0/BSD)",
+             "options": {"tasks": ["caption", "t2i"]}},
+            {"name": "skimage-ihc-pairs", "kind": "paired_images", "path": f"{src}/ihc_pairs", "modality": "HIS", "license": "scikit-image data (CC0/BSD)",
+             "options": {"task": "ihc_staining"}},
+        ]
+    for modality in have["procedural"]:
+        sources.append({"name": f"procedural-{modality.lower()}", "kind": "image_folder", "path": f"{src}/procedural/{modality.lower()}",
+                        "modality": modality, "license": "procedural (generated, not medical data)"})
+    sources.append({"name": "procedural-cxr-counterfactual", "kind": "paired_images", "path": f"{src}/procedural/cxr_counterfactual",
+                    "modality": "CXR", "license": "procedural (generated, not medical data)", "options": {"task": "counterfactual"}})
+    return {"salt": SALT, "seed": 0, "splits": {"val": 0.0, "test": 0.2}, "items_per_shard": 8, "sources": sources}
+
+
+def stage_demo(out: str | Path, per_label: int = 6) -> tuple[Path, dict]:
+    """Write the demo sources and ``build.yaml`` under ``out``; returns the config path and what was found."""
+    import yaml
+
+    out = Path(out)
+    src = out / "sources"
+    have = {
+        "dicoms": stage_dicoms(src / "dicom"),
+        "mni": stage_mni(src / "nifti"),
+        "skimage": stage_skimage(src / "fundus", src / "ihc_pairs", src / "ihc_tiles"),
+        "procedural": stage_procedural(src / "procedural", per_label),
+    }
+    config = out / "build.yaml"
+    config.write_text(yaml.safe_dump(demo_config(out, have), sort_keys=False))
+    return config, have
