@@ -4,5 +4,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 export GRADIO_ANALYTICS_ENABLED=False
-# The main job (dataset -> curriculum -> evaluation) is not wired yet; describe the bundled tiny model.
-.venv/bin/unimedvl info --preset tiny "$@"
+OUT=${OUT:-runs/demo}
+# Observation: build the embedded demo corpus from packaged sample files (resumes if interrupted).
+.venv/bin/unimedvl data demo --out "$OUT" --workers "${WORKERS:-2}"
+# Knowledge and Analysis (curriculum training, evaluation) join as they land; describe the model.
+.venv/bin/unimedvl info --preset tiny
+echo "dataset card: $OUT/dataset/README.md"
