@@ -437,6 +437,55 @@ def data_demo(
                f"({summary['shards_built']} shards built, {summary['shards_skipped']} reused); card: {out / 'dataset' / 'README.md'}")
 
 
+@data_app.command("score")
+def data_score(
+    dataset: Path = typer.Argument(..., help="A built dataset folder (with manifest.json)."),
+    scorer: str = typer.Option(..., "--scorer", help="An image-text scorer: package.module:function or file.py:function, (image, text) -> float."),
+    keep_fraction: float = typer.Option(0.5, "--keep-fraction", help="Share of records kept (the paper keeps the top 50%)."),
+    per_modality: bool = typer.Option(True, "--per-modality/--global", help="Rank within each modality (default) or over all."),
+) -> None:
+    """Quality control stage 2: score image-text pairs with a local model and keep the top fraction."""
+    from .data.curation import load_scorer, score_dataset
+
+    try:
+        result = score_dataset(dataset, load_scorer(scorer), keep_fraction, per_modality)
+    except (FileNotFoundError, ValueError, ImportError) as e:
+        _fail(str(e))
+    typer.echo(f"scored {result['scored']} records, excluded {result['excluded']}; {result['kept']} kept")
+
+
+@data_app.command("review-export")
+def data_review_export(
+    dataset: Path = typer.Argument(..., help="A built dataset folder."),
+    out: Path = typer.Option(..., "--out", "-o", help="The HTML review sheet to write."),
+    n: int = typer.Option(200, "--n", help="Samples, stratified by modality (the paper audits 200)."),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Quality control stage 3: export a self-contained HTML review sheet for expert reviewers."""
+    from .data.curation import export_review
+
+    try:
+        count = export_review(dataset, out, n, seed)
+    except (FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    typer.echo(f"wrote {out} with {count} samples; reviewers download verdicts.json from the page")
+
+
+@data_app.command("review-import")
+def data_review_import(
+    dataset: Path = typer.Argument(..., help="A built dataset folder."),
+    verdicts: Path = typer.Argument(..., help="verdicts.json downloaded from a review sheet."),
+) -> None:
+    """Apply expert verdicts: rejected samples are excluded, with the reviewer's comment as reason."""
+    from .data.curation import import_review
+
+    try:
+        result = import_review(dataset, verdicts)
+    except (FileNotFoundError, ValueError, json.JSONDecodeError) as e:
+        _fail(str(e))
+    typer.echo(f"applied {result['reviewed']} verdicts: {result['rejected']} rejected in total, {result['kept']} kept")
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     app()

@@ -160,7 +160,8 @@ def build(
         if previous != fp:
             raise ValueError(f"{out} holds a build of another config (fingerprint {previous}, this config {fp}); use a new --out")
     else:
-        _atomic_write_bytes(fingerprint_file, json.dumps({"fingerprint": fp}).encode())
+        info = {"fingerprint": fp, "sources": [{"name": s.name, "kind": s.kind, "modality": s.modality, "license": s.license} for s in config.sources]}
+        _atomic_write_bytes(fingerprint_file, json.dumps(info, sort_keys=True).encode())
     for stale in (out / "shards").glob(".*.partial"):
         stale.unlink()  # left by a killed run; never visible under a final name
 
@@ -187,6 +188,6 @@ def build(
     if complete:
         from .finalize import finalize
 
-        finalize(config, out, len(plans))
+        finalize(out, len(plans))
         summary["finalized"] = True
     return summary

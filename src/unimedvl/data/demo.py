@@ -69,18 +69,19 @@ def stage_skimage(fundus_dir: Path, pairs_dir: Path, his_dir: Path) -> bool:
     data = Path(skimage.__file__).parent / "data"
     retina = np.asarray(Image.open(data / "retina.jpg").convert("RGB"))
     h, w = retina.shape[:2]
-    rows = ["file,label"]
+    rows = ["file,label,patient"]  # the crops show one eye: one patient group, one split
     crops = {"whole.png": retina, "upper_left.png": retina[: h // 2, : w // 2], "upper_right.png": retina[: h // 2, w // 2 :],
              "lower_left.png": retina[h // 2 :, : w // 2], "lower_right.png": retina[h // 2 :, w // 2 :]}
     for name, px in crops.items():
         _save(px, fundus_dir / name)
-        rows.append(f"{name},the retina with its vessels" + (" and optic disc" if name == "whole.png" else ""))
+        rows.append(f"{name},the retina with its vessels" + (" and optic disc" if name == "whole.png" else "") + ",skimage-retina")
     (fundus_dir / "labels.csv").write_text("\n".join(rows) + "\n")
 
     ihc = np.asarray(Image.open(data / "ihc.png").convert("RGB"))
     hed = rgb2hed(ihc)
     hematoxylin = (np.clip(hed2rgb(np.stack([hed[..., 0], np.zeros_like(hed[..., 0]), np.zeros_like(hed[..., 0])], -1)), 0, 1) * 255).astype(np.uint8)
-    pairs = ["input,target,instruction,response"]
+    # tiles of one slide: one patient group, shared by the pairs and the plain tiles (no leakage)
+    pairs = ["input,target,instruction,response,patient"]
     size = ihc.shape[0] // 2
     for i in range(2):
         for j in range(2):
@@ -88,13 +89,13 @@ def stage_skimage(fundus_dir: Path, pairs_dir: Path, his_dir: Path) -> bool:
             _save(hematoxylin[tile], pairs_dir / f"h_{i}{j}.png")
             _save(ihc[tile], pairs_dir / f"ihc_{i}{j}.png")
             pairs.append(f"h_{i}{j}.png,ihc_{i}{j}.png,Stain this hematoxylin tile as the matching HER2 immunohistochemistry (DAB) slide.,"
-                         "Here is the tile with DAB immunohistochemical staining.")
+                         "Here is the tile with DAB immunohistochemical staining.,skimage-ihc")
     (pairs_dir / "pairs.csv").write_text("\n".join(pairs) + "\n")
-    rows = ["file,label"]
+    rows = ["file,label,patient"]
     for i in range(2):
         for j in range(2):
             _save(ihc[i * size : (i + 1) * size, j * size : (j + 1) * size], his_dir / f"ihc_{i}{j}.png")
-            rows.append(f"ihc_{i}{j}.png,immunohistochemical DAB staining of tumour cells")
+            rows.append(f"ihc_{i}{j}.png,immunohistochemical DAB staining of tumour cells,skimage-ihc")
     (his_dir / "labels.csv").write_text("\n".join(rows) + "\n")
     return True
 

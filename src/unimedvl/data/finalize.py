@@ -1,13 +1,18 @@
-"""After every shard is written: the duplicate pass, the manifest and the dataset card.
+"""After every shard is written: duplicates, leakage, the manifest and the dataset card.
 
-Shards are never rewritten (they stay byte-identical across resumed builds); records found to be
-duplicates are listed in ``manifest.json["excluded"]`` and ``duplicates.jsonl`` with their reason,
-and the training loader skips them.
+Shards are never rewritten (they stay byte-identical across resumed builds).  Records removed
+after the build are listed, with stage and reason, in exclusion files next to the shards, and the
+manifest's ``excluded`` list (which the training loader skips) is recomputed from all of them:
 
-* exact duplicate: a record of the same family and task whose primary image has the same pixels,
-  from an *earlier work item* (one item legitimately yields several records from one image, and
-  one image may serve different tasks, e.g. as a caption sample and as a staining target);
-* perceptual duplicate: likewise with the same 256-bit difference hash.
+* ``duplicates.jsonl`` (stage qc1) - a record of the same family and task whose primary image has
+  the same pixels (exact) or the same 256-bit difference hash (perceptual) as one from an
+  *earlier work item* (one item legitimately yields several records from one image, and one image
+  may serve different tasks);
+* ``leakage.jsonl`` (stage qc2) - a train record whose primary image (perceptual hash) also
+  appears in the val or test split, under another patient group;
+* ``scores.jsonl`` (stage qc2, :mod:`unimedvl.data.curation`) - below the kept fraction of a
+  model-based image-text score;
+* ``review.jsonl`` (stage review) - rejected by an expert reviewer.
 """
 
 from __future__ import annotations
@@ -17,11 +22,11 @@ import json
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from .build_config import BuildConfig
 from .builder import _atomic_write_bytes, shard_paths
 from .schema import SCHEMA_VERSION
 
-INDEX_COLUMNS = ["id", "family", "task", "modality", "source", "split", "item_hash", "image_sha256", "image_phash"]
+INDEX_COLUMNS = ["id", "family", "task", "modality", "source", "split", "patient_group", "item_hash", "image_sha256", "image_phash"]
+EXCLUSION_FILES = ("duplicates.jsonl", "leakage.jsonl", "scores.jsonl", "review.jsonl")
 
 
 def _file_sha256(path: Path) -> str:
@@ -32,61 +37,101 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def finalize(config: BuildConfig, out: Path, num_shards: int) -> dict:
+def read_index(out: Path, num_shards: int):
+    """Yield ``(shard_index, rows)`` with the small index columns of every shard."""
     import pyarrow.parquet as pq
 
-    first_item_by_sha: dict[str, str] = {}
-    first_item_by_phash: dict[str, str] = {}
-    excluded: list[str] = []
-    duplicates: list[dict] = []
-    kept = Counter()
-    splits = Counter()
-    rejections = Counter()
-    shards = []
     for k in range(num_shards):
-        paths = shard_paths(out, k)
-        table = pq.read_table(paths["parquet"], columns=INDEX_COLUMNS)
-        rows = table.to_pylist()
-        shards.append({"file": f"shards/{paths['parquet'].name}", "rows": len(rows), "sha256": _file_sha256(paths["parquet"])})
+        yield k, pq.read_table(shard_paths(out, k)["parquet"], columns=INDEX_COLUMNS).to_pylist()
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    _atomic_write_bytes(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode())
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def find_duplicates(out: Path, num_shards: int) -> list[dict]:
+    first_by_sha: dict[str, str] = {}
+    first_by_phash: dict[str, str] = {}
+    found = []
+    for _, rows in read_index(out, num_shards):
         for row in rows:
-            reason = None
             task = f"{row['family']}/{row['task']}/"
-            if row["image_sha256"]:
-                first = first_item_by_sha.setdefault(task + row["image_sha256"], row["item_hash"])
-                if first != row["item_hash"]:
-                    reason = "exact_duplicate"
-            if reason is None and row["image_phash"]:
-                first = first_item_by_phash.setdefault(task + row["image_phash"], row["item_hash"])
-                if first != row["item_hash"]:
-                    reason = "perceptual_duplicate"
+            reason = None
+            if row["image_sha256"] and first_by_sha.setdefault(task + row["image_sha256"], row["item_hash"]) != row["item_hash"]:
+                reason = "exact_duplicate"
+            elif row["image_phash"] and first_by_phash.setdefault(task + row["image_phash"], row["item_hash"]) != row["item_hash"]:
+                reason = "perceptual_duplicate"
             if reason:
-                excluded.append(row["id"])
-                duplicates.append({"id": row["id"], "source": row["source"], "stage": "qc1", "reason": reason})
-                rejections[("qc1", reason)] += 1
+                found.append({"id": row["id"], "source": row["source"], "stage": "qc1", "reason": reason})
+    return found
+
+
+def find_leakage(out: Path, num_shards: int, excluded: set[str]) -> list[dict]:
+    held_out: dict[str, set[str]] = defaultdict(set)  # phash -> patient groups in val/test
+    for _, rows in read_index(out, num_shards):
+        for row in rows:
+            if row["id"] not in excluded and row["split"] != "train" and row["image_phash"]:
+                held_out[row["image_phash"]].add(row["patient_group"])
+    found = []
+    for _, rows in read_index(out, num_shards):
+        for row in rows:
+            groups = held_out.get(row["image_phash"], ())
+            if row["id"] not in excluded and row["split"] == "train" and groups and row["patient_group"] not in groups:
+                found.append({"id": row["id"], "source": row["source"], "stage": "qc2", "reason": "leakage",
+                              "detail": "the same image is in the val/test split under another patient group"})
+    return found
+
+
+def write_manifest(out: Path, num_shards: int) -> dict:
+    """Recompute ``manifest.json`` and the card from the shards and every exclusion file."""
+    build_info = json.loads((out / "build.json").read_text())
+    reasons: dict[str, tuple[str, str]] = {}
+    for name in EXCLUSION_FILES:
+        for r in read_jsonl(out / name):
+            reasons.setdefault(r["id"], (r["stage"], r["reason"]))
+    kept, splits, rejections = Counter(), Counter(), Counter()
+    shards = []
+    for k, rows in read_index(out, num_shards):
+        path = shard_paths(out, k)
+        shards.append({"file": f"shards/{path['parquet'].name}", "rows": len(rows), "sha256": _file_sha256(path["parquet"])})
+        for row in rows:
+            if row["id"] in reasons:
                 continue
             kept[(row["family"], row["modality"], row["source"])] += 1
             splits[(row["family"], row["split"])] += 1
-        for line in paths["rejections"].read_text().splitlines():
-            r = json.loads(line)
+        for r in read_jsonl(path["rejections"]):
             rejections[(r["stage"], r["reason"])] += 1
-    _atomic_write_bytes(out / "duplicates.jsonl", "".join(json.dumps(d, sort_keys=True) + "\n" for d in duplicates).encode())
+    for stage_reason in reasons.values():
+        rejections[stage_reason] += 1
     counts: dict = defaultdict(lambda: defaultdict(dict))
     for (family, modality, source), n in sorted(kept.items()):
         counts[family][modality][source] = n
     manifest = {
         "schema_version": SCHEMA_VERSION,
-        "fingerprint": config.fingerprint(),
+        "fingerprint": build_info["fingerprint"],
         "num_records": sum(s["rows"] for s in shards),
         "num_kept": sum(kept.values()),
         "shards": shards,
-        "excluded": excluded,
+        "excluded": sorted(reasons),
         "counts": json.loads(json.dumps(counts)),
         "splits": {f"{f}/{s}": n for (f, s), n in sorted(splits.items())},
         "rejections": {f"{stage}/{reason}": n for (stage, reason), n in sorted(rejections.items())},
-        "sources": [{"name": s.name, "kind": s.kind, "modality": s.modality, "license": s.license} for s in config.sources],
+        "sources": build_info.get("sources", []),
     }
     _atomic_write_bytes(out / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True).encode())
     from .card import write_card
 
     write_card(out, manifest)
     return manifest
+
+
+def finalize(out: Path, num_shards: int) -> dict:
+    duplicates = find_duplicates(out, num_shards)
+    write_jsonl(out / "duplicates.jsonl", duplicates)
+    leakage = find_leakage(out, num_shards, {d["id"] for d in duplicates})
+    write_jsonl(out / "leakage.jsonl", leakage)
+    return write_manifest(out, num_shards)
