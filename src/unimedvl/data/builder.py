@@ -27,6 +27,7 @@ from .qc import check_record
 from .schema import Record, Rejection, arrow_schema
 
 ROW_GROUP_SIZE = 256
+MASK_TASKS = {"seg"}
 
 
 @dataclass
@@ -69,8 +70,11 @@ def _finish_record(record: Record, item_key: str, qc, decoded: dict) -> Record |
             decoded[b] = decode_png(b)
         return decoded[b]
 
-    images = [decode(b) for b in record.output_images] or [decode(b) for b in record.input_images]
-    others = [decode(b) for b in record.input_images] if record.output_images else []
+    if record.task in MASK_TASKS:  # the target is a binary mask: the checks apply to the input image
+        images, others = [decode(b) for b in record.input_images], []
+    else:
+        images = [decode(b) for b in record.output_images] or [decode(b) for b in record.input_images]
+        others = [decode(b) for b in record.input_images] if record.output_images else []
     bad = check_record(record, images, others, qc)
     if bad:
         return Rejection(item_key, record.source, "qc1", bad[0], f"{record.task}: {bad[1]}")

@@ -7,8 +7,16 @@ from .dicom import DicomAdapter
 from .image_folder import ImageFolderAdapter
 from .nifti import NiftiAdapter
 from .paired_images import PairedImagesAdapter
+from .paired_volumes import PairedVolumesAdapter
+from .reports import ReportsAdapter
+from .segmentation import SegmentationAdapter
+from .super_resolution import SuperResolutionAdapter
+from .vqa import VqaAdapter
 
-ADAPTERS: dict[str, type[Adapter]] = {a.kind: a for a in (ImageFolderAdapter, DicomAdapter, NiftiAdapter, PairedImagesAdapter)}
+ADAPTERS: dict[str, type[Adapter]] = {a.kind: a for a in (
+        ImageFolderAdapter, DicomAdapter, NiftiAdapter, PairedImagesAdapter, PairedVolumesAdapter, ReportsAdapter,
+        SegmentationAdapter, SuperResolutionAdapter, VqaAdapter,
+    )}
 
 
 def make_adapter(source: SourceConfig, ctx: BuildContext) -> Adapter:

@@ -36,6 +36,24 @@ from .base import Adapter, files_under
 TASKS = ("caption", "t2i", "sr")
 
 
+def select_slices(data: np.ndarray, axis: int, count: int, min_foreground: float, edge_fraction: float) -> tuple[list[int], float, float]:
+    """Up to ``count`` evenly spaced slice indices along ``axis`` whose foreground covers at least
+    ``min_foreground``, away from the outer ``edge_fraction`` at each end; plus the volume's
+    foreground 0.5/99.5 percentiles for scaling."""
+    hi_all = np.percentile(data, 99.5)
+    fg = data > 0.1 * hi_all if hi_all > 0 else data > data.min()
+    n = data.shape[axis]
+    edge = int(n * edge_fraction)
+    other = tuple(a for a in range(3) if a != axis)
+    coverage = fg.mean(axis=other)
+    usable = [i for i in range(edge, n - edge) if coverage[i] >= min_foreground]
+    if len(usable) > count:
+        usable = [usable[int(round(j * (len(usable) - 1) / max(count - 1, 1)))] for j in range(count)]
+    values = data[fg] if fg.any() else data.ravel()
+    lo, hi = np.percentile(values, (0.5, 99.5))
+    return usable, float(lo), float(hi)
+
+
 class NiftiAdapter(Adapter):
     kind = "nifti"
     options = {"description": "", "axis": "axial", "slices_per_volume": 4, "min_foreground": 0.15, "edge_fraction": 0.1,
@@ -54,19 +72,7 @@ class NiftiAdapter(Adapter):
         return [str(p.relative_to(root)) if root.is_dir() else p.name for p in files]
 
     def choose_slices(self, data: np.ndarray, axis: int) -> tuple[list[int], float, float]:
-        hi_all = np.percentile(data, 99.5)
-        fg = data > 0.1 * hi_all if hi_all > 0 else data > data.min()
-        n = data.shape[axis]
-        edge = int(n * self.opt["edge_fraction"])
-        other = tuple(a for a in range(3) if a != axis)
-        coverage = fg.mean(axis=other)
-        usable = [i for i in range(edge, n - edge) if coverage[i] >= self.opt["min_foreground"]]
-        k = int(self.opt["slices_per_volume"])
-        if len(usable) > k:
-            usable = [usable[int(round(j * (len(usable) - 1) / max(k - 1, 1)))] for j in range(k)]
-        values = data[fg] if fg.any() else data.ravel()
-        lo, hi = np.percentile(values, (0.5, 99.5))
-        return usable, float(lo), float(hi)
+        return select_slices(data, axis, int(self.opt["slices_per_volume"]), self.opt["min_foreground"], self.opt["edge_fraction"])
 
     def process(self, item: str) -> Iterator[Record | Rejection]:
         path = self.source.path / item if self.source.path.is_dir() else self.source.path

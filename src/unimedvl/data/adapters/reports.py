@@ -1,0 +1,67 @@
+"""``kind: reports`` - images with their reports -> report generation and report-conditioned
+text-to-image.
+
+Example::
+
+    - name: cxr-reports
+      kind: reports
+      path: /data/cxr
+      modality: CXR
+      options:
+        table: reports.csv          # columns: image, findings, impression [, patient]  (.csv/.json/.jsonl)
+        tasks: [report, t2i]
+
+Report answers read ``Findings: ...\\nImpression: ...``; the text-to-image prompt is the impression
+(or the findings when there is none).
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+from ...medical_io import MedicalImageError, read_medical_image
+from ..imaging import as_rgb_u8, limit_size, png_bytes
+from ..schema import Record, Rejection
+from ._tables import read_table
+from .base import Adapter
+
+REPORT_REQUEST = "<image>\nWrite the radiology report for this image."
+
+
+class ReportsAdapter(Adapter):
+    kind = "reports"
+    options = {"table": "reports.csv", "tasks": ["report", "t2i"]}
+
+    def __init__(self, source, ctx):
+        super().__init__(source, ctx)
+        if self.source.modality == "auto":
+            raise ValueError(f"source {source.name!r}: reports needs an explicit modality")
+        rows = read_table(source.path / self.opt["table"], {"image", "findings", "impression"}, f"source {source.name!r}")
+        self.rows = {r["image"]: r for r in rows}
+
+    def items(self) -> list[str]:
+        return sorted(self.rows)
+
+    def process(self, item: str) -> Iterator[Record | Rejection]:
+        row = self.rows[item]
+        findings, impression = (row.get("findings") or "").strip(), (row.get("impression") or "").strip()
+        if not findings and not impression:
+            yield self.reject(item, "no_text", "both findings and impression are empty")
+            return
+        try:
+            image = read_medical_image(self.source.path / item)
+        except MedicalImageError as e:
+            yield self.reject(item, "unreadable", str(e).replace(str(self.source.path), "<source>"))
+            return
+        pixels = limit_size(as_rgb_u8(image.pixels), self.ctx.max_side)
+        png = png_bytes(pixels)
+        group = self.patient_group(row.get("patient"), item)
+        base = dict(modality=self.source.modality, source=self.source.name, license=self.source.license, patient_group=group,
+                    split=self.split_for(group), meta={"width": pixels.shape[1], "height": pixels.shape[0]})
+        report = "\n".join(p for p in (f"Findings: {findings}" if findings else "", f"Impression: {impression}" if impression else "") if p)
+        if "report" in self.opt["tasks"]:
+            yield Record(id=self.record_id(item, "report"), family="understanding", task="report", input_images=[png],
+                         messages=[{"from": "human", "value": REPORT_REQUEST}, {"from": "gpt", "value": report}], **base)
+        if "t2i" in self.opt["tasks"]:
+            yield Record(id=self.record_id(item, "t2i"), family="generation", task="t2i", output_images=[png],
+                         captions={"report": impression or findings}, **base)
