@@ -125,3 +125,32 @@ def test_unknown_options_are_named(tmp_path):
     (tmp_path / "h").mkdir()
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['factr'\]"):
         run(tmp_path, [{"name": "sr", "kind": "super_resolution", "path": "h", "modality": "MRI", "options": {"factr": 4}}])
+
+
+def test_dicom_series_keep_evenly_spaced_slices_by_position(tmp_path):
+    import pydicom
+    from pydicom.data import get_testdata_file
+    from pydicom.uid import generate_uid
+
+    from unimedvl.data.adapters import make_adapter
+    from unimedvl.data.adapters.base import BuildContext, SourceConfig
+
+    (tmp_path / "series").mkdir()
+    template = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    uid = generate_uid()
+    rng = np.random.default_rng(0)
+    z_of = {}
+    for k, instance in enumerate(rng.permutation(20)):  # instance numbers do not follow position
+        ds = template.copy()
+        ds.SeriesInstanceUID = uid
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.ImagePositionPatient = [0.0, 0.0, float(k * 2.5)]
+        ds.InstanceNumber = int(instance) + 1
+        name = f"img{int(instance):03d}.dcm"
+        z_of[name] = k * 2.5
+        ds.save_as(tmp_path / "series" / name)
+    adapter = make_adapter(SourceConfig("s", "dicom", tmp_path / "series", options={"slices_per_series": 4}), BuildContext(salt="x" * 10))
+    zs = sorted(z_of[i] for i in adapter.items())
+    assert zs == [5.0, 17.5, 30.0, 42.5]  # 20 slices, 2 skipped at each end, 4 evenly spaced over the 16 left
+    every = make_adapter(SourceConfig("s", "dicom", tmp_path / "series", options={"slices_per_series": None}), BuildContext(salt="x" * 10))
+    assert len(every.items()) == 20

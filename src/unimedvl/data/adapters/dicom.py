@@ -12,7 +12,13 @@ Example::
       options:
         window: null              # the file's own window; or lung, mediastinum, bone, brain, abdomen
         frame: middle             # multi-frame objects: middle or first
+        slices_per_series: 5      # series of single-frame files: this many slices, evenly spaced
         tasks: [caption, modality_vqa, t2i]
+
+Series: single-frame files sharing a SeriesInstanceUID are ordered by the projection of their
+ImagePositionPatient on the slice normal (from ImageOrientationPatient), not by InstanceNumber;
+the outer 10% at each end are skipped and ``slices_per_series`` evenly spaced slices are kept
+(``null`` keeps every file).  Files without position or series information stand alone.
 
 Objects flagged ``BurnedInAnnotation YES`` are rejected (``burned_in_annotation``); with
 ``reject_possible_burned_in: true`` so are ultrasound, endoscopy and secondary-capture objects
@@ -23,6 +29,8 @@ from __future__ import annotations
 
 import re
 from typing import Iterator
+
+import numpy as np
 
 from ...medical_io import DICOM_SUFFIXES, MedicalImageError, read_dicom
 from .. import templates as T
@@ -51,13 +59,57 @@ def body_part(value) -> str:
     return text.lower().replace("_", " ") if re.fullmatch(r"[A-Z][A-Z _]{1,15}", text) else ""
 
 
+def _slice_position(ds) -> float | None:
+    try:
+        orientation = np.array([float(v) for v in ds.ImageOrientationPatient])
+        position = np.array([float(v) for v in ds.ImagePositionPatient])
+    except (AttributeError, TypeError, ValueError):
+        return None
+    normal = np.cross(orientation[:3], orientation[3:])
+    return float(position @ normal)
+
+
+def select_series_slices(files: list[str], path_of, per_series: int, edge_fraction: float = 0.1) -> list[str]:
+    """Keep ``per_series`` evenly spaced slices of each series of single-frame files (ordered by
+    position along the slice normal); other files pass through.  Returns sorted items."""
+    import pydicom
+
+    series: dict[str, list[tuple[float, str]]] = {}
+    alone = []
+    for item in files:
+        try:
+            ds = pydicom.dcmread(str(path_of(item)), stop_before_pixels=True)
+        except Exception:
+            alone.append(item)  # process() reports it
+            continue
+        uid, pos = str(ds.get("SeriesInstanceUID", "")), _slice_position(ds)
+        if not uid or pos is None or int(ds.get("NumberOfFrames", 1) or 1) > 1:
+            alone.append(item)
+        else:
+            series.setdefault(uid, []).append((pos, item))
+    chosen = list(alone)
+    for members in series.values():
+        members.sort()
+        if len(members) <= per_series:
+            chosen += [m for _, m in members]
+            continue
+        edge = int(len(members) * edge_fraction)
+        inner = members[edge : len(members) - edge] or members
+        picks = [inner[round(j * (len(inner) - 1) / max(per_series - 1, 1))] for j in range(per_series)]
+        chosen += [m for _, m in dict.fromkeys(picks)]
+    return sorted(chosen)
+
+
 class DicomAdapter(Adapter):
     kind = "dicom"
-    options = {"window": None, "frame": "middle", "tasks": list(TASKS), "reject_possible_burned_in": False}
+    options = {"window": None, "frame": "middle", "tasks": list(TASKS), "reject_possible_burned_in": False, "slices_per_series": 5}
 
     def items(self) -> list[str]:
         root = self.source.path
-        return [str(p.relative_to(root)) if root.is_dir() else p.name for p in files_under(root) if _is_dicom(p)]
+        files = [str(p.relative_to(root)) if root.is_dir() else p.name for p in files_under(root) if _is_dicom(p)]
+        if self.opt["slices_per_series"] is None:
+            return files
+        return select_series_slices(files, self._path, int(self.opt["slices_per_series"]))
 
     def _path(self, item: str):
         return self.source.path / item if self.source.path.is_dir() else self.source.path
