@@ -12,7 +12,7 @@ from unimedvl import UniMedVL
 from unimedvl.checkpoint import CheckpointError, official_manifest
 from unimedvl.tokenizer import Tokenizer
 
-from conftest import random_model, tiny_config
+from conftest import random_model
 
 
 def _copy_fixture(src, dst):

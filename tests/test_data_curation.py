@@ -14,7 +14,7 @@ from unimedvl.cli import app
 from unimedvl.data.adapters.base import Adapter, BuildContext, SourceConfig
 from unimedvl.data.build_config import load_build_config
 from unimedvl.data.builder import build
-from unimedvl.data.curation import export_review, import_review, iter_kept, score_dataset
+from unimedvl.data.curation import export_review, import_review, iter_kept
 
 runner = CliRunner()
 SALT = "curation-test-salt"

@@ -15,7 +15,6 @@ Tolerances are those recommended in FORMAT.md section 6.
 
 from __future__ import annotations
 
-import io
 import json
 import math
 from dataclasses import dataclass
