@@ -154,3 +154,25 @@ def test_dicom_series_keep_evenly_spaced_slices_by_position(tmp_path):
     assert zs == [5.0, 17.5, 30.0, 42.5]  # 20 slices, 2 skipped at each end, 4 evenly spaced over the 16 left
     every = make_adapter(SourceConfig("s", "dicom", tmp_path / "series", options={"slices_per_series": None}), BuildContext(salt="x" * 10))
     assert len(every.items()) == 20
+
+
+def test_text_that_contradicts_the_modality_label_is_rejected(tmp_path):
+    from unimedvl.data.qc import check_agreement
+    from unimedvl.data.schema import Record as R
+
+    def rec(modality, answer, question="<image>\nWhat is shown?"):
+        return R(id="x", family="understanding", task="vqa", modality=modality, source="s", license="l", patient_group="g",
+                 messages=[{"from": "human", "value": question}, {"from": "gpt", "value": answer}])
+
+    assert check_agreement(rec("MRI", "An axial CT of the abdomen.")) == ("modality_text_mismatch", "labelled MRI but the text names CT")
+    assert check_agreement(rec("MRI", "A T2-weighted MRI; unlike CT it shows oedema.")) is None  # names its own modality too
+    assert check_agreement(rec("CT", "No.", question="<image>\nIs this an MRI?")) is None  # questions are not checked
+    assert check_agreement(rec("CXR", "The chest X-ray shows cardiomegaly.")) is None
+    assert check_agreement(rec("Other", "A CT image.")) is None
+
+    (tmp_path / "r").mkdir()
+    Image.fromarray(texture(7)).save(tmp_path / "r" / "a.png")
+    (tmp_path / "r" / "reports.csv").write_text("image,findings,impression\na.png,CT of the abdomen shows a liver lesion.,Liver lesion.\n")
+    recs, rej = run(tmp_path, [{"name": "r", "kind": "reports", "path": "r", "modality": "MRI"}])
+    assert [(r["stage"], r["reason"]) for r in rej] == [("qc2", "modality_text_mismatch")]
+    assert [r.task for r in recs] == ["t2i"]  # the impression alone names no modality

@@ -23,7 +23,7 @@ from typing import Callable
 from .adapters import make_adapter
 from .build_config import BuildConfig
 from .imaging import decode_png, perceptual_hash, sha256_pixels
-from .qc import check_record
+from .qc import check_agreement, check_record
 from .schema import Record, Rejection, arrow_schema
 
 ROW_GROUP_SIZE = 256
@@ -78,6 +78,9 @@ def _finish_record(record: Record, item_key: str, qc, decoded: dict) -> Record |
     bad = check_record(record, images, others, qc)
     if bad:
         return Rejection(item_key, record.source, "qc1", bad[0], f"{record.task}: {bad[1]}")
+    bad = check_agreement(record)
+    if bad:
+        return Rejection(item_key, record.source, "qc2", bad[0], f"{record.task}: {bad[1]}")
     record.item_hash = item_key_hash(record.source, item_key)
     record.image_sha256 = sha256_pixels(images[0]) if images else ""
     record.image_phash = f"{perceptual_hash(images[0]):064x}" if images else ""

@@ -1,4 +1,5 @@
-"""Quality control, stage 1: automatic checks on every record (DATA.md 2.6).
+"""Quality control on every record: stage 1 automatic checks (DATA.md 2.6) and the stage-2
+label/text agreement check.
 
 Each check returns a rejection reason or ``None``; the builder records every rejection with its
 reason.  Duplicates (exact and perceptual) are found after all shards are written
@@ -90,4 +91,37 @@ def check_record(record: Record, primary: list[np.ndarray], others: list[np.ndar
             bad = check_text(text, cfg, length_checked=False)
             if bad:
                 return bad
+    return None
+
+
+# Distinctive words per modality: acronyms match case-sensitively as whole words, phrases anywhere.
+MODALITY_WORDS = {
+    "CT": [r"\bCT\b", r"(?i)computed tomograph"],
+    "MRI": [r"\bMRI?\b", r"(?i)magnetic resonance", r"(?i)\bT[12]-weighted", r"\bFLAIR\b"],
+    "CXR": [r"(?i)chest x-?ray", r"(?i)\bradiograph"],
+    "Ultrasound": [r"(?i)ultrasound", r"(?i)sonograph"],
+    "HIS": [r"(?i)histopatholog", r"\bH&E\b", r"(?i)immunohistochem", r"\bIHC\b", r"(?i)hematoxylin"],
+    "CFP": [r"(?i)fundus"],
+    "OCT": [r"\bOCT\b", r"(?i)optical coherence"],
+    "Endoscopy": [r"(?i)endoscop", r"(?i)colonoscop"],
+}
+
+
+def _mentions(text: str, modality: str) -> bool:
+    return any(re.search(p, text) for p in MODALITY_WORDS.get(modality, []))
+
+
+def check_agreement(record: Record) -> tuple[str, str] | None:
+    """Label/text agreement: an answer, caption, instruction or response that names another
+    modality and never the record's own contradicts its modality label (questions are not
+    checked: "Is this an MRI?" - "No." is fine)."""
+    if record.modality not in MODALITY_WORDS:
+        return None
+    texts = [m["value"] for m in record.messages if m["from"] == "gpt"] + list(record.captions.values()) + [record.instruction, record.response]
+    text = " ".join(t for t in texts if t)
+    if _mentions(text, record.modality):
+        return None
+    others = [m for m in MODALITY_WORDS if m != record.modality and _mentions(text, m)]
+    if others:
+        return "modality_text_mismatch", f"labelled {record.modality} but the text names {', '.join(others)}"
     return None
