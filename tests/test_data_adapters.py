@@ -23,7 +23,7 @@ def texture(seed, size=(192, 160)):
 
 
 def run(tmp_path, sources):
-    cfg = {"salt": "adapter-test-salt", "seed": 0, "sources": sources}
+    cfg = {"salt": "adapter-test-salt", "seed": 0, "log_item_paths": True, "sources": sources}
     (tmp_path / "build.yaml").write_text(yaml.safe_dump(cfg))
     build(load_build_config(tmp_path / "build.yaml"), tmp_path / "out")
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())

@@ -3,6 +3,7 @@ generated broken files."""
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -79,6 +80,7 @@ def make_sources(root: Path, with_broken: bool = True, with_volume: bool = True)
     config = {
         "salt": "a-test-salt-value",
         "seed": 3,
+        "log_item_paths": True,  # these tests check rejections by file name
         "items_per_shard": 2,
         "splits": {"test": 0.3},
         "sources": [
@@ -237,3 +239,28 @@ def test_config_errors_name_the_field(tmp_path):
     bad.write_text("salt: long-enough-salt\nsources:\n  - {name: a, kind: tiles, path: .}\n")
     with pytest.raises(ValueError, match="unknown kind 'tiles'"):
         build(load_build_config(bad), tmp_path / "o")
+
+
+def test_rejection_logs_name_items_by_hash_and_locate_maps_them_back(tmp_path):
+    """Archive paths can carry patient names: by default no file or folder name reaches the output."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from unimedvl.cli import app
+
+    folder = tmp_path / "src" / "CompressedSamples^CT1"  # a folder named after the patient
+    folder.mkdir(parents=True)
+    shutil.copy(get_testdata_file("MR_small.dcm"), folder / "1CT1_CompressedSamples.dcm")  # too small: rejected
+    shutil.copy(get_testdata_file("CT_small.dcm"), folder / "1CT1.dcm")
+    (folder / "1CT1_broken.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"garbage")
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump({"salt": "a-test-salt-value", "sources": [{"name": "h", "kind": "dicom", "path": "src"}]}))
+    build(load_build_config(tmp_path / "b.yaml"), tmp_path / "out")
+    rej = rejections(tmp_path / "out")
+    assert len(rej) == 4 and all(re.fullmatch(r"h/[0-9a-f]{16}", r["item"]) for r in rej)
+    for blob in (p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()):
+        for name in (b"CompressedSamples", b"1CT1", b"broken"):
+            assert name not in blob
+    labels = sorted({r["item"] for r in rej})
+    result = CliRunner().invoke(app, ["data", "locate", str(tmp_path / "b.yaml"), *labels])
+    assert result.exit_code == 0, result.output
+    assert "1CT1_CompressedSamples.dcm" in result.output and "1CT1_broken.dcm" in result.output

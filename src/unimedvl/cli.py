@@ -486,6 +486,33 @@ def data_review_import(
     typer.echo(f"applied {result['reviewed']} verdicts: {result['rejected']} rejected in total, {result['kept']} kept")
 
 
+@data_app.command("locate")
+def data_locate(
+    config: Path = typer.Argument(..., help="The build config the dataset was built from."),
+    items: list[str] = typer.Argument(..., help="Item labels from the rejection logs (source/hash)."),
+) -> None:
+    """Map hashed item labels of the rejection logs back to files (on the machine with the sources)."""
+    from .data.adapters import make_adapter
+    from .data.adapters.base import item_label
+    from .data.build_config import BuildConfigError, load_build_config
+
+    try:
+        cfg = load_build_config(config)
+        wanted = set(items)
+        for source in cfg.sources:
+            if not any(w.startswith(source.name + "/") for w in wanted):
+                continue
+            for item in make_adapter(source, cfg.context).items():
+                label = item_label(cfg.context, source, item)
+                if label in wanted:
+                    typer.echo(f"{label}\t{source.path / item.split('#')[0]}")
+                    wanted.discard(label)
+    except (BuildConfigError, FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    for label in sorted(wanted):
+        typer.secho(f"{label}\tnot found among the current items of the sources", fg=typer.colors.YELLOW, err=True)
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     app()

@@ -7,6 +7,7 @@ splits: {val: 0.0, test: 0.1}
 items_per_shard: 64          # work items (files / volumes) per Parquet shard
 max_side: 1024               # images are stored at most this long on their long edge
 qc: {min_side: 128}          # see unimedvl.data.qc.QCConfig
+log_item_paths: false        # rejection logs name items by hash (paths can hold patient names)
 sources:
   - {name: fundus, kind: image_folder, path: fundus/, modality: CFP, license: CC-BY-4.0,
      options: {labels: labels.csv}}
@@ -25,7 +26,7 @@ from pathlib import Path
 from .adapters.base import BuildContext, SourceConfig
 from .qc import QCConfig
 
-TOP_LEVEL = {"salt", "seed", "splits", "items_per_shard", "max_side", "qc", "sources"}
+TOP_LEVEL = {"salt", "seed", "splits", "items_per_shard", "max_side", "qc", "sources", "log_item_paths"}
 SOURCE_FIELDS = {"name", "kind", "path", "modality", "license", "options"}
 
 
@@ -75,7 +76,8 @@ def parse_build_config(doc: dict, base_dir: Path, where: str = "build config") -
     val, test = float(splits.get("val", 0.0)), float(splits.get("test", 0.1))
     if not (0 <= val and 0 <= test and val + test < 1):
         raise BuildConfigError(f"{where}: split fractions val={val}, test={test} must be >= 0 and sum below 1")
-    ctx = BuildContext(salt=salt, seed=int(doc.get("seed", 0)), val_fraction=val, test_fraction=test, max_side=int(doc.get("max_side", 1024)))
+    ctx = BuildContext(salt=salt, seed=int(doc.get("seed", 0)), val_fraction=val, test_fraction=test, max_side=int(doc.get("max_side", 1024)),
+                       log_item_paths=bool(doc.get("log_item_paths", False)))
     try:
         qc = QCConfig.from_dict(doc.get("qc", {}) or {}, f"{where}: qc")
     except (TypeError, ValueError) as e:

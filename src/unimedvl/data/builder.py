@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from .adapters import make_adapter
+from .adapters.base import make_rejection
 from .build_config import BuildConfig
 from .imaging import decode_png, perceptual_hash, sha256_pixels
 from .qc import check_agreement, check_record
@@ -59,7 +60,7 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _finish_record(record: Record, item_key: str, qc, decoded: dict) -> Record | Rejection:
+def _finish_record(record: Record, item_key: str, config: BuildConfig, source, decoded: dict) -> Record | Rejection:
     """Stage-1 QC and the hashes.  ``decoded`` caches decoded images by their bytes (the records
     of one item usually share their image)."""
 
@@ -75,12 +76,12 @@ def _finish_record(record: Record, item_key: str, qc, decoded: dict) -> Record |
     else:
         images = [decode(b) for b in record.output_images] or [decode(b) for b in record.input_images]
         others = [decode(b) for b in record.input_images] if record.output_images else []
-    bad = check_record(record, images, others, qc)
+    bad = check_record(record, images, others, config.qc)
     if bad:
-        return Rejection(item_key, record.source, "qc1", bad[0], f"{record.task}: {bad[1]}")
+        return make_rejection(config.context, source, item_key, "qc1", bad[0], f"{record.task}: {bad[1]}")
     bad = check_agreement(record)
     if bad:
-        return Rejection(item_key, record.source, "qc2", bad[0], f"{record.task}: {bad[1]}")
+        return make_rejection(config.context, source, item_key, "qc2", bad[0], f"{record.task}: {bad[1]}")
     record.item_hash = item_key_hash(record.source, item_key)
     record.image_sha256 = sha256_pixels(images[0]) if images else ""
     record.image_phash = f"{perceptual_hash(images[0]):064x}" if images else ""
@@ -118,12 +119,12 @@ def build_shard(config: BuildConfig, plan: ShardPlan, out: Path) -> dict:
         try:
             produced = list(adapter.process(item))
         except Exception as e:  # an adapter bug or an unforeseen file problem must not stop the build
-            produced = [Rejection(item, config.sources[source_index].name, "read", "error", f"{type(e).__name__}: {str(e)[:200]}")]
+            produced = [make_rejection(config.context, config.sources[source_index], item, "read", "error", f"{type(e).__name__}: {str(e)[:200]}")]
         for r in produced:
             if isinstance(r, Rejection):
                 rejections.append(r)
             else:
-                done = _finish_record(r, item, config.qc, decoded)
+                done = _finish_record(r, item, config, config.sources[source_index], decoded)
                 (rejections if isinstance(done, Rejection) else records).append(done)
     paths = shard_paths(out, plan.index)
     table = pa.Table.from_pylist([r.to_row() for r in records], schema=arrow_schema())

@@ -29,6 +29,7 @@ class BuildContext:
     val_fraction: float = 0.0
     test_fraction: float = 0.1
     max_side: int = 1024
+    log_item_paths: bool = False  # rejection logs name items by hash unless this is set (paths may hold names)
 
 
 def stable_hash(*parts: str, length: int = 16) -> str:
@@ -86,7 +87,21 @@ class Adapter:
         return "train"
 
     def reject(self, item: str, reason: str, detail: str = "", stage: str = "read") -> Rejection:
-        return Rejection(item, self.source.name, stage, reason, detail)
+        return make_rejection(self.ctx, self.source, item, stage, reason, detail)
+
+
+def item_label(ctx: BuildContext, source: SourceConfig, item: str) -> str:
+    """How logs name a work item: its path, or (by default) ``source/hash`` - archive paths can
+    carry patient names.  ``unimedvl data locate`` maps a hash back to the file on the build machine."""
+    return item if ctx.log_item_paths else f"{source.name}/{stable_hash(source.name, item, length=16)}"
+
+
+def make_rejection(ctx: BuildContext, source: SourceConfig, item: str, stage: str, reason: str, detail: str) -> Rejection:
+    if not ctx.log_item_paths:  # keep file and folder names out of the detail text too
+        for text in sorted({str(source.path / item), str(source.path), item, *item.replace("\\", "/").split("/")}, key=len, reverse=True):
+            if len(text) >= 3:
+                detail = detail.replace(text, "<item>")
+    return Rejection(item_label(ctx, source, item), source.name, stage, reason, detail)
 
 
 def files_under(root: Path, suffixes: tuple[str, ...] | None = None) -> list[Path]:
