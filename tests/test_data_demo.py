@@ -50,8 +50,8 @@ def test_demo_covers_every_modality_and_family(demo):
     tasks = {r.task for r in recs if r.family == "interleaved"}
     assert {"sr", "ihc_staining", "counterfactual"} <= tasks
     # 4x super-resolution pairs come from the real MNI152 T1 volume
-    sr = [r for r in recs if r.task == "sr"]
-    assert sr and all(r.source == "mni152-t1" for r in sr)
+    sr = [r for r in recs if r.task == "sr" and r.source == "mni152-t1"]
+    assert sr and all(r.source in ("mni152-t1", "itk-mr-slices") for r in recs if r.task == "sr")
     lo, hi = img(sr[0].input_images[0]), img(sr[0].output_images[0])
     assert hi.shape[:2] == (4 * lo.shape[0], 4 * lo.shape[1])
     # the MONOCHROME1 chest radiograph is there, as a chest X-ray
@@ -73,3 +73,22 @@ def test_demo_is_reproducible_across_processes(demo):
     assert sorted(p.name for p in a.iterdir()) == sorted(p.name for p in b.iterdir())
     for f in a.iterdir():
         assert (b / f.name).read_bytes() == f.read_bytes(), f.name
+
+
+def _itk_data():
+    from unimedvl.data.demo import ITK_DATA_DIRS, ITK_SLICES
+
+    dirs = [p for p in os.environ.get("UNIMEDVL_ITK_EXAMPLES_DATA", "").split(os.pathsep) if p] + [str(d) for d in ITK_DATA_DIRS]
+    return next((d for d in dirs if all(os.path.isfile(os.path.join(d, f)) for f in ITK_SLICES.values())), None)
+
+
+@pytest.mark.skipif(_itk_data() is None, reason="Debian's insighttoolkit5-examples is not installed")
+def test_demo_uses_the_itk_mr_slices_where_installed(demo):
+    recs, _ = records(demo / "a" / "dataset")
+    itk = [r for r in recs if r.source.startswith("itk-")]
+    assert {r.task for r in itk} == {"sr", "cross_modal"}
+    pair = next(r for r in itk if r.task == "cross_modal")
+    t1, pd = img(pair.input_images[0])[..., 0].astype(float), img(pair.output_images[0])[..., 0].astype(float)
+    assert t1.shape == pd.shape == (217, 181)
+    brain = (t1 > 20) & (pd > 20)
+    assert np.corrcoef(t1[brain], pd[brain])[0, 1] < 0.9  # two contrasts of one slice, not one image twice

@@ -7,7 +7,9 @@ Real files: pydicom/pydicom-data DICOMs (CT, MR, CR chest in MONOCHROME1, CR ext
 ultrasound including colour, plus a 64-px MR that quality control rejects), the MNI152 T1
 template shipped with nilearn (slices and 4x super-resolution pairs), scikit-image's fundus
 photograph (CFP) and IHC tile (HIS; hematoxylin-only -> IHC staining pairs made by colour
-deconvolution of the tile itself). Procedural: chest X-ray, OCT, endoscopy, ultrasound and
+deconvolution of the tile itself), and where Debian's insighttoolkit5-examples is installed (or
+``UNIMEDVL_ITK_EXAMPLES_DATA`` names its Data folder) its real T1 and proton-density brain slices
+(4x super-resolution and a T1 -> PD translation pair). Procedural: chest X-ray, OCT, endoscopy, ultrasound and
 dermoscopy images with a label-defining feature, and chest X-ray counterfactual pairs with an
 explanation. Sources whose package is not installed are skipped and reported.
 """
@@ -26,7 +28,10 @@ DEMO_DICOMS = [
     "CT_small.dcm", "693_UNCR.dcm", "MR2_UNCR.dcm", "MR-SIEMENS-DICOM-WithOverlays.dcm", "RG1_UNCR.dcm", "RG3_UNCR.dcm",
     "US1_UNCR.dcm", "OBXXXX1A.dcm", "examples_ybr_color.dcm", "MR_small.dcm",
 ]
-SALT = "unimedvl-demo-corpus"  # the demo has no real patients; a real build keeps its salt private
+SALT = "unimedvl-demo-corpus"
+# Debian's insighttoolkit5-examples ships real MR slices; used where installed.
+ITK_DATA_DIRS = [Path("/usr/share/doc/insighttoolkit5-examples/examples/Data")]
+ITK_SLICES = {"t1.png": "BrainT1Slice.png", "pd.png": "BrainProtonDensitySlice.png", "sagittal.png": "BrainMidSagittalSlice.png"}  # the demo has no real patients; a real build keeps its salt private
 
 
 def _save(pixels: np.ndarray, path: Path) -> None:
@@ -100,6 +105,27 @@ def stage_skimage(fundus_dir: Path, pairs_dir: Path, his_dir: Path) -> bool:
     return True
 
 
+def stage_itk(sr_dir: Path, pair_dir: Path) -> bool:
+    """Real MR slices of the ITK examples: 4x super-resolution pairs and a T1 -> proton-density pair."""
+    import os
+
+    dirs = [Path(d) for d in os.environ.get("UNIMEDVL_ITK_EXAMPLES_DATA", "").split(os.pathsep) if d] + ITK_DATA_DIRS
+    data = next((d for d in dirs if all((d / f).is_file() for f in ITK_SLICES.values())), None)
+    if data is None:
+        return False
+    for name, src in ITK_SLICES.items():
+        _save(np.asarray(Image.open(data / src).convert("L")), sr_dir / name)
+    pair_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("t1.png", "pd.png"):
+        shutil.copy(sr_dir / name, pair_dir / name)
+    (pair_dir / "pairs.csv").write_text(
+        "input,target,instruction,response,patient\n"
+        "t1.png,pd.png,Translate this T1-weighted brain MRI slice into the corresponding proton-density-weighted slice.,"
+        "Here is the synthesized proton-density MRI slice.,itk-brain\n"
+    )
+    return True
+
+
 def stage_procedural(root: Path, per_label: int) -> list[str]:
     made = []
     for m_index, (modality, (gen, normal, finding)) in enumerate(GENERATORS.items()):
@@ -140,6 +166,13 @@ def demo_config(out: Path, have: dict) -> dict:
             {"name": "skimage-ihc-pairs", "kind": "paired_images", "path": f"{src}/ihc_pairs", "modality": "HIS", "license": "scikit-image data (CC0/BSD)",
              "options": {"task": "ihc_staining"}},
         ]
+    if have["itk"]:
+        sources += [
+            {"name": "itk-mr-slices", "kind": "super_resolution", "path": f"{src}/itk_slices", "modality": "MRI",
+             "license": "ITK examples (Apache-2.0)", "options": {"degradation": "kspace"}},
+            {"name": "itk-t1-to-pd", "kind": "paired_images", "path": f"{src}/itk_pairs", "modality": "MRI",
+             "license": "ITK examples (Apache-2.0)", "options": {"task": "cross_modal"}},
+        ]
     for modality in have["procedural"]:
         sources.append({"name": f"procedural-{modality.lower()}", "kind": "image_folder", "path": f"{src}/procedural/{modality.lower()}",
                         "modality": modality, "license": "procedural (generated, not medical data)"})
@@ -159,6 +192,7 @@ def stage_demo(out: str | Path, per_label: int = 6) -> tuple[Path, dict]:
         "mni": stage_mni(src / "nifti"),
         "skimage": stage_skimage(src / "fundus", src / "ihc_pairs", src / "ihc_tiles"),
         "procedural": stage_procedural(src / "procedural", per_label),
+        "itk": stage_itk(src / "itk_slices", src / "itk_pairs"),
     }
     config = out / "build.yaml"
     config.write_text(yaml.safe_dump(demo_config(out, have), sort_keys=False))
