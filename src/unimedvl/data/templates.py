@@ -26,6 +26,27 @@ CAPTION = [
     "{M} image with findings consistent with {label}.",
     "This {m} image demonstrates {label}.",
 ]
+# Modality-specific phrasings, used alongside the generic ones.
+MODALITY_CAPTION = {
+    "CXR": ["Frontal chest radiograph demonstrating {label}.", "Chest X-ray with {label}."],
+    "CT": ["Axial CT image demonstrating {label}.", "CT scan showing {label}."],
+    "MRI": ["MRI slice demonstrating {label}.", "Magnetic resonance image showing {label}."],
+    "Ultrasound": ["Ultrasound image demonstrating {label}.", "Sonographic image showing {label}."],
+    "HIS": ["Histopathology tile showing {label}.", "Microscopy of a stained tissue section with {label}."],
+    "CFP": ["Colour fundus photograph showing {label}.", "Retinal fundus image with {label}."],
+    "OCT": ["OCT B-scan showing {label}.", "Optical coherence tomography of the retina with {label}."],
+    "Endoscopy": ["Endoscopic view showing {label}.", "Endoscopy frame with {label}."],
+    "Dermoscopy": ["Dermoscopic image of {label}.", "Dermoscopy showing {label}."],
+}
+MODALITY_OPEN_QUESTION = {
+    "CXR": ["What abnormality is seen on this chest radiograph?"],
+    "CT": ["What is the main finding on this CT image?"],
+    "MRI": ["What does this MRI slice show?"],
+    "HIS": ["What does this histopathology tile show?"],
+    "CFP": ["What finding is visible on this fundus photograph?"],
+    "OCT": ["What does this OCT scan show?"],
+}
+
 CLOSED_QUESTION = [
     "Is there evidence of {label} in this image?",
     "Does this {m} image show {label}?",
@@ -44,6 +65,11 @@ SR_INSTRUCTION = [
 SR_RESPONSE = "Here is the 4x super-resolved {m} image."
 TRANSLATION_INSTRUCTION = "Translate this {src} {m} slice into the corresponding {dst} slice."
 TRANSLATION_RESPONSE = "Here is the synthesized {dst} slice."
+
+
+def for_modality(generic: list[str], specific: dict[str, list[str]], modality: str) -> list[str]:
+    """The generic templates plus the modality's own phrasings."""
+    return generic + specific.get(modality, [])
 
 
 def pick(templates: list[str], key: str) -> str:

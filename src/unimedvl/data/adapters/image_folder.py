@@ -73,7 +73,7 @@ class ImageFolderAdapter(Adapter):
         base = dict(modality=mod, source=self.source.name, license=self.source.license, patient_group=group, split=split,
                     meta={"width": pixels.shape[1], "height": pixels.shape[0], "label": label})
         tasks = self.opt["tasks"]
-        caption = T.fill(T.pick(T.CAPTION, item), mod, label=label)
+        caption = T.fill(T.pick(T.for_modality(T.CAPTION, T.MODALITY_CAPTION, mod), item), mod, label=label)
         if "caption" in tasks:
             yield Record(id=self.record_id(item, "caption"), family="understanding", task="caption", input_images=[png],
                          messages=[{"from": "human", "value": "<image>\nDescribe this image."}, {"from": "gpt", "value": caption}], **base)
@@ -87,7 +87,7 @@ class ImageFolderAdapter(Adapter):
                          {"from": "gpt", "value": "No."}]
             yield Record(id=self.record_id(item, "closed_vqa"), family="understanding", task="vqa", input_images=[png], messages=msgs, **base)
         if "open_vqa" in tasks:
-            q = T.fill(T.pick(T.OPEN_QUESTION, item), mod)
+            q = T.fill(T.pick(T.for_modality(T.OPEN_QUESTION, T.MODALITY_OPEN_QUESTION, mod), item), mod)
             yield Record(id=self.record_id(item, "open_vqa"), family="understanding", task="vqa", input_images=[png],
                          messages=[{"from": "human", "value": "<image>\n" + q}, {"from": "gpt", "value": label[:1].upper() + label[1:] + "."}], **base)
         if "t2i" in tasks:
