@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pydicom
 import pytest
+import yaml
 from PIL import Image
 from pydicom.data import get_testdata_file
 
@@ -90,7 +91,6 @@ def make_sources(root: Path, with_broken: bool = True, with_volume: bool = True)
             {"name": "photos", "kind": "image_folder", "path": "img", "modality": "HIS"},
         ],
     }
-    import yaml
 
     path = root / "build.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -243,7 +243,6 @@ def test_config_errors_name_the_field(tmp_path):
 
 def test_rejection_logs_name_items_by_hash_and_locate_maps_them_back(tmp_path):
     """Archive paths can carry patient names: by default no file or folder name reaches the output."""
-    import yaml
     from typer.testing import CliRunner
 
     from unimedvl.cli import app
@@ -264,3 +263,19 @@ def test_rejection_logs_name_items_by_hash_and_locate_maps_them_back(tmp_path):
     result = CliRunner().invoke(app, ["data", "locate", str(tmp_path / "b.yaml"), *labels])
     assert result.exit_code == 0, result.output
     assert "1CT1_CompressedSamples.dcm" in result.output and "1CT1_broken.dcm" in result.output
+
+
+def test_an_output_folder_is_never_mixed_between_configs(built, tmp_path):
+    root, config, _ = built
+    other = tmp_path / "other.yaml"
+    doc = yaml.safe_load(config.read_text())
+    doc["seed"] = 4
+    other.write_text(yaml.safe_dump(doc))
+    with pytest.raises(ValueError, match="holds a build of another config"):
+        build(_with_base(other, config.parent), root / "out")
+
+
+def _with_base(path, base):
+    from unimedvl.data.build_config import parse_build_config
+
+    return parse_build_config(yaml.safe_load(path.read_text()), base, str(path))
