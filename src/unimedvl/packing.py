@@ -99,6 +99,19 @@ class PackedBatchBuilder:
         """A text item ``<|im_start|> content <|im_end|>``; returns the indices of all its tokens."""
         return self.add_tokens([self.special.bos, *content_ids, self.special.eos], logits=logits)
 
+    def add_text_with_labels(self, content_ids: list[int]) -> tuple[list[int], list[int]]:
+        """A text item whose content carries loss: inputs ``<|im_start|> t1..tn <|im_end|>``,
+        logits at ``<|im_start|> t1..tn`` predicting ``t1..tn <|im_end|>`` (ARCHITECTURE 8.2).
+        Returns (logit indices, labels)."""
+        ids = [self.special.bos, *content_ids, self.special.eos]
+        idx = self.add_tokens(ids)
+        self._logit_index += idx[:-1]
+        return idx[:-1], ids[1:]
+
+    def skip_position(self) -> None:
+        """A dropped image (conditioning dropout) still consumes one RoPE position (ARCHITECTURE 5.2)."""
+        self._current.rope += 1
+
     def _image_block(self, n: int, mode: str) -> tuple[int, list[int]]:
         s = self._current
         idx = self._reserve(n + 2, mode)
