@@ -1,0 +1,171 @@
+"""The curriculum plan: a YAML file validated into typed dataclasses.
+
+A plan has ``defaults`` (every stage setting) and ``stages``, each overriding any default.  The
+shipped plans live in ``unimedvl/training/plans/``: ``unimedvl.yaml`` (the paper's three stages,
+DATA.md 3, with the documented choices where the paper is silent) and ``demo.yaml`` (the same
+three stages at the ``tiny`` preset on the demo dataset, minutes on a 2-core CPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..data.schema import FAMILIES
+
+PLANS_DIR = Path(__file__).parent / "plans"
+MIXTURE_KEYS = (*FAMILIES, "text")  # "text": text-only samples (a side stream in the paper)
+
+
+class PlanError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    name: str
+    steps: int
+    mixture: dict[str, float]  # task family -> share of samples (normalised)
+    source_weights: dict[str, float] = field(default_factory=dict)  # source -> relative weight within its family
+    lr: float = 1e-4
+    warmup_steps: int = 0
+    schedule: str = "constant"  # constant or cosine
+    min_lr: float = 1e-7
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-15
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    ema_decay: float = 0.995
+    ce_weight: float = 0.25
+    mse_weight: float = 1.0
+    timestep_shift: float = 1.0
+    dropout_text: float = 0.3
+    dropout_vit: float = 0.05
+    dropout_vae: float = 0.05
+    tokens_per_batch: int = 10240  # packing budget of one micro-batch
+    max_tokens_per_sample: int = 16384
+    vit_transform: tuple[int, int, int, int] = (980, 378, 14, 2_007_040)  # max, min, stride, max_pixels
+    vae_transform: tuple[int, int, int] = (1024, 512, 16)
+    frozen: tuple[str, ...] = ("vae_model",)  # parameter-name prefixes that do not train
+    checkpoint_every: int = 1000
+    log_every: int = 10
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate at ``step`` (0-based) of this stage: linear warm-up, then constant or cosine."""
+        import math
+
+        if self.warmup_steps and step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        if self.schedule == "cosine":
+            progress = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
+            return self.min_lr + 0.5 * (self.lr - self.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+        return self.lr
+
+
+@dataclass(frozen=True)
+class Plan:
+    name: str
+    preset: str  # model preset for training from scratch (ignored with --init-from)
+    seed: int
+    stages: tuple[StageConfig, ...]
+
+    @property
+    def total_steps(self) -> int:
+        return sum(s.steps for s in self.stages)
+
+    def stage_at(self, global_step: int) -> tuple[int, int]:
+        """(stage index, step within the stage) of a global step."""
+        for i, s in enumerate(self.stages):
+            if global_step < s.steps:
+                return i, global_step
+            global_step -= s.steps
+        return len(self.stages), 0
+
+
+_STAGE_FIELDS = {f.name: f for f in dataclasses.fields(StageConfig)}
+
+
+def _coerce(name: str, value, where: str):
+    f = _STAGE_FIELDS[name]
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    try:
+        if kind.startswith("tuple"):
+            return tuple(value)
+        if kind.startswith("dict"):
+            if not isinstance(value, dict):
+                raise TypeError
+            return {str(k): float(v) for k, v in value.items()}
+        if kind == "int":
+            if isinstance(value, bool) or float(value) != int(value):
+                raise TypeError
+            return int(value)
+        if kind == "float":
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise PlanError(f"{where}: {name} must be {kind}, got {value!r}") from None
+
+
+def _stage(doc: dict, defaults: dict, where: str) -> StageConfig:
+    merged = {**defaults, **doc}
+    unknown = set(merged) - set(_STAGE_FIELDS)
+    if unknown:
+        raise PlanError(f"{where}: unknown field(s) {sorted(unknown)}")
+    for required in ("name", "steps", "mixture"):
+        if required not in merged:
+            raise PlanError(f"{where}: missing {required}")
+    values = {k: _coerce(k, v, where) for k, v in merged.items()}
+    mixture = values["mixture"]
+    bad = set(mixture) - set(MIXTURE_KEYS)
+    if bad or not mixture or any(v < 0 for v in mixture.values()) or sum(mixture.values()) <= 0:
+        raise PlanError(f"{where}: mixture needs non-negative shares of {list(MIXTURE_KEYS)} summing above 0, got {mixture}")
+    total = sum(mixture.values())
+    values["mixture"] = {k: v / total for k, v in mixture.items() if v > 0}
+    stage = StageConfig(**values)
+    if stage.steps < 1 or stage.grad_accum < 1 or stage.tokens_per_batch < 1:
+        raise PlanError(f"{where}: steps, grad_accum and tokens_per_batch must be positive")
+    if stage.schedule not in ("constant", "cosine"):
+        raise PlanError(f"{where}: schedule must be constant or cosine, got {stage.schedule!r}")
+    if not 0 <= stage.ema_decay < 1:
+        raise PlanError(f"{where}: ema_decay must be in [0, 1)")
+    for name in ("dropout_text", "dropout_vit", "dropout_vae"):
+        if not 0 <= getattr(stage, name) <= 1:
+            raise PlanError(f"{where}: {name} must be in [0, 1]")
+    if len(stage.vit_transform) != 4 or len(stage.vae_transform) != 3 or len(stage.betas) != 2:
+        raise PlanError(f"{where}: vit_transform needs 4 values, vae_transform 3, betas 2")
+    return stage
+
+
+def parse_plan(doc: dict, where: str = "plan") -> Plan:
+    if not isinstance(doc, dict):
+        raise PlanError(f"{where}: expected a mapping")
+    extra = set(doc) - {"name", "preset", "seed", "defaults", "stages"}
+    if extra:
+        raise PlanError(f"{where}: unknown field(s) {sorted(extra)}")
+    defaults = doc.get("defaults", {}) or {}
+    stages = doc.get("stages")
+    if not isinstance(stages, list) or not stages:
+        raise PlanError(f"{where}: stages must be a non-empty list")
+    parsed = tuple(_stage(s, defaults, f"{where}: stages[{i}]") for i, s in enumerate(stages))
+    names = [s.name for s in parsed]
+    if len(set(names)) != len(names):
+        raise PlanError(f"{where}: stage names must be unique, got {names}")
+    return Plan(str(doc.get("name", "plan")), str(doc.get("preset", "tiny")), int(doc.get("seed", 0)), parsed)
+
+
+def load_plan(path_or_name: str | Path) -> Plan:
+    """A plan file, or the name of a shipped plan (``unimedvl``, ``demo``)."""
+    import yaml
+
+    path = Path(path_or_name)
+    if not path.is_file() and (PLANS_DIR / f"{path_or_name}.yaml").is_file():
+        path = PLANS_DIR / f"{path_or_name}.yaml"
+    if not path.is_file():
+        raise PlanError(f"{path_or_name}: no such plan file (shipped plans: {sorted(p.stem for p in PLANS_DIR.glob('*.yaml'))})")
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise PlanError(f"{path}: not valid YAML ({e})") from e
+    return parse_plan(doc, str(path))
