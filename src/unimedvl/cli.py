@@ -372,6 +372,62 @@ def chat(
             typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
 
 
+# ---- training --------------------------------------------------------------------------------
+
+
+@app.command()
+def train(
+    plan: str = typer.Argument(..., help="A curriculum plan YAML, or a shipped plan name: unimedvl, demo."),
+    data: Path = typer.Option(..., "--data", help="A built dataset (unimedvl data build / data demo)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run folder: metrics.jsonl, checkpoints/."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the run folder's latest checkpoint."),
+    init_from: Optional[Path] = typer.Option(None, "--init-from", help="Start from a checkpoint directory (official layout) instead of the plan's preset."),
+    tokenizer_dir: Optional[Path] = typer.Option(None, "--tokenizer", help="Tokenizer files for a preset without a bundled one."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many global steps."),
+    device: str = DeviceOpt,
+) -> None:
+    """Train through a curriculum plan (single process)."""
+    from tqdm import tqdm
+
+    from .checkpoint import CheckpointError
+    from .config import ConfigError, UniMedVLConfig
+    from .model import UniMedVL
+    from .tokenizer import BUNDLED_TINY_TOKENIZER, Tokenizer, TokenizerError
+    from .training.plan import PlanError, load_plan
+    from .training.trainer import Trainer
+
+    try:
+        p = load_plan(plan)
+        if init_from is not None:
+            model = UniMedVL.from_pretrained(init_from, dtype=None, device=device)
+            tok = model.tokenizer
+        else:
+            model = UniMedVL.from_config(UniMedVLConfig.from_preset(p.preset), seed=p.seed)
+            tok = None
+        if tokenizer_dir is not None:
+            tok = Tokenizer(tokenizer_dir)
+        elif tok is None and p.preset == "tiny":
+            tok = Tokenizer(BUNDLED_TINY_TOKENIZER)
+        if tok is None:
+            _fail(f"preset {p.preset!r} has no bundled tokenizer: pass --tokenizer DIR (or --init-from a checkpoint with one)")
+        if len(tok) > model.config.llm.vocab_size:
+            _fail(f"the tokenizer has {len(tok)} tokens but the model's vocabulary has {model.config.llm.vocab_size} rows")
+        bar = tqdm(total=p.total_steps if max_steps is None else min(max_steps, p.total_steps), desc="training", unit="step")
+
+        def on_log(row: dict) -> None:
+            bar.n = row["step"]
+            bar.set_postfix(stage=row["stage"], loss=f"{row['loss']:.3f}")
+            bar.refresh()
+
+        trainer = Trainer(p, data, out, model=model, tokenizer=tok, device=device, on_log=on_log)
+        result = trainer.run(resume=resume, max_steps=max_steps)
+        bar.n = result.global_step
+        bar.close()
+    except (PlanError, ConfigError, CheckpointError, TokenizerError, FileNotFoundError, FileExistsError, ValueError) as e:
+        _fail(str(e))
+    typer.echo(f"trained to step {result.global_step}; last checkpoint {result.checkpoint}; metrics {result.metrics}")
+
+
 # ---- data ----------------------------------------------------------------------------------
 
 data_app = typer.Typer(no_args_is_help=True, help="Build training data from medical archives.")

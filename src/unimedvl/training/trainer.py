@@ -1,0 +1,215 @@
+"""The curriculum training loop (single process; distributed wrapping comes from outside).
+
+For each stage of the plan: freeze the stage's modules, build AdamW over the rest, and run its
+steps: micro-batches from the :class:`~unimedvl.training.data.BatchStream` (gradient
+accumulation), the weighted CE + flow loss, gradient clipping, the warm-up/cosine learning rate,
+an EMA of every weight.  Each optimiser step appends a row to ``RUN/metrics.jsonl``; checkpoints
+(every ``checkpoint_every`` steps and at each stage end) are written to a temporary folder and
+renamed, and ``RUN/checkpoints/latest`` names the newest complete one.  ``resume`` restores the
+model, EMA, optimiser, data position and step; every random draw of a step comes from a
+generator seeded by (plan seed, global step), so a resumed run repeats an uninterrupted one
+bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..image_transforms import ImageTransform
+from ..model import UniMedVL
+from .data import BatchStream, DatasetIndex, MixtureSampler
+from .plan import Plan, StageConfig
+from .sequence import DropoutConfig, build_batch
+from . import training_losses
+
+
+@dataclass
+class TrainResult:
+    global_step: int
+    checkpoint: Path | None
+    metrics: Path
+
+
+def _set_trainable(model: UniMedVL, frozen: tuple[str, ...]) -> list[torch.nn.Parameter]:
+    trainable = []
+    for name, p in model.named_parameters():
+        freeze = name.endswith("pos_embed") or any(name == f or name.startswith(f + ".") for f in frozen)
+        p.requires_grad_(not freeze)
+        if not freeze:
+            trainable.append(p)
+    return trainable
+
+
+def _atomic_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(json.dumps(obj, sort_keys=True))
+    os.replace(tmp, path)
+
+
+class Trainer:
+    def __init__(
+        self,
+        plan: Plan,
+        dataset: str | Path,
+        run_dir: str | Path,
+        *,
+        model: UniMedVL,
+        tokenizer,
+        device: str = "cpu",
+        on_log: Callable[[dict], None] | None = None,
+    ):
+        self.plan, self.run_dir, self.model, self.tokenizer = plan, Path(run_dir), model.to(device), tokenizer
+        self.index = DatasetIndex(dataset)
+        self.on_log = on_log
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "checkpoints").mkdir(exist_ok=True)
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.ema = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
+        self.global_step = 0
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.stream: BatchStream | None = None
+        self._stage_index = -1
+
+    # ---- stages ---------------------------------------------------------------------------
+    def _enter_stage(self, index: int, stream_state: dict | None = None, optimizer_state: dict | None = None) -> StageConfig:
+        stage = self.plan.stages[index]
+        trainable = _set_trainable(self.model, stage.frozen)
+        self.optimizer = torch.optim.AdamW(trainable, lr=stage.lr, betas=stage.betas, eps=stage.eps, weight_decay=stage.weight_decay)
+        if optimizer_state is not None:
+            self.optimizer.load_state_dict(optimizer_state)
+        sampler = MixtureSampler(self.index, stage, seed=self.plan.seed * 1000 + index)
+        self.stream = BatchStream(self.index, sampler, self.tokenizer, stage, seed=self.plan.seed * 1000 + index)
+        if stream_state is not None:
+            self.stream.load_state_dict(stream_state)
+        self._stage_index = index
+        return stage
+
+    # ---- one optimiser step ------------------------------------------------------------------
+    def _step(self, stage: StageConfig, stage_step: int) -> dict:
+        self.model.train()
+        lr = stage.lr_at(stage_step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        generator = torch.Generator().manual_seed(self.plan.seed * 1_000_003 + self.global_step)
+        vit, vae = ImageTransform(*stage.vit_transform), ImageTransform(*stage.vae_transform)
+        dropout = DropoutConfig(stage.dropout_text, stage.dropout_vit, stage.dropout_vae)
+        start = time.perf_counter()
+        totals = {"loss": 0.0, "ce": 0.0, "mse": 0.0, "tokens": 0, "families": {}}
+        ce_parts = mse_parts = 0
+        for _ in range(stage.grad_accum):
+            micro = self.stream.next_batch()
+            tb = build_batch(self.model, [p for _, p in micro], [f for f, _ in micro], self.tokenizer.special, generator=generator,
+                             vit_transform=vit, vae_transform=vae, dropout=dropout, timestep_shift=stage.timestep_shift)
+            losses = training_losses(self.model, tb, ce_weight=stage.ce_weight, mse_weight=stage.mse_weight)
+            (losses.total / stage.grad_accum).backward()
+            values = losses.as_floats()
+            totals["loss"] += values["loss"] / stage.grad_accum
+            if values["ce"] is not None:
+                totals["ce"] += values["ce"]
+                ce_parts += 1
+            if values["mse"] is not None:
+                totals["mse"] += values["mse"]
+                mse_parts += 1
+            totals["tokens"] += tb.batch.num_tokens
+            for f, _ in micro:
+                totals["families"][f] = totals["families"].get(f, 0) + 1
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, stage.grad_clip))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._update_ema(stage.ema_decay)
+        elapsed = time.perf_counter() - start
+        self.global_step += 1
+        return {
+            "stage": stage.name, "step": self.global_step, "stage_step": stage_step + 1, "loss": totals["loss"],
+            "ce": totals["ce"] / ce_parts if ce_parts else None, "mse": totals["mse"] / mse_parts if mse_parts else None,
+            "lr": lr, "grad_norm": grad_norm, "tokens": totals["tokens"], "tokens_per_s": totals["tokens"] / elapsed,
+            "samples_per_family": totals["families"],
+        }
+
+    @torch.no_grad()
+    def _update_ema(self, decay: float) -> None:
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:
+                self.ema[name].mul_(decay).add_(p.detach().float(), alpha=1 - decay)
+            else:
+                self.ema[name].copy_(p.detach().float())
+
+    # ---- checkpoints ------------------------------------------------------------------------
+    def save_checkpoint(self) -> Path:
+        ckpt_root = self.run_dir / "checkpoints"
+        final = ckpt_root / f"step-{self.global_step:07d}"
+        tmp = ckpt_root / f".step-{self.global_step:07d}.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        save_file({k: v.detach().contiguous() for k, v in self.model.state_dict().items()}, str(tmp / "model.safetensors"))
+        save_file({k: v.contiguous() for k, v in self.ema.items()}, str(tmp / "ema.safetensors"))
+        torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+        _atomic_json(tmp / "state.json", {"global_step": self.global_step, "stage_index": self._stage_index,
+                                          "stream": self.stream.state_dict(), "plan": self.plan.name})
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        _atomic_json(ckpt_root / "latest.json", {"checkpoint": final.name, "global_step": self.global_step})
+        return final
+
+    def load_checkpoint(self, path: Path) -> None:
+        state = json.loads((path / "state.json").read_text())
+        self.model.load_state_dict(load_file(str(path / "model.safetensors")))
+        self.ema = load_file(str(path / "ema.safetensors"))
+        self.global_step = state["global_step"]
+        stage_index, _ = self.plan.stage_at(self.global_step)
+        if stage_index == state["stage_index"]:
+            self._enter_stage(stage_index, state["stream"], torch.load(path / "optimizer.pt", weights_only=True))
+        # a checkpoint at a stage's last step resumes into a fresh next stage
+
+    def latest_checkpoint(self) -> Path | None:
+        pointer = self.run_dir / "checkpoints" / "latest.json"
+        if not pointer.is_file():
+            return None
+        path = self.run_dir / "checkpoints" / json.loads(pointer.read_text())["checkpoint"]
+        return path if (path / "state.json").is_file() else None
+
+    # ---- the run ----------------------------------------------------------------------------
+    def run(self, resume: bool = False, max_steps: int | None = None, checkpoint_at_end: bool = True) -> TrainResult:
+        """Train through the plan (or up to ``max_steps`` global steps); returns the last state.
+        Stopping early at ``max_steps`` writes a checkpoint there unless ``checkpoint_at_end`` is off."""
+        if resume:
+            latest = self.latest_checkpoint()
+            if latest is not None:
+                self.load_checkpoint(latest)
+            if self.metrics_path.exists():  # drop rows of steps after the checkpoint: they are redone
+                rows = [r for r in self.metrics_path.read_text().splitlines() if r and json.loads(r)["step"] <= self.global_step]
+                tmp = self.metrics_path.with_name(".metrics.jsonl.partial")
+                tmp.write_text("".join(r + "\n" for r in rows))
+                os.replace(tmp, self.metrics_path)
+        elif self.metrics_path.exists():
+            raise FileExistsError(f"{self.run_dir} already holds a run; pass resume=True (--resume) to continue it")
+        last_ckpt = None
+        end = self.plan.total_steps if max_steps is None else min(max_steps, self.plan.total_steps)
+        with open(self.metrics_path, "a") as log:
+            while self.global_step < end:
+                stage_index, stage_step = self.plan.stage_at(self.global_step)
+                if stage_index != self._stage_index:
+                    self._enter_stage(stage_index)
+                stage = self.plan.stages[stage_index]
+                row = self._step(stage, stage_step)
+                log.write(json.dumps(row) + "\n")
+                log.flush()
+                if self.on_log and (row["stage_step"] % stage.log_every == 0 or row["stage_step"] == stage.steps):
+                    self.on_log(row)
+                if row["stage_step"] % stage.checkpoint_every == 0 or row["stage_step"] == stage.steps:
+                    last_ckpt = self.save_checkpoint()
+        if checkpoint_at_end and self.global_step and (last_ckpt is None or last_ckpt.name != f"step-{self.global_step:07d}"):
+            latest = self.latest_checkpoint()
+            if latest is None or latest.name != f"step-{self.global_step:07d}":
+                last_ckpt = self.save_checkpoint()
+        return TrainResult(self.global_step, last_ckpt or self.latest_checkpoint(), self.metrics_path)
