@@ -83,3 +83,32 @@ def test_resumed_run_matches_an_uninterrupted_one_bit_for_bit(demo_dataset, tmp_
     assert rows == list(range(1, 10))
     with pytest.raises(FileExistsError, match="--resume"):
         Trainer(plan, demo_dataset, tmp_path / "cut", model=new_model(), tokenizer=tok).run()
+
+
+def test_export_loads_strictly_and_reproduces_the_trainers_model(demo_dataset, tmp_path):
+    from typer.testing import CliRunner
+
+    from unimedvl.cli import app
+    from unimedvl.inference.engine import Engine
+
+    plan = demo_plan(3)
+    tok = Tokenizer(BUNDLED_TINY_TOKENIZER)
+    trainer = Trainer(plan, demo_dataset, tmp_path / "run", model=new_model(), tokenizer=tok)
+    trainer.run(max_steps=4)
+    r = CliRunner().invoke(app, ["export", str(tmp_path / "run"), "--out", str(tmp_path / "export")])
+    assert r.exit_code == 0, r.output
+    ema = UniMedVL.from_pretrained(tmp_path / "export", dtype=torch.float32)  # strict: every key present and shaped
+    raw = UniMedVL.from_pretrained(tmp_path / "export", dtype=torch.float32, weights="model")
+    assert all(torch.equal(raw.state_dict()[k], v) for k, v in trainer.model.state_dict().items())
+    assert all(torch.equal(ema.state_dict()[k], v.to(ema.state_dict()[k].dtype)) for k, v in trainer.ema.items())
+    assert ema.tokenizer is not None and len(ema.tokenizer) == len(tok)
+
+    def logits(model):
+        eng = Engine(model.eval(), tok.special)
+        ctx = eng.new_context()
+        eng.add_text(ctx, tok.encode("A chest X-ray."))
+        return eng.generate_text(ctx, 4).logits
+
+    reference = new_model()
+    reference.load_state_dict(trainer.model.state_dict())
+    assert torch.equal(logits(raw), logits(reference))

@@ -428,6 +428,28 @@ def train(
     typer.echo(f"trained to step {result.global_step}; last checkpoint {result.checkpoint}; metrics {result.metrics}")
 
 
+@app.command()
+def export(
+    checkpoint: Path = typer.Argument(..., help="A training checkpoint folder, or a run folder (its latest checkpoint)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder in the official layout."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="bf16 or fp32 for the stored tensors (default: as trained)."),
+) -> None:
+    """Export a training checkpoint to the official layout (ema/model/ae safetensors, configs, tokenizer)."""
+    import torch
+
+    from .checkpoint import CheckpointError
+    from .training.export import export_checkpoint
+
+    dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
+    if dtype is not None and dtype not in dtypes:
+        _fail(f"--dtype must be bf16 or fp32, got {dtype!r}")
+    try:
+        path = export_checkpoint(checkpoint, out, dtype=dtypes.get(dtype) if dtype else None)
+    except (FileNotFoundError, CheckpointError, ValueError) as e:
+        _fail(str(e))
+    typer.echo(f"exported to {path}")
+
+
 # ---- data ----------------------------------------------------------------------------------
 
 data_app = typer.Typer(no_args_is_help=True, help="Build training data from medical archives.")

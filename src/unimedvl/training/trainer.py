@@ -154,6 +154,10 @@ class Trainer:
         save_file({k: v.detach().contiguous() for k, v in self.model.state_dict().items()}, str(tmp / "model.safetensors"))
         save_file({k: v.contiguous() for k, v in self.ema.items()}, str(tmp / "ema.safetensors"))
         torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+        from ..checkpoint import write_config
+
+        write_config(self.model.config, tmp, (self.tokenizer.special.bos, self.tokenizer.special.eos))
+        self.tokenizer.save(tmp)  # the checkpoint is self-describing: unimedvl export needs nothing else
         _atomic_json(tmp / "state.json", {"global_step": self.global_step, "stage_index": self._stage_index,
                                           "stream": self.stream.state_dict(), "plan": self.plan.name})
         shutil.rmtree(final, ignore_errors=True)
