@@ -501,12 +501,23 @@ def data_demo(
     from .data.build_config import load_build_config
     from .data.builder import build
     from .data.demo import stage_demo
+    import json as _json
+
+    import shutil
 
     config, have = stage_demo(out, per_label=per_label)
     missing = [name for name, ok in (("nilearn (MNI152 T1)", have["mni"]), ("scikit-image (fundus, IHC)", have["skimage"])) if not ok]
     if missing:
         typer.secho(f"skipped sources whose package is not installed: {', '.join(missing)}", fg=typer.colors.YELLOW, err=True)
-    summary = build(load_build_config(config), out / "dataset", workers=workers)
+    cfg = load_build_config(config)
+    info = out / "dataset" / "build.json"
+    if info.is_file() and _json.loads(info.read_text()).get("fingerprint") != cfg.fingerprint():
+        typer.echo(f"{out / 'dataset'} was built by another version of the demo: rebuilding it")
+        shutil.rmtree(out / "dataset")
+    try:
+        summary = build(cfg, out / "dataset", workers=workers)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
     import json as _json
 
     manifest = _json.loads((out / "dataset" / "manifest.json").read_text())
