@@ -65,6 +65,9 @@ def test_three_stages_learn_and_frozen_modules_stay(demo_dataset, tmp_path):
     assert all(torch.equal(v, model.vae_model.state_dict()[k]) for k, v in vae_before.items())
     assert all(torch.equal(p, dict(model.vit_model.named_parameters())[n]) for n, p in vit_after_stage1.items())
     assert (tmp_path / "run" / "checkpoints" / "step-0000036" / "ema.safetensors").is_file()
+    assert set(rows[-1]["per_family"]) <= {"understanding", "generation", "interleaved"} and rows[-1]["per_family"]
+    plots = sorted(p.name for p in (tmp_path / "run" / "plots").iterdir())
+    assert plots == ["loss.png", "loss_foundation.png", "loss_instruction.png", "loss_unified.png"]
 
 
 def test_resumed_run_matches_an_uninterrupted_one_bit_for_bit(demo_dataset, tmp_path):

@@ -83,6 +83,12 @@ def test_plans_and_labels_follow_the_task_formats():
     assert tb.noisy_rows.numel() == tb.targets.shape[0] == 2 * 16
     losses = training_losses(model, tb)
     assert losses.ce_tokens == len(tb.labels) and losses.mse_tokens == 32
+    # per-family logging: understanding has only CE, generation only MSE, interleaved both
+    assert set(losses.per_family["understanding"]) == {"ce"} and set(losses.per_family["generation"]) == {"mse"}
+    assert set(losses.per_family["interleaved"]) == {"ce", "mse"}
+    n_u, n_i = len(tok.encode("A scan.")) + 1, len(tok.encode("Done.")) + 1
+    weighted = (losses.per_family["understanding"]["ce"] * n_u + losses.per_family["interleaved"]["ce"] * n_i) / (n_u + n_i)
+    assert weighted == pytest.approx(losses.ce.item(), rel=1e-5)
 
 
 def test_conditioning_dropout_removes_text_and_keeps_image_positions():

@@ -12,7 +12,7 @@ Distributed runs pass the global token counts so that every rank divides by the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +43,7 @@ class Losses:
     mse: torch.Tensor | None  # mean over noisy latent tokens
     ce_tokens: int
     mse_tokens: int
+    per_family: dict = field(default_factory=dict)  # family -> {"ce": mean, "mse": mean}, for logging
 
     def as_floats(self) -> dict:
         return {
@@ -51,6 +52,7 @@ class Losses:
             "mse": None if self.mse is None else float(self.mse.detach()),
             "ce_tokens": self.ce_tokens,
             "mse_tokens": self.mse_tokens,
+            "per_family": self.per_family,
         }
 
 

@@ -57,6 +57,8 @@ class TrainingBatch:
     targets: torch.Tensor  # [n_noisy_tokens, C] velocity targets
     noisy_rows: torch.Tensor  # rows of the model's velocity output that are noisy tokens
     family_of_sample: list[str]
+    label_sample: torch.Tensor | None = None  # [n_ce] sample index of each label
+    noisy_sample: torch.Tensor | None = None  # [n_noisy_tokens] sample index of each noisy latent token
 
 
 def _split_image_markers(text: str) -> tuple[int, str]:
@@ -137,7 +139,9 @@ def build_batch(
     labels: list[int] = []
     targets: list[torch.Tensor] = []
     latent_rows: list[tuple[int, bool]] = []  # (number of tokens, noisy) per latent block, in order
-    for plan in plans:
+    label_sample: list[int] = []
+    noisy_sample: list[int] = []
+    for sample_index, plan in enumerate(plans):
         b.new_sample(0)
         last_noisy = None
         for item in plan:
@@ -146,7 +150,9 @@ def build_batch(
                 if dropped or (not item.ids and not item.loss):
                     continue  # a dropped text segment disappears entirely
                 if item.loss:
-                    labels += b.add_text_with_labels(item.ids)[1]
+                    new = b.add_text_with_labels(item.ids)[1]
+                    labels += new
+                    label_sample += [sample_index] * len(new)
                 else:
                     b.add_text(item.ids)
             elif item.kind == "vit":
@@ -168,6 +174,7 @@ def build_batch(
                     b.add_latent_image(noise_latents(x0, t[0], eps), grid, float(t[0]), noisy=True)
                     targets.append(velocity_target(x0, eps))
                     latent_rows.append((x0.shape[0], True))
+                    noisy_sample += [sample_index] * x0.shape[0]
                     last_noisy = (x0, grid)
                 else:
                     b.add_latent_image(x0, grid, 0.0, noisy=False)
@@ -180,4 +187,6 @@ def build_batch(
         targets=torch.cat(targets).to(model.device) if targets else torch.zeros(0, model.config.patch_latent_dim, device=model.device),
         noisy_rows=noisy.nonzero().squeeze(1).to(model.device),
         family_of_sample=list(families),
+        label_sample=torch.tensor(label_sample, dtype=torch.long),
+        noisy_sample=torch.tensor(noisy_sample, dtype=torch.long),
     )

@@ -28,6 +28,7 @@ from ..image_transforms import ImageTransform
 from ..model import UniMedVL
 from .data import BatchStream, DatasetIndex, MixtureSampler
 from .plan import Plan, StageConfig
+from .plots import plot_run
 from .sequence import DropoutConfig, build_batch
 from . import training_losses
 
@@ -103,7 +104,7 @@ class Trainer:
         vit, vae = ImageTransform(*stage.vit_transform), ImageTransform(*stage.vae_transform)
         dropout = DropoutConfig(stage.dropout_text, stage.dropout_vit, stage.dropout_vae)
         start = time.perf_counter()
-        totals = {"loss": 0.0, "ce": 0.0, "mse": 0.0, "tokens": 0, "families": {}}
+        totals = {"loss": 0.0, "ce": 0.0, "mse": 0.0, "tokens": 0, "families": {}, "per_family": {}}
         ce_parts = mse_parts = 0
         for _ in range(stage.grad_accum):
             micro = self.stream.next_batch()
@@ -120,6 +121,10 @@ class Trainer:
                 totals["mse"] += values["mse"]
                 mse_parts += 1
             totals["tokens"] += tb.batch.num_tokens
+            for fam, parts in losses.per_family.items():
+                acc = totals["per_family"].setdefault(fam, {})
+                for key, value in parts.items():
+                    acc.setdefault(key, []).append(value)
             for f, _ in micro:
                 totals["families"][f] = totals["families"].get(f, 0) + 1
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -134,6 +139,7 @@ class Trainer:
             "ce": totals["ce"] / ce_parts if ce_parts else None, "mse": totals["mse"] / mse_parts if mse_parts else None,
             "lr": lr, "grad_norm": grad_norm, "tokens": totals["tokens"], "tokens_per_s": totals["tokens"] / elapsed,
             "samples_per_family": totals["families"],
+            "per_family": {f: {k: sum(v) / len(v) for k, v in parts.items()} for f, parts in sorted(totals["per_family"].items())},
         }
 
     @torch.no_grad()
@@ -212,8 +218,12 @@ class Trainer:
                     self.on_log(row)
                 if row["stage_step"] % stage.checkpoint_every == 0 or row["stage_step"] == stage.steps:
                     last_ckpt = self.save_checkpoint()
+                if row["stage_step"] == stage.steps:
+                    log.flush()
+                    plot_run(self.run_dir)
         if checkpoint_at_end and self.global_step and (last_ckpt is None or last_ckpt.name != f"step-{self.global_step:07d}"):
             latest = self.latest_checkpoint()
             if latest is None or latest.name != f"step-{self.global_step:07d}":
                 last_ckpt = self.save_checkpoint()
+        plot_run(self.run_dir)
         return TrainResult(self.global_step, last_ckpt or self.latest_checkpoint(), self.metrics_path)
