@@ -115,3 +115,42 @@ def test_export_loads_strictly_and_reproduces_the_trainers_model(demo_dataset, t
     reference = new_model()
     reference.load_state_dict(trainer.model.state_dict())
     assert torch.equal(logits(raw), logits(reference))
+
+
+def test_sigkill_then_resume_through_the_cli_is_bit_identical(demo_dataset, tmp_path):
+    """A training process killed with SIGKILL mid-run and restarted with --resume ends with the same
+    weights as a run that was never interrupted."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+    from safetensors.torch import load_file
+
+    doc = yaml.safe_load((PLANS_DIR / "demo.yaml").read_text())
+    for stage in doc["stages"]:
+        stage["steps"] = 6
+    doc["defaults"]["checkpoint_every"] = 2
+    plan_file = tmp_path / "plan.yaml"
+    plan_file.write_text(yaml.safe_dump(doc))
+    cmd = lambda out, *extra: [sys.executable, "-m", "unimedvl", "train", str(plan_file), "--data", str(demo_dataset), "--out", str(out), *extra]  # noqa: E731
+
+    full = subprocess.run(cmd(tmp_path / "full", "--max-steps", "10"), capture_output=True, text=True)
+    assert full.returncode == 0, full.stderr
+    proc = subprocess.Popen(cmd(tmp_path / "killed", "--max-steps", "10"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 5):
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    steps_done = len(metrics.read_text().splitlines())
+    assert 5 <= steps_done < 10, "the run was not interrupted mid-way"
+    resumed = subprocess.run(cmd(tmp_path / "killed", "--max-steps", "10", "--resume"), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    a = load_file(str(tmp_path / "full" / "checkpoints" / "step-0000010" / "model.safetensors"))
+    b = load_file(str(tmp_path / "killed" / "checkpoints" / "step-0000010" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not list((tmp_path / "killed" / "checkpoints").glob(".*partial"))

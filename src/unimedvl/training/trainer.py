@@ -193,6 +193,8 @@ class Trainer:
         """Train through the plan (or up to ``max_steps`` global steps); returns the last state.
         Stopping early at ``max_steps`` writes a checkpoint there unless ``checkpoint_at_end`` is off."""
         if resume:
+            for stale in (self.run_dir / "checkpoints").glob(".step-*.partial"):
+                shutil.rmtree(stale, ignore_errors=True)  # a checkpoint the killed run did not finish
             latest = self.latest_checkpoint()
             if latest is not None:
                 self.load_checkpoint(latest)
