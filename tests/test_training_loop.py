@@ -154,3 +154,36 @@ def test_sigkill_then_resume_through_the_cli_is_bit_identical(demo_dataset, tmp_
     b = load_file(str(tmp_path / "killed" / "checkpoints" / "step-0000010" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not list((tmp_path / "killed" / "checkpoints").glob(".*partial"))
+
+
+def test_lora_trains_only_its_adapters_and_exports_merged(demo_dataset, tmp_path):
+    from typer.testing import CliRunner
+
+    from unimedvl.cli import app
+    from unimedvl.inference.engine import Engine
+    from unimedvl.training.lora import LoRAConfig, LoRALinear
+
+    plan = demo_plan(3)
+    tok = Tokenizer(BUNDLED_TINY_TOKENIZER)
+    model = new_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    lora = LoRAConfig(rank=4, alpha=8.0, targets=(r"self_attn\.(q|v)_proj$", r"mlp_moe_gen\.down_proj$"))
+    trainer = Trainer(plan, demo_dataset, tmp_path / "run", model=model, tokenizer=tok, lora=lora)
+    wrapped = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+    assert len(wrapped) == 2 * 2 + 2  # q and v of 2 layers' und expert, the gen MLP down projection of 2 layers
+    trainer.run(max_steps=4)
+    after = {k.replace(".base.", "."): v for k, v in model.state_dict().items() if "lora_" not in k}
+    assert after.keys() == before.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # every original weight is untouched
+    assert any(not torch.equal(m.lora_b, torch.zeros_like(m.lora_b)) for m in model.modules() if isinstance(m, LoRALinear))
+    r = CliRunner().invoke(app, ["export", str(tmp_path / "run"), "--out", str(tmp_path / "export")])
+    assert r.exit_code == 0, r.output
+    raw = UniMedVL.from_pretrained(tmp_path / "export", dtype=torch.float32, weights="model")  # strict: official keys only
+
+    def logits(m):
+        eng = Engine(m.eval(), tok.special)
+        ctx = eng.new_context()
+        eng.add_text(ctx, tok.encode("A chest X-ray."))
+        return eng.generate_text(ctx, 4).logits
+
+    assert torch.allclose(logits(raw), logits(model), atol=1e-5)

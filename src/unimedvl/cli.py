@@ -384,6 +384,9 @@ def train(
     init_from: Optional[Path] = typer.Option(None, "--init-from", help="Start from a checkpoint directory (official layout) instead of the plan's preset."),
     tokenizer_dir: Optional[Path] = typer.Option(None, "--tokenizer", help="Tokenizer files for a preset without a bundled one."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many global steps."),
+    lora_rank: int = typer.Option(0, "--lora-rank", help="Train LoRA adapters of this rank instead of the full model (0: off)."),
+    lora_alpha: float = typer.Option(32.0, "--lora-alpha"),
+    lora_target: list[str] = typer.Option(None, "--lora-target", help="Regex of linear layers to adapt (repeatable); default: the generation expert's attention."),
     device: str = DeviceOpt,
 ) -> None:
     """Train through a curriculum plan (single process)."""
@@ -419,7 +422,12 @@ def train(
             bar.set_postfix(stage=row["stage"], loss=f"{row['loss']:.3f}")
             bar.refresh()
 
-        trainer = Trainer(p, data, out, model=model, tokenizer=tok, device=device, on_log=on_log)
+        from .training.lora import LoRAConfig
+
+        lora = None
+        if lora_rank:
+            lora = LoRAConfig(rank=lora_rank, alpha=lora_alpha, **({"targets": tuple(lora_target)} if lora_target else {}))
+        trainer = Trainer(p, data, out, model=model, tokenizer=tok, device=device, on_log=on_log, lora=lora)
         result = trainer.run(resume=resume, max_steps=max_steps)
         bar.n = result.global_step
         bar.close()

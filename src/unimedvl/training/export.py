@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from ..checkpoint import read_config, save_pretrained
 from ..model import UniMedVL
 from ..tokenizer import Tokenizer, has_tokenizer
+from .lora import LoRAConfig, apply_lora, merge_lora
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -30,9 +31,13 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: torch.d
     ckpt = resolve_checkpoint(checkpoint)
     config = read_config(ckpt)
     tokenizer = Tokenizer(ckpt) if has_tokenizer(ckpt) else None
-    model = UniMedVL.from_config(config)
+    lora = json.loads((ckpt / "state.json").read_text()).get("lora")
     for weights in ("model", "ema"):
+        model = UniMedVL.from_config(config)
+        if lora:  # rebuild the adapters, load them, fold them into the base weights
+            apply_lora(model, LoRAConfig(rank=lora["rank"], alpha=lora["alpha"], targets=tuple(lora["targets"])))
         state = load_file(str(ckpt / f"{weights}.safetensors"))
         model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in state.items()}, strict=True)
+        merge_lora(model)
         save_pretrained(model, out, weights=weights, dtype=dtype, tokenizer=tokenizer)
     return Path(out)

@@ -28,6 +28,7 @@ from ..image_transforms import ImageTransform
 from ..model import UniMedVL
 from .data import BatchStream, DatasetIndex, MixtureSampler
 from .plan import Plan, StageConfig
+from .lora import LoRAConfig, apply_lora, lora_parameters
 from .plots import plot_run
 from .sequence import DropoutConfig, build_batch
 from . import training_losses
@@ -67,8 +68,12 @@ class Trainer:
         tokenizer,
         device: str = "cpu",
         on_log: Callable[[dict], None] | None = None,
+        lora: LoRAConfig | None = None,
     ):
         self.plan, self.run_dir, self.model, self.tokenizer = plan, Path(run_dir), model.to(device), tokenizer
+        self.lora = lora
+        if lora is not None:
+            apply_lora(self.model, lora)  # only the adapters train; export merges them
         self.index = DatasetIndex(dataset)
         self.on_log = on_log
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -83,7 +88,14 @@ class Trainer:
     # ---- stages ---------------------------------------------------------------------------
     def _enter_stage(self, index: int, stream_state: dict | None = None, optimizer_state: dict | None = None) -> StageConfig:
         stage = self.plan.stages[index]
-        trainable = _set_trainable(self.model, stage.frozen)
+        if self.lora is not None:
+            for p in self.model.parameters():
+                p.requires_grad_(False)
+            trainable = lora_parameters(self.model)
+            for p in trainable:
+                p.requires_grad_(True)
+        else:
+            trainable = _set_trainable(self.model, stage.frozen)
         self.optimizer = torch.optim.AdamW(trainable, lr=stage.lr, betas=stage.betas, eps=stage.eps, weight_decay=stage.weight_decay)
         if optimizer_state is not None:
             self.optimizer.load_state_dict(optimizer_state)
@@ -165,7 +177,9 @@ class Trainer:
         write_config(self.model.config, tmp, (self.tokenizer.special.bos, self.tokenizer.special.eos))
         self.tokenizer.save(tmp)  # the checkpoint is self-describing: unimedvl export needs nothing else
         _atomic_json(tmp / "state.json", {"global_step": self.global_step, "stage_index": self._stage_index,
-                                          "stream": self.stream.state_dict(), "plan": self.plan.name})
+                                          "stream": self.stream.state_dict(), "plan": self.plan.name,
+                                          "lora": None if self.lora is None else {"rank": self.lora.rank, "alpha": self.lora.alpha,
+                                                                                  "targets": list(self.lora.targets)}})
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         _atomic_json(ckpt_root / "latest.json", {"checkpoint": final.name, "global_step": self.global_step})
