@@ -389,15 +389,18 @@ def train(
     lora_target: list[str] = typer.Option(None, "--lora-target", help="Regex of linear layers to adapt (repeatable); default: the generation expert's attention."),
     device: str = DeviceOpt,
 ) -> None:
-    """Train through a curriculum plan (single process)."""
+    """Train through a curriculum plan: one process, or N under torchrun (FSDP2; gloo on CPUs)."""
     from tqdm import tqdm
 
     from .checkpoint import CheckpointError
     from .config import ConfigError, UniMedVLConfig
     from .model import UniMedVL
     from .tokenizer import BUNDLED_TINY_TOKENIZER, Tokenizer, TokenizerError
+    from .training.distributed import init_from_env
     from .training.plan import PlanError, load_plan
     from .training.trainer import Trainer
+
+    dist_ctx = init_from_env()
 
     try:
         p = load_plan(plan)
@@ -415,7 +418,8 @@ def train(
             _fail(f"preset {p.preset!r} has no bundled tokenizer: pass --tokenizer DIR (or --init-from a checkpoint with one)")
         if len(tok) > model.config.llm.vocab_size:
             _fail(f"the tokenizer has {len(tok)} tokens but the model's vocabulary has {model.config.llm.vocab_size} rows")
-        bar = tqdm(total=p.total_steps if max_steps is None else min(max_steps, p.total_steps), desc="training", unit="step")
+        bar = tqdm(total=p.total_steps if max_steps is None else min(max_steps, p.total_steps), desc="training", unit="step",
+                   disable=not dist_ctx.is_main)
 
         def on_log(row: dict) -> None:
             bar.n = row["step"]
@@ -427,13 +431,18 @@ def train(
         lora = None
         if lora_rank:
             lora = LoRAConfig(rank=lora_rank, alpha=lora_alpha, **({"targets": tuple(lora_target)} if lora_target else {}))
-        trainer = Trainer(p, data, out, model=model, tokenizer=tok, device=device, on_log=on_log, lora=lora)
+        trainer = Trainer(p, data, out, model=model, tokenizer=tok, device=device, on_log=on_log, lora=lora, dist_ctx=dist_ctx)
         result = trainer.run(resume=resume, max_steps=max_steps)
         bar.n = result.global_step
         bar.close()
     except (PlanError, ConfigError, CheckpointError, TokenizerError, FileNotFoundError, FileExistsError, ValueError) as e:
         _fail(str(e))
-    typer.echo(f"trained to step {result.global_step}; last checkpoint {result.checkpoint}; metrics {result.metrics}")
+    if dist_ctx.is_main:
+        typer.echo(f"trained to step {result.global_step}; last checkpoint {result.checkpoint}; metrics {result.metrics}")
+    if dist_ctx.enabled:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
 
 
 @app.command()

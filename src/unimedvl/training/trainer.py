@@ -28,6 +28,7 @@ from ..image_transforms import ImageTransform
 from ..model import UniMedVL
 from .data import BatchStream, DatasetIndex, MixtureSampler
 from .plan import Plan, StageConfig
+from .distributed import DistContext, full_tensor, like, shard_model
 from .lora import LoRAConfig, apply_lora, lora_parameters
 from .plots import plot_run
 from .sequence import DropoutConfig, build_batch
@@ -69,11 +70,15 @@ class Trainer:
         device: str = "cpu",
         on_log: Callable[[dict], None] | None = None,
         lora: LoRAConfig | None = None,
+        dist_ctx: DistContext = DistContext(),
     ):
         self.plan, self.run_dir, self.model, self.tokenizer = plan, Path(run_dir), model.to(device), tokenizer
         self.lora = lora
+        self.dist = dist_ctx
         if lora is not None:
             apply_lora(self.model, lora)  # only the adapters train; export merges them
+        if dist_ctx.enabled:
+            shard_model(self.model)  # FSDP2, applied from outside the model
         self.index = DatasetIndex(dataset)
         self.on_log = on_log
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -112,14 +117,18 @@ class Trainer:
         lr = stage.lr_at(stage_step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        generator = torch.Generator().manual_seed(self.plan.seed * 1_000_003 + self.global_step)
         vit, vae = ImageTransform(*stage.vit_transform), ImageTransform(*stage.vae_transform)
         dropout = DropoutConfig(stage.dropout_text, stage.dropout_vit, stage.dropout_vae)
         start = time.perf_counter()
         totals = {"loss": 0.0, "ce": 0.0, "mse": 0.0, "tokens": 0, "families": {}, "per_family": {}}
         ce_parts = mse_parts = 0
-        for _ in range(stage.grad_accum):
-            micro = self.stream.next_batch()
+        for accum_index in range(stage.grad_accum):
+            # every rank draws the same micro-batches and takes its own: the global batch is the
+            # same for any number of processes, and so is each micro-batch's random stream
+            candidates = [self.stream.next_batch() for _ in range(self.dist.world)]
+            micro_index = accum_index * self.dist.world + self.dist.rank
+            micro = candidates[self.dist.rank]
+            generator = torch.Generator().manual_seed(self.plan.seed * 1_000_003 + self.global_step * 1009 + micro_index)
             tb = build_batch(self.model, [p for _, p in micro], [f for f, _ in micro], self.tokenizer.special, generator=generator,
                              vit_transform=vit, vae_transform=vae, dropout=dropout, timestep_shift=stage.timestep_shift)
             losses = training_losses(self.model, tb, ce_weight=stage.ce_weight, mse_weight=stage.mse_weight)
@@ -146,9 +155,16 @@ class Trainer:
         self._update_ema(stage.ema_decay)
         elapsed = time.perf_counter() - start
         self.global_step += 1
+        ce = totals["ce"] / ce_parts if ce_parts else None
+        mse = totals["mse"] / mse_parts if mse_parts else None
+        if self.dist.enabled:  # log the global means
+            totals["loss"] = self.dist.mean(totals["loss"])
+            ce = self.dist.mean(ce) if ce is not None else None
+            mse = self.dist.mean(mse) if mse is not None else None
+            totals["tokens"] = int(round(self.dist.mean(totals["tokens"]) * self.dist.world))
         return {
             "stage": stage.name, "step": self.global_step, "stage_step": stage_step + 1, "loss": totals["loss"],
-            "ce": totals["ce"] / ce_parts if ce_parts else None, "mse": totals["mse"] / mse_parts if mse_parts else None,
+            "ce": ce, "mse": mse,
             "lr": lr, "grad_norm": grad_norm, "tokens": totals["tokens"], "tokens_per_s": totals["tokens"] / elapsed,
             "samples_per_family": totals["families"],
             "per_family": {f: {k: sum(v) / len(v) for k, v in parts.items()} for f, parts in sorted(totals["per_family"].items())},
@@ -167,32 +183,58 @@ class Trainer:
         ckpt_root = self.run_dir / "checkpoints"
         final = ckpt_root / f"step-{self.global_step:07d}"
         tmp = ckpt_root / f".step-{self.global_step:07d}.partial"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        save_file({k: v.detach().contiguous() for k, v in self.model.state_dict().items()}, str(tmp / "model.safetensors"))
-        save_file({k: v.contiguous() for k, v in self.ema.items()}, str(tmp / "ema.safetensors"))
-        torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-        from ..checkpoint import write_config
+        model_sd = {k: full_tensor(v).detach().contiguous() for k, v in self.model.state_dict().items()}  # all ranks gather
+        ema_sd = {k: full_tensor(v).contiguous() for k, v in self.ema.items()}
+        if self.dist.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        self.dist.barrier()
+        if self.dist.enabled:
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-        write_config(self.model.config, tmp, (self.tokenizer.special.bos, self.tokenizer.special.eos))
-        self.tokenizer.save(tmp)  # the checkpoint is self-describing: unimedvl export needs nothing else
-        _atomic_json(tmp / "state.json", {"global_step": self.global_step, "stage_index": self._stage_index,
-                                          "stream": self.stream.state_dict(), "plan": self.plan.name,
-                                          "lora": None if self.lora is None else {"rank": self.lora.rank, "alpha": self.lora.alpha,
-                                                                                  "targets": list(self.lora.targets)}})
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        _atomic_json(ckpt_root / "latest.json", {"checkpoint": final.name, "global_step": self.global_step})
+            dcp.save({"optim": get_optimizer_state_dict(self.model, self.optimizer)}, checkpoint_id=str(tmp / "optimizer"))
+        if self.dist.is_main:
+            save_file(model_sd, str(tmp / "model.safetensors"))
+            save_file(ema_sd, str(tmp / "ema.safetensors"))
+            if not self.dist.enabled:
+                torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            from ..checkpoint import write_config
+
+            write_config(self.model.config, tmp, (self.tokenizer.special.bos, self.tokenizer.special.eos))
+            self.tokenizer.save(tmp)  # the checkpoint is self-describing: unimedvl export needs nothing else
+            _atomic_json(tmp / "state.json", {"global_step": self.global_step, "stage_index": self._stage_index,
+                                              "stream": self.stream.state_dict(), "plan": self.plan.name, "world": self.dist.world,
+                                              "lora": None if self.lora is None else {"rank": self.lora.rank, "alpha": self.lora.alpha,
+                                                                                      "targets": list(self.lora.targets)}})
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            _atomic_json(ckpt_root / "latest.json", {"checkpoint": final.name, "global_step": self.global_step})
+        self.dist.barrier()
         return final
 
     def load_checkpoint(self, path: Path) -> None:
         state = json.loads((path / "state.json").read_text())
-        self.model.load_state_dict(load_file(str(path / "model.safetensors")))
-        self.ema = load_file(str(path / "ema.safetensors"))
+        if state.get("world", 1) != self.dist.world:
+            raise ValueError(f"{path} was written by {state.get('world', 1)} processes; resume with the same number")
+        full = load_file(str(path / "model.safetensors"))
+        current = self.model.state_dict()
+        self.model.load_state_dict({k: like(current[k], full[k]) for k in current})
+        ema = load_file(str(path / "ema.safetensors"))
+        self.ema = {k: like(self.ema[k], ema[k]) for k in self.ema}
         self.global_step = state["global_step"]
         stage_index, _ = self.plan.stage_at(self.global_step)
         if stage_index == state["stage_index"]:
-            self._enter_stage(stage_index, state["stream"], torch.load(path / "optimizer.pt", weights_only=True))
+            self._enter_stage(stage_index, state["stream"], None)
+            if self.dist.enabled:
+                import torch.distributed.checkpoint as dcp
+                from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+                osd = {"optim": get_optimizer_state_dict(self.model, self.optimizer)}
+                dcp.load(osd, checkpoint_id=str(path / "optimizer"))
+                set_optimizer_state_dict(self.model, self.optimizer, osd["optim"])
+            else:
+                self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
         # a checkpoint at a stage's last step resumes into a fresh next stage
 
     def latest_checkpoint(self) -> Path | None:
@@ -206,22 +248,26 @@ class Trainer:
     def run(self, resume: bool = False, max_steps: int | None = None, checkpoint_at_end: bool = True) -> TrainResult:
         """Train through the plan (or up to ``max_steps`` global steps); returns the last state.
         Stopping early at ``max_steps`` writes a checkpoint there unless ``checkpoint_at_end`` is off."""
+        existed = self.metrics_path.exists()
+        self.dist.barrier()  # every rank has looked before rank 0 writes anything
         if resume:
-            for stale in (self.run_dir / "checkpoints").glob(".step-*.partial"):
-                shutil.rmtree(stale, ignore_errors=True)  # a checkpoint the killed run did not finish
+            if self.dist.is_main:
+                for stale in (self.run_dir / "checkpoints").glob(".step-*.partial"):
+                    shutil.rmtree(stale, ignore_errors=True)  # a checkpoint the killed run did not finish
+            self.dist.barrier()
             latest = self.latest_checkpoint()
             if latest is not None:
                 self.load_checkpoint(latest)
-            if self.metrics_path.exists():  # drop rows of steps after the checkpoint: they are redone
+            if existed and self.dist.is_main:  # drop rows of steps after the checkpoint: they are redone
                 rows = [r for r in self.metrics_path.read_text().splitlines() if r and json.loads(r)["step"] <= self.global_step]
                 tmp = self.metrics_path.with_name(".metrics.jsonl.partial")
                 tmp.write_text("".join(r + "\n" for r in rows))
                 os.replace(tmp, self.metrics_path)
-        elif self.metrics_path.exists():
+        elif existed:
             raise FileExistsError(f"{self.run_dir} already holds a run; pass resume=True (--resume) to continue it")
         last_ckpt = None
         end = self.plan.total_steps if max_steps is None else min(max_steps, self.plan.total_steps)
-        with open(self.metrics_path, "a") as log:
+        with open(self.metrics_path if self.dist.is_main else os.devnull, "a") as log:
             while self.global_step < end:
                 stage_index, stage_step = self.plan.stage_at(self.global_step)
                 if stage_index != self._stage_index:
@@ -234,12 +280,13 @@ class Trainer:
                     self.on_log(row)
                 if row["stage_step"] % stage.checkpoint_every == 0 or row["stage_step"] == stage.steps:
                     last_ckpt = self.save_checkpoint()
-                if row["stage_step"] == stage.steps:
+                if row["stage_step"] == stage.steps and self.dist.is_main:
                     log.flush()
                     plot_run(self.run_dir)
         if checkpoint_at_end and self.global_step and (last_ckpt is None or last_ckpt.name != f"step-{self.global_step:07d}"):
             latest = self.latest_checkpoint()
             if latest is None or latest.name != f"step-{self.global_step:07d}":
                 last_ckpt = self.save_checkpoint()
-        plot_run(self.run_dir)
+        if self.dist.is_main:
+            plot_run(self.run_dir)
         return TrainResult(self.global_step, last_ckpt or self.latest_checkpoint(), self.metrics_path)
