@@ -40,3 +40,16 @@ def random_model(config: UniMedVLConfig | None = None, seed: int = 0, dtype=torc
                 fan_in = p[0].numel()
                 p.copy_(noise / fan_in**0.5)
     return model.to(dtype).eval()
+
+
+@pytest.fixture(scope="session")
+def demo_dataset(tmp_path_factory) -> Path:
+    """The demo corpus at two procedural images per label, built once per test session (read-only)."""
+    from unimedvl.data.build_config import load_build_config
+    from unimedvl.data.builder import build
+    from unimedvl.data.demo import stage_demo
+
+    out = tmp_path_factory.mktemp("demo-corpus")
+    config, _ = stage_demo(out, per_label=2)
+    build(load_build_config(config), out / "dataset")
+    return out / "dataset"

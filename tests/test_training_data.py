@@ -13,18 +13,6 @@ class ToyTokenizer:
         return [ord(c) % 2000 + 10 for c in text]
 
 
-@pytest.fixture(scope="module")
-def demo_dataset(tmp_path_factory):
-    from unimedvl.data.build_config import load_build_config
-    from unimedvl.data.builder import build
-    from unimedvl.data.demo import stage_demo
-
-    out = tmp_path_factory.mktemp("demo")
-    config, _ = stage_demo(out, per_label=2)
-    build(load_build_config(config), out / "dataset")
-    return out / "dataset"
-
-
 def test_shipped_plans_validate_with_the_papers_numbers():
     plan = load_plan("unimedvl")
     assert [s.steps for s in plan.stages] == [85000, 120000, 70000] and plan.total_steps == 275000

@@ -12,18 +12,6 @@ from unimedvl.training.plan import PLANS_DIR, parse_plan
 from unimedvl.training.trainer import Trainer
 
 
-@pytest.fixture(scope="module")
-def demo_dataset(tmp_path_factory):
-    from unimedvl.data.build_config import load_build_config
-    from unimedvl.data.builder import build
-    from unimedvl.data.demo import stage_demo
-
-    out = tmp_path_factory.mktemp("demo")
-    config, _ = stage_demo(out, per_label=2)
-    build(load_build_config(config), out / "dataset")
-    return out / "dataset"
-
-
 def demo_plan(steps: int, checkpoint_every: int = 1000):
     import yaml
 

@@ -373,10 +373,7 @@ class UniMedVLPipeline:
         if not prompt or not prompt.strip():
             raise ValueError("the prompt is empty")
         grid = self.engine.latent_grid(height, width)
-        settings = dict(
-            num_timesteps=steps, cfg_text_scale=cfg_text_scale, cfg_img_scale=cfg_img_scale, cfg_interval=list(cfg_interval),
-            cfg_renorm_type=cfg_renorm_type, cfg_renorm_min=cfg_renorm_min, timestep_shift=timestep_shift, height=height, width=width,
-        )
+        settings = _sampler_settings(steps, cfg_text_scale, cfg_img_scale, cfg_interval, cfg_renorm_type, cfg_renorm_min, timestep_shift, height, width)
         generator = torch.Generator().manual_seed(seed)
         ctx = self.engine.new_context()
         if think:
@@ -473,10 +470,7 @@ class UniMedVLPipeline:
         ctx_img = self.engine.new_context()
         self._add_text(ctx_img, final_instruction)
 
-        settings = dict(
-            num_timesteps=steps, cfg_text_scale=cfg_text_scale, cfg_img_scale=cfg_img_scale, cfg_interval=list(cfg_interval),
-            cfg_renorm_type=cfg_renorm_type, cfg_renorm_min=cfg_renorm_min, timestep_shift=timestep_shift, height=height, width=width,
-        )
+        settings = _sampler_settings(steps, cfg_text_scale, cfg_img_scale, cfg_interval, cfg_renorm_type, cfg_renorm_min, timestep_shift, height, width)
         sample, image = self._sample(ctx, ctx_text, ctx_img, grid, noise, generator, settings, progress)
 
         explanation = None
@@ -492,6 +486,14 @@ class UniMedVLPipeline:
         return GeneratedImage(
             image, sample.latents, record, thinking=thinking, analysis=analysis, explanation=explanation, velocities=sample.velocities
         )
+
+
+def _sampler_settings(steps, cfg_text_scale, cfg_img_scale, cfg_interval, cfg_renorm_type, cfg_renorm_min, timestep_shift, height, width) -> dict:
+    """The sampler settings as recorded in generated files (official names: num_timesteps...)."""
+    return dict(
+        num_timesteps=steps, cfg_text_scale=cfg_text_scale, cfg_img_scale=cfg_img_scale, cfg_interval=list(cfg_interval),
+        cfg_renorm_type=cfg_renorm_type, cfg_renorm_min=cfg_renorm_min, timestep_shift=timestep_shift, height=height, width=width,
+    )
 
 
 def _u8(image: Image.Image):

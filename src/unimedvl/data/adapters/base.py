@@ -86,6 +86,21 @@ class Adapter:
             return "val"
         return "train"
 
+    def read_images(self, item: str, *paths: Path, resize: bool = True) -> list | Rejection:
+        """The images at ``paths`` as 8-bit RGB arrays (at most ``max_side`` long when ``resize``),
+        or the ``unreadable`` rejection of ``item`` naming what failed."""
+        from ...medical_io import MedicalImageError, read_medical_image
+        from ..imaging import as_rgb_u8, limit_size
+
+        images = []
+        for path in paths:
+            try:
+                pixels = as_rgb_u8(read_medical_image(path).pixels)
+            except MedicalImageError as e:
+                return self.reject(item, "unreadable", str(e).replace(str(self.source.path), "<source>"))
+            images.append(limit_size(pixels, self.ctx.max_side) if resize else pixels)
+        return images
+
     def reject(self, item: str, reason: str, detail: str = "", stage: str = "read") -> Rejection:
         return make_rejection(self.ctx, self.source, item, stage, reason, detail)
 

@@ -20,9 +20,8 @@ from __future__ import annotations
 import csv
 from typing import Iterator
 
-from ...medical_io import MedicalImageError, read_medical_image
 from .. import templates as T
-from ..imaging import as_rgb_u8, limit_size, png_bytes
+from ..imaging import png_bytes
 from ..schema import Record, Rejection
 from .base import Adapter
 
@@ -60,12 +59,11 @@ class ImageFolderAdapter(Adapter):
         if not label:
             yield self.reject(item, "no_label", "empty label in the label file")
             return
-        try:
-            image = read_medical_image(self.source.path / item)
-        except MedicalImageError as e:
-            yield self.reject(item, "unreadable", str(e).replace(str(self.source.path), "<source>"))
+        read = self.read_images(item, self.source.path / item)
+        if isinstance(read, Rejection):
+            yield read
             return
-        pixels = limit_size(as_rgb_u8(image.pixels), self.ctx.max_side)
+        (pixels,) = read
         png = png_bytes(pixels)
         group = self.patient_group(row.get("patient"), item)
         split = self.split_for(group)

@@ -20,8 +20,7 @@ from __future__ import annotations
 import csv
 from typing import Iterator
 
-from ...medical_io import MedicalImageError, read_medical_image
-from ..imaging import as_rgb_u8, limit_size, png_bytes
+from ..imaging import limit_size, png_bytes
 from ..schema import Record, Rejection
 from .base import Adapter
 
@@ -49,17 +48,15 @@ class PairedImagesAdapter(Adapter):
 
     def process(self, item: str) -> Iterator[Record | Rejection]:
         row = self.rows[item]
-        try:
-            src = read_medical_image(self.source.path / row["input"])
-            dst = read_medical_image(self.source.path / row["target"])
-        except MedicalImageError as e:
-            yield self.reject(item, "unreadable", str(e).replace(str(self.source.path), "<source>"))
+        read = self.read_images(item, self.source.path / row["input"], self.source.path / row["target"], resize=False)
+        if isinstance(read, Rejection):
+            yield read
             return
-        if src.pixels.shape[:2] != dst.pixels.shape[:2]:
-            yield self.reject(item, "size_mismatch", f"input {src.pixels.shape[1]}x{src.pixels.shape[0]} vs target {dst.pixels.shape[1]}x{dst.pixels.shape[0]}")
+        src, dst = read
+        if src.shape[:2] != dst.shape[:2]:
+            yield self.reject(item, "size_mismatch", f"input {src.shape[1]}x{src.shape[0]} vs target {dst.shape[1]}x{dst.shape[0]}")
             return
-        a = limit_size(as_rgb_u8(src.pixels), self.ctx.max_side)
-        b = limit_size(as_rgb_u8(dst.pixels), self.ctx.max_side)
+        a, b = limit_size(src, self.ctx.max_side), limit_size(dst, self.ctx.max_side)
         group = self.patient_group(row.get("patient"), item)
         yield Record(
             id=self.record_id(item, self.opt["task"]), family="interleaved", task=self.opt["task"], modality=self.source.modality,

@@ -19,8 +19,7 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from ...medical_io import MedicalImageError, read_medical_image
-from ..imaging import as_rgb_u8, limit_size, png_bytes
+from ..imaging import png_bytes
 from ..schema import Record, Rejection
 from ._tables import read_table
 from .base import Adapter
@@ -48,12 +47,11 @@ class ReportsAdapter(Adapter):
         if not findings and not impression:
             yield self.reject(item, "no_text", "both findings and impression are empty")
             return
-        try:
-            image = read_medical_image(self.source.path / item)
-        except MedicalImageError as e:
-            yield self.reject(item, "unreadable", str(e).replace(str(self.source.path), "<source>"))
+        read = self.read_images(item, self.source.path / item)
+        if isinstance(read, Rejection):
+            yield read
             return
-        pixels = limit_size(as_rgb_u8(image.pixels), self.ctx.max_side)
+        (pixels,) = read
         png = png_bytes(pixels)
         group = self.patient_group(row.get("patient"), item)
         base = dict(modality=self.source.modality, source=self.source.name, license=self.source.license, patient_group=group,

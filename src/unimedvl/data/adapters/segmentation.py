@@ -22,7 +22,6 @@ from typing import Iterator
 
 import numpy as np
 
-from ...medical_io import MedicalImageError, read_medical_image
 from ..imaging import as_rgb_u8, limit_size, png_bytes
 from ..schema import Record, Rejection
 from ._tables import read_table
@@ -61,21 +60,20 @@ class SegmentationAdapter(Adapter):
     def process(self, item: str) -> Iterator[Record | Rejection]:
         row = self.rows[item]
         structure = row["structure"].strip()
-        try:
-            image = read_medical_image(self.source.path / row["image"])
-            mask_img = read_medical_image(self.source.path / row["mask"])
-        except MedicalImageError as e:
-            yield self.reject(item, "unreadable", str(e).replace(str(self.source.path), "<source>"))
+        read = self.read_images(item, self.source.path / row["image"], self.source.path / row["mask"], resize=False)
+        if isinstance(read, Rejection):
+            yield read
             return
-        if image.pixels.shape[:2] != mask_img.pixels.shape[:2]:
+        image_px, mask_px_raw = read
+        if image_px.shape[:2] != mask_px_raw.shape[:2]:
             yield self.reject(item, "size_mismatch", "the mask and the image differ in size")
             return
-        mask = mask_img.pixels.max(axis=2) > 0
+        mask = mask_px_raw.max(axis=2) > 0
         if not mask.any():
             yield self.reject(item, "empty_mask", f"no pixel of {structure!r} in the mask")
             return
         text, geometry = describe_mask(mask, structure)
-        pixels = limit_size(as_rgb_u8(image.pixels), self.ctx.max_side)
+        pixels = limit_size(image_px, self.ctx.max_side)
         mask_px = limit_size(as_rgb_u8(np.where(mask, 255, 0).astype(np.uint8)), self.ctx.max_side)
         mask_px = np.where(mask_px >= 128, 255, 0).astype(np.uint8)  # keep it binary after resizing
         png = png_bytes(pixels)

@@ -21,9 +21,8 @@ from typing import Iterator
 import numpy as np
 from PIL import Image
 
-from ...medical_io import MedicalImageError, read_medical_image
 from .. import templates as T
-from ..imaging import as_rgb_u8, kspace_downsample, limit_size, png_bytes
+from ..imaging import as_rgb_u8, kspace_downsample, png_bytes
 from ..schema import Record, Rejection
 from .base import Adapter, files_under
 
@@ -47,13 +46,12 @@ class SuperResolutionAdapter(Adapter):
 
     def process(self, item: str) -> Iterator[Record | Rejection]:
         path = self.source.path / item if self.source.path.is_dir() else self.source.path
-        try:
-            image = read_medical_image(path)
-        except MedicalImageError as e:
-            yield self.reject(item, "unreadable", str(e).replace(str(self.source.path), "<source>"))
+        read = self.read_images(item, path)
+        if isinstance(read, Rejection):
+            yield read
             return
         f = int(self.opt["factor"])
-        hr = limit_size(as_rgb_u8(image.pixels), self.ctx.max_side)
+        (hr,) = read
         h, w = (hr.shape[0] // f) * f, (hr.shape[1] // f) * f
         hr = hr[:h, :w]
         if self.opt["degradation"] == "kspace":

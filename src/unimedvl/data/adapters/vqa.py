@@ -24,8 +24,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Iterator
 
-from ...medical_io import MedicalImageError, read_medical_image
-from ..imaging import as_rgb_u8, limit_size, png_bytes
+from ..imaging import png_bytes
 from ..schema import MODALITIES, Record, Rejection
 from ._tables import read_table
 from .base import Adapter
@@ -71,11 +70,11 @@ class VqaAdapter(Adapter):
 
     def process(self, item: str) -> Iterator[Record | Rejection]:
         qas = self.by_image[item]
-        try:
-            image = read_medical_image(self._image_path(item))
-        except MedicalImageError as e:
-            yield self.reject(item, "unreadable", str(e).replace(str(self.source.path), "<source>"))
+        read = self.read_images(item, self._image_path(item))
+        if isinstance(read, Rejection):
+            yield read
             return
+        (pixels,) = read
         modality = self.source.modality
         if modality == "auto":
             field = self.fields.get("modality")
@@ -91,7 +90,6 @@ class VqaAdapter(Adapter):
         if not messages:
             yield self.reject(item, "no_text", "no question with an answer")
             return
-        pixels = limit_size(as_rgb_u8(image.pixels), self.ctx.max_side)
         group = self.patient_group(None, item)
         yield Record(id=self.record_id(item, "vqa"), family="understanding", task="vqa", modality=modality, source=self.source.name,
                      license=self.source.license, patient_group=group, split=self.split_for(group), input_images=[png_bytes(pixels)],
