@@ -50,6 +50,7 @@ class Adapter:
 
     kind = ""
     options: dict = {}  # option name -> default, checked against the config
+    requires_modality = True  # False where the adapter reads the modality from the files (DICOM, VQA formats)
 
     def __init__(self, source: SourceConfig, ctx: BuildContext):
         unknown = set(source.options) - set(self.options)
@@ -59,6 +60,8 @@ class Adapter:
             raise ValueError(f"source {source.name!r}: modality must be one of {MODALITIES} or auto, got {source.modality!r}")
         if not source.path.exists():
             raise FileNotFoundError(f"source {source.name!r}: {source.path} does not exist")
+        if self.requires_modality and source.modality == "auto":
+            raise ValueError(f"source {source.name!r}: kind {self.kind} needs an explicit modality")
         self.source, self.ctx = source, ctx
         self.opt = {**self.options, **source.options}
 
@@ -71,6 +74,12 @@ class Adapter:
     # ---- helpers --------------------------------------------------------------------------
     def record_id(self, item: str, task: str, k: int = 0) -> str:
         return stable_hash(self.source.name, item, task, str(k), length=20)
+
+    def provenance(self, group: str, modality: str | None = None) -> dict:
+        """The record fields every sample of this source shares: modality, source, licence,
+        patient group and the group's split."""
+        return dict(modality=modality or self.source.modality, source=self.source.name, license=self.source.license,
+                    patient_group=group, split=self.split_for(group))
 
     def patient_group(self, patient_id: str | None, item: str) -> str:
         """Salted hash of the patient identifier; without one, each item is its own group."""

@@ -102,6 +102,7 @@ def select_series_slices(files: list[str], path_of, per_series: int, edge_fracti
 
 class DicomAdapter(Adapter):
     kind = "dicom"
+    requires_modality = False
     options = {"window": None, "frame": "middle", "tasks": list(TASKS), "reject_possible_burned_in": False, "slices_per_series": 5}
 
     def items(self) -> list[str]:
@@ -154,8 +155,7 @@ class DicomAdapter(Adapter):
         meta = {"width": pixels.shape[1], "height": pixels.shape[0], "dicom_modality": dicom_modality, "body_part": part,
                 "window": image.meta.get("window"), "frame": frame, "num_frames": n_frames,
                 "photometric_interpretation": image.meta.get("photometric_interpretation")}
-        base = dict(modality=modality, source=self.source.name, license=self.source.license, patient_group=group,
-                    split=self.split_for(group), meta=meta)
+        base = dict(**self.provenance(group, modality), meta=meta)
         tasks = self.opt["tasks"]
         if "caption" in tasks:
             yield Record(id=self.record_id(item, "caption"), family="understanding", task="caption", input_images=[png],

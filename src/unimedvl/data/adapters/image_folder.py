@@ -17,12 +17,12 @@ Closed VQA asks about the image's own label ("Yes.") and about another label of 
 
 from __future__ import annotations
 
-import csv
 from typing import Iterator
 
 from .. import templates as T
 from ..imaging import png_bytes
 from ..schema import Record, Rejection
+from ._tables import read_table
 from .base import Adapter
 
 TASKS = ("caption", "closed_vqa", "open_vqa", "t2i")
@@ -34,20 +34,11 @@ class ImageFolderAdapter(Adapter):
 
     def __init__(self, source, ctx):
         super().__init__(source, ctx)
-        if self.source.modality == "auto":
-            raise ValueError(f"source {source.name!r}: image_folder needs an explicit modality")
         bad = set(self.opt["tasks"]) - set(TASKS)
         if bad:
             raise ValueError(f"source {source.name!r}: unknown task(s) {sorted(bad)}; known: {list(TASKS)}")
-        path = source.path / self.opt["labels"]
-        if not path.is_file():
-            raise FileNotFoundError(f"source {source.name!r}: label file {path} not found")
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            missing = {"file", "label"} - set(reader.fieldnames or [])
-            if missing:
-                raise ValueError(f"{path}: missing column(s) {sorted(missing)} (need file, label[, patient])")
-            self.rows = {r["file"]: r for r in reader}
+        rows = read_table(source.path / self.opt["labels"], {"file", "label"}, f"source {source.name!r}")
+        self.rows = {r["file"]: r for r in rows}
         self.labels = sorted({r["label"].strip() for r in self.rows.values() if r["label"].strip()})
 
     def items(self) -> list[str]:
@@ -66,10 +57,8 @@ class ImageFolderAdapter(Adapter):
         (pixels,) = read
         png = png_bytes(pixels)
         group = self.patient_group(row.get("patient"), item)
-        split = self.split_for(group)
         mod = self.source.modality
-        base = dict(modality=mod, source=self.source.name, license=self.source.license, patient_group=group, split=split,
-                    meta={"width": pixels.shape[1], "height": pixels.shape[0], "label": label})
+        base = dict(**self.provenance(group), meta={"width": pixels.shape[1], "height": pixels.shape[0], "label": label})
         tasks = self.opt["tasks"]
         caption = T.fill(T.pick(T.for_modality(T.CAPTION, T.MODALITY_CAPTION, mod), item), mod, label=label)
         if "caption" in tasks:

@@ -61,8 +61,6 @@ class NiftiAdapter(Adapter):
 
     def __init__(self, source, ctx):
         super().__init__(source, ctx)
-        if self.source.modality == "auto":
-            raise ValueError(f"source {source.name!r}: nifti needs an explicit modality")
         if self.opt["axis"] not in NIFTI_AXES:
             raise ValueError(f"source {source.name!r}: axis must be one of {list(NIFTI_AXES)}")
 
@@ -87,7 +85,6 @@ class NiftiAdapter(Adapter):
             yield self.reject(item, "no_usable_slice", f"no slice covers {self.opt['min_foreground']:.0%} foreground")
             return
         group = self.patient_group(None, item)
-        split = self.split_for(group)
         mod, tasks = self.source.modality, self.opt["tasks"]
         what = self.opt["description"] or T.MODALITY_NAMES[mod]
         for index in slices:
@@ -99,7 +96,7 @@ class NiftiAdapter(Adapter):
             caption = f"An {self.opt['axis']} slice of a {what}."
             meta = {"width": pixels.shape[1], "height": pixels.shape[0], "axis": self.opt["axis"], "slice_index": index,
                     "num_slices": int(data.shape[axis]), "voxel_size_mm": zooms}
-            base = dict(modality=mod, source=self.source.name, license=self.source.license, patient_group=group, split=split, meta=meta)
+            base = dict(**self.provenance(group), meta=meta)
             if "caption" in tasks:
                 yield Record(id=self.record_id(key, "caption"), family="understanding", task="caption", input_images=[png],
                              messages=[{"from": "human", "value": "<image>\nDescribe this image."}, {"from": "gpt", "value": caption}], **base)

@@ -17,11 +17,11 @@ Both images are read like any input (DICOM/NIfTI/PNG...), converted to 8-bit RGB
 
 from __future__ import annotations
 
-import csv
 from typing import Iterator
 
 from ..imaging import limit_size, png_bytes
 from ..schema import Record, Rejection
+from ._tables import read_table
 from .base import Adapter
 
 
@@ -31,17 +31,8 @@ class PairedImagesAdapter(Adapter):
 
     def __init__(self, source, ctx):
         super().__init__(source, ctx)
-        if self.source.modality == "auto":
-            raise ValueError(f"source {source.name!r}: paired_images needs an explicit modality")
-        path = source.path / self.opt["pairs"]
-        if not path.is_file():
-            raise FileNotFoundError(f"source {source.name!r}: pair list {path} not found")
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            missing = {"input", "target", "instruction"} - set(reader.fieldnames or [])
-            if missing:
-                raise ValueError(f"{path}: missing column(s) {sorted(missing)} (need input, target, instruction[, response, patient])")
-            self.rows = {f"{r['input']}->{r['target']}": r for r in reader}
+        rows = read_table(source.path / self.opt["pairs"], {"input", "target", "instruction"}, f"source {source.name!r}")
+        self.rows = {f"{r['input']}->{r['target']}": r for r in rows}
 
     def items(self) -> list[str]:
         return sorted(self.rows)
@@ -59,8 +50,7 @@ class PairedImagesAdapter(Adapter):
         a, b = limit_size(src, self.ctx.max_side), limit_size(dst, self.ctx.max_side)
         group = self.patient_group(row.get("patient"), item)
         yield Record(
-            id=self.record_id(item, self.opt["task"]), family="interleaved", task=self.opt["task"], modality=self.source.modality,
-            source=self.source.name, license=self.source.license, patient_group=group, split=self.split_for(group),
+            id=self.record_id(item, self.opt["task"]), family="interleaved", task=self.opt["task"], **self.provenance(group),
             input_images=[png_bytes(a)], output_images=[png_bytes(b)], instruction=row["instruction"].strip(),
             response=(row.get("response") or "").strip(), meta={"width": b.shape[1], "height": b.shape[0]},
         )

@@ -40,8 +40,6 @@ class PairedVolumesAdapter(Adapter):
 
     def __init__(self, source, ctx):
         super().__init__(source, ctx)
-        if self.source.modality == "auto":
-            raise ValueError(f"source {source.name!r}: paired_volumes needs an explicit modality")
         pairs = self.opt["pairs"]
         if not pairs or not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in pairs):
             raise ValueError(f"source {source.name!r}: options.pairs must be a list of [from, to] contrast names")
@@ -70,7 +68,6 @@ class PairedVolumesAdapter(Adapter):
         selections = {c: select_slices(v, axis, count, min_fg, edge) for c, v in volumes.items()}
         scales = {c: sel[1:] for c, sel in selections.items()}  # each contrast scaled on its own
         group = self.patient_group(item, item)
-        split = self.split_for(group)
         names = self.opt["names"]
 
         def slice_u8(contrast, index):
@@ -86,8 +83,7 @@ class PairedVolumesAdapter(Adapter):
                 a, b = slice_u8(src, index), slice_u8(dst, index)
                 src_name, dst_name = names.get(src, src), names.get(dst, dst)
                 yield Record(
-                    id=self.record_id(key, "cross_modal"), family="interleaved", task="cross_modal", modality=self.source.modality,
-                    source=self.source.name, license=self.source.license, patient_group=group, split=split,
+                    id=self.record_id(key, "cross_modal"), family="interleaved", task="cross_modal", **self.provenance(group),
                     input_images=[png_bytes(a)], output_images=[png_bytes(b)],
                     instruction=T.fill(T.TRANSLATION_INSTRUCTION, self.source.modality, src=src_name, dst=dst_name),
                     response=T.fill(T.TRANSLATION_RESPONSE, self.source.modality, dst=dst_name),

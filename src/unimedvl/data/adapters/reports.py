@@ -33,8 +33,6 @@ class ReportsAdapter(Adapter):
 
     def __init__(self, source, ctx):
         super().__init__(source, ctx)
-        if self.source.modality == "auto":
-            raise ValueError(f"source {source.name!r}: reports needs an explicit modality")
         rows = read_table(source.path / self.opt["table"], {"image", "findings", "impression"}, f"source {source.name!r}")
         self.rows = {r["image"]: r for r in rows}
 
@@ -54,8 +52,7 @@ class ReportsAdapter(Adapter):
         (pixels,) = read
         png = png_bytes(pixels)
         group = self.patient_group(row.get("patient"), item)
-        base = dict(modality=self.source.modality, source=self.source.name, license=self.source.license, patient_group=group,
-                    split=self.split_for(group), meta={"width": pixels.shape[1], "height": pixels.shape[0]})
+        base = dict(**self.provenance(group), meta={"width": pixels.shape[1], "height": pixels.shape[0]})
         report = "\n".join(p for p in (f"Findings: {findings}" if findings else "", f"Impression: {impression}" if impression else "") if p)
         if "report" in self.opt["tasks"]:
             yield Record(id=self.record_id(item, "report"), family="understanding", task="report", input_images=[png],

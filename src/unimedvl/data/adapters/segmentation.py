@@ -49,8 +49,6 @@ class SegmentationAdapter(Adapter):
 
     def __init__(self, source, ctx):
         super().__init__(source, ctx)
-        if self.source.modality == "auto":
-            raise ValueError(f"source {source.name!r}: segmentation needs an explicit modality")
         rows = read_table(source.path / self.opt["table"], {"image", "mask", "structure"}, f"source {source.name!r}")
         self.rows = {f"{r['image']}|{r['structure']}": r for r in rows}
 
@@ -78,8 +76,7 @@ class SegmentationAdapter(Adapter):
         mask_px = np.where(mask_px >= 128, 255, 0).astype(np.uint8)  # keep it binary after resizing
         png = png_bytes(pixels)
         group = self.patient_group(row.get("patient"), row["image"])
-        base = dict(modality=self.source.modality, source=self.source.name, license=self.source.license, patient_group=group,
-                    split=self.split_for(group), meta={"width": pixels.shape[1], "height": pixels.shape[0], "structure": structure, **geometry})
+        base = dict(**self.provenance(group), meta={"width": pixels.shape[1], "height": pixels.shape[0], "structure": structure, **geometry})
         if "findings" in self.opt["tasks"]:
             yield Record(id=self.record_id(item, "findings"), family="understanding", task="caption", input_images=[png],
                          messages=[{"from": "human", "value": f"<image>\nDescribe the {structure} in this image."}, {"from": "gpt", "value": text}], **base)

@@ -35,8 +35,6 @@ class SuperResolutionAdapter(Adapter):
 
     def __init__(self, source, ctx):
         super().__init__(source, ctx)
-        if self.source.modality == "auto":
-            raise ValueError(f"source {source.name!r}: super_resolution needs an explicit modality")
         if self.opt["degradation"] not in ("kspace", "bicubic"):
             raise ValueError(f"source {source.name!r}: degradation must be kspace or bicubic")
 
@@ -61,8 +59,7 @@ class SuperResolutionAdapter(Adapter):
             lr = np.asarray(Image.fromarray(hr).resize((w // f, h // f), Image.BICUBIC, reducing_gap=2.0))
         group = self.patient_group(None, item)
         yield Record(
-            id=self.record_id(item, "sr"), family="interleaved", task="sr", modality=self.source.modality, source=self.source.name,
-            license=self.source.license, patient_group=group, split=self.split_for(group),
+            id=self.record_id(item, "sr"), family="interleaved", task="sr", **self.provenance(group),
             input_images=[png_bytes(lr)], output_images=[png_bytes(hr)],
             instruction=T.fill(T.pick(T.SR_INSTRUCTION, item), self.source.modality), response=T.fill(T.SR_RESPONSE, self.source.modality),
             meta={"width": w, "height": h, "sr_factor": f, "degradation": self.opt["degradation"]},

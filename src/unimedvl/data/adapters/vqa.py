@@ -40,6 +40,7 @@ IMAGE_SUFFIXES = ("", ".jpg", ".png", ".jpeg")
 
 class VqaAdapter(Adapter):
     kind = "vqa"
+    requires_modality = False
     options = {"format": "custom", "annotations": "annotations.json", "images_dir": ".", "language": None,
                "image_field": "image", "question_field": "question", "answer_field": "answer"}
 
@@ -91,6 +92,5 @@ class VqaAdapter(Adapter):
             yield self.reject(item, "no_text", "no question with an answer")
             return
         group = self.patient_group(None, item)
-        yield Record(id=self.record_id(item, "vqa"), family="understanding", task="vqa", modality=modality, source=self.source.name,
-                     license=self.source.license, patient_group=group, split=self.split_for(group), input_images=[png_bytes(pixels)],
+        yield Record(id=self.record_id(item, "vqa"), family="understanding", task="vqa", **self.provenance(group, modality), input_images=[png_bytes(pixels)],
                      messages=messages, meta={"width": pixels.shape[1], "height": pixels.shape[0], "questions": len(messages) // 2})
