@@ -40,23 +40,29 @@ class ImageReadOptions:
         return dicom
 
 
-def load_image(image: ImageInput, options: ImageReadOptions = ImageReadOptions()) -> Image.Image:
-    """An 8-bit RGB PIL image from any supported input."""
+def load_image_with_meta(image: ImageInput, options: ImageReadOptions = ImageReadOptions()) -> tuple[Image.Image, dict]:
+    """An 8-bit RGB PIL image from any supported input, with the reader's metadata (modality,
+    window, slice...; empty for PIL images and arrays)."""
     if isinstance(image, (str, Path)):
         path = Path(image)
-        if not path.exists():
+        if not path.is_file():
             raise MedicalImageError(f"{path}: no such image file")
-        return read_medical_image(path, **options.reader_kwargs(path)).to_pil()
+        image = read_medical_image(path, **options.reader_kwargs(path))
     if isinstance(image, MedicalImage):
-        return image.to_pil()
+        return image.to_pil(), dict(image.meta)
     if isinstance(image, Image.Image):
-        return to_rgb(image)
+        return to_rgb(image), {}
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8:
             raise MedicalImageError(
                 f"an image array must be uint8 (got {image.dtype}); read 16-bit or float data with unimedvl.medical_io"
             )
         if image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (1, 3, 4)):
-            return to_rgb(Image.fromarray(image.squeeze(-1) if image.ndim == 3 and image.shape[2] == 1 else image))
+            return to_rgb(Image.fromarray(image.squeeze(-1) if image.ndim == 3 and image.shape[2] == 1 else image)), {}
         raise MedicalImageError(f"an image array must be HxW or HxWx{{1,3,4}}, got shape {image.shape}")
     raise TypeError(f"unsupported image input of type {type(image).__name__}")
+
+
+def load_image(image: ImageInput, options: ImageReadOptions = ImageReadOptions()) -> Image.Image:
+    """An 8-bit RGB PIL image from any supported input."""
+    return load_image_with_meta(image, options)[0]

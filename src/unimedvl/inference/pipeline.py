@@ -30,13 +30,13 @@ from PIL import Image
 
 from ..flow import GuidanceConfig
 from ..image_transforms import GEN_VAE, GEN_VIT, VQA_VIT, normalize_u8, to_uint8_image
-from ..medical_io import MedicalImage, MedicalImageError, read_medical_image
+from ..medical_io import MedicalImage
 from ..model import KVCache, UniMedVL
 from ..outputs import generation_record, save_dicom_secondary_capture, save_png
 from ..tokenizer import Tokenizer
 from . import prompts
 from .engine import Engine, Sampler, TextStream
-from .inputs import ImageInput, ImageReadOptions, load_image
+from .inputs import ImageInput, ImageReadOptions, load_image_with_meta
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
 Progress = Callable[[int, int], None]
@@ -217,13 +217,7 @@ class UniMedVLPipeline:
         return ids
 
     def _load(self, image: ImageInput) -> tuple[Image.Image, dict]:
-        if isinstance(image, (str, Path)):
-            path = Path(image)
-            if not path.is_file():
-                raise MedicalImageError(f"{path}: no such image file")
-            med = read_medical_image(path, **self.read_options.reader_kwargs(path))
-            return med.to_pil(), dict(med.meta)
-        return load_image(image, self.read_options), {}
+        return load_image_with_meta(image, self.read_options)
 
     def _images(self, images: ImageInput | Sequence[ImageInput] | None) -> list[tuple[Image.Image, dict]]:
         if images is None:
