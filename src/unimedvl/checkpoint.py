@@ -35,9 +35,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -45,6 +43,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .atomic import atomic_path, write_text
 from .config import AutoencoderConfig, ConfigError, LLMConfig, UniMedVLConfig, ViTConfig
 from .model.unimedvl import UniMedVL
 from .tokenizer import Tokenizer, has_tokenizer
@@ -110,10 +109,10 @@ def read_config(directory: str | Path, visual_gen: bool = True) -> UniMedVLConfi
 
 def write_config(config: UniMedVLConfig, directory: Path, special_ids: tuple[int, int] | None = None) -> None:
     bos, eos = special_ids if special_ids else (None, None)
-    _atomic_write_text(directory / LLM_CONFIG, json.dumps(config.llm.to_official_json(eos, bos), indent=2))
-    _atomic_write_text(directory / VIT_CONFIG, json.dumps(config.vit.to_official_json(), indent=2))
-    _atomic_write_text(directory / AE_CONFIG, json.dumps(config.ae.to_json(), indent=2))
-    _atomic_write_text(directory / EXTRA_CONFIG, json.dumps(config.bagel_json(), indent=2))
+    write_text(directory / LLM_CONFIG, json.dumps(config.llm.to_official_json(eos, bos), indent=2))
+    write_text(directory / VIT_CONFIG, json.dumps(config.vit.to_official_json(), indent=2))
+    write_text(directory / AE_CONFIG, json.dumps(config.ae.to_json(), indent=2))
+    write_text(directory / EXTRA_CONFIG, json.dumps(config.bagel_json(), indent=2))
 
 
 # ---- key map ---------------------------------------------------------------------------------
@@ -307,27 +306,10 @@ def _read_tensors(items, convert, dtype, device, chunk_bytes: int = READ_CHUNK_B
 # ---- saving ----------------------------------------------------------------------------------
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     """Write ``tensors`` to ``path`` via a temporary file and a rename: no partial file is ever visible."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata or {"format": "pt"})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata or {"format": "pt"})
 
 
 def save_pretrained(

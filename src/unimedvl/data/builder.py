@@ -14,12 +14,12 @@ writes the manifest.
 from __future__ import annotations
 
 import json
-import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from ..atomic import write_bytes
 from .adapters import make_adapter
 from .adapters.base import make_rejection
 from .build_config import BuildConfig
@@ -49,15 +49,6 @@ def plan_shards(config: BuildConfig) -> list[ShardPlan]:
 def shard_paths(out: Path, index: int) -> dict[str, Path]:
     stem = out / "shards" / f"{index:05d}"
     return {"parquet": stem.with_suffix(".parquet"), "rejections": Path(f"{stem}.rejections.jsonl"), "done": Path(f"{stem}.done.json")}
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _finish_record(record: Record, item_key: str, config: BuildConfig, source, decoded: dict) -> Record | Rejection:
@@ -130,11 +121,11 @@ def build_shard(config: BuildConfig, plan: ShardPlan, out: Path) -> dict:
     table = pa.Table.from_pylist([r.to_row() for r in records], schema=arrow_schema())
     buf = io.BytesIO()
     pq.write_table(table, buf, row_group_size=ROW_GROUP_SIZE, compression="zstd")
-    _atomic_write_bytes(paths["parquet"], buf.getvalue())
+    write_bytes(paths["parquet"], buf.getvalue())
     lines = "".join(json.dumps(r.to_json(), sort_keys=True) + "\n" for r in rejections)
-    _atomic_write_bytes(paths["rejections"], lines.encode())
+    write_bytes(paths["rejections"], lines.encode())
     counts = {"shard": plan.index, "items": len(plan.items), "records": len(records), "rejections": len(rejections)}
-    _atomic_write_bytes(paths["done"], json.dumps(counts, sort_keys=True).encode())
+    write_bytes(paths["done"], json.dumps(counts, sort_keys=True).encode())
     return counts
 
 
@@ -169,7 +160,7 @@ def build(
             raise ValueError(f"{out} holds a build of another config (fingerprint {previous}, this config {fp}); use a new --out")
     else:
         info = {"fingerprint": fp, "sources": [{"name": s.name, "kind": s.kind, "modality": s.modality, "license": s.license} for s in config.sources]}
-        _atomic_write_bytes(fingerprint_file, json.dumps(info, sort_keys=True).encode())
+        write_bytes(fingerprint_file, json.dumps(info, sort_keys=True).encode())
     for stale in (out / "shards").glob(".*.partial"):
         stale.unlink()  # left by a killed run; never visible under a final name
 

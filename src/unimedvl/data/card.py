@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .builder import _atomic_write_bytes
+from ..atomic import write_bytes
 from .imaging import decode_png
 
 THUMB = 96
@@ -73,12 +73,12 @@ def write_card(out: Path, manifest: dict) -> None:
     for mods in manifest["counts"].values():
         for m, by_source in mods.items():
             per_modality[m] = per_modality.get(m, 0) + sum(by_source.values())
-    _atomic_write_bytes(out / "card" / "records_per_family.png", _png(bar_chart(per_family, "kept records per task family")))
-    _atomic_write_bytes(out / "card" / "records_per_modality.png", _png(bar_chart(per_modality, "kept records per modality")))
-    _atomic_write_bytes(out / "card" / "rejections.png", _png(bar_chart(manifest["rejections"], "rejections by stage/reason")))
+    write_bytes(out / "card" / "records_per_family.png", _png(bar_chart(per_family, "kept records per task family")))
+    write_bytes(out / "card" / "records_per_modality.png", _png(bar_chart(per_modality, "kept records per modality")))
+    write_bytes(out / "card" / "rejections.png", _png(bar_chart(manifest["rejections"], "rejections by stage/reason")))
     sheets = contact_sheets(out, manifest)
     for modality, sheet in sheets.items():
-        _atomic_write_bytes(out / "card" / f"samples_{modality}.png", _png(sheet))
+        write_bytes(out / "card" / f"samples_{modality}.png", _png(sheet))
 
     lines = ["# Dataset card", "", f"Schema version {manifest['schema_version']}, build fingerprint `{manifest['fingerprint']}`.",
              f"{manifest['num_kept']} records kept of {manifest['num_records']} written "
@@ -100,4 +100,4 @@ def write_card(out: Path, manifest: dict) -> None:
     lines += [f"| {s['name']} | {s['kind']} | {s['modality']} | {s['license']} |" for s in manifest["sources"]]
     lines += ["", "Images are 8-bit PNG (windowed or percentile-scaled before encoding). Patient groups are salted "
               "hashes; no DICOM header field is copied into the records."]
-    _atomic_write_bytes(out / "README.md", ("\n".join(lines) + "\n").encode())
+    write_bytes(out / "README.md", ("\n".join(lines) + "\n").encode())

@@ -27,7 +27,7 @@ from typing import Callable
 
 from PIL import Image
 
-from .builder import _atomic_write_bytes
+from ..atomic import write_bytes
 from .finalize import read_jsonl, write_jsonl, write_manifest
 from .schema import Record
 
@@ -176,7 +176,7 @@ document.getElementById('download').onclick = function() {{
   a.href = URL.createObjectURL(blob); a.download = 'verdicts.json'; a.click();
 }};
 </script></body></html>"""
-    _atomic_write_bytes(Path(sheet), page.encode())
+    write_bytes(Path(sheet), page.encode())
     return len(rows)
 
 

@@ -22,7 +22,8 @@ import json
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from .builder import _atomic_write_bytes, shard_paths
+from ..atomic import write_bytes
+from .builder import shard_paths
 from .schema import SCHEMA_VERSION
 
 INDEX_COLUMNS = ["id", "family", "task", "modality", "source", "split", "patient_group", "item_hash", "image_sha256", "image_phash"]
@@ -46,7 +47,7 @@ def read_index(out: Path, num_shards: int):
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
-    _atomic_write_bytes(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode())
+    write_bytes(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode())
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -122,7 +123,7 @@ def write_manifest(out: Path, num_shards: int) -> dict:
         "rejections": {f"{stage}/{reason}": n for (stage, reason), n in sorted(rejections.items())},
         "sources": build_info.get("sources", []),
     }
-    _atomic_write_bytes(out / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True).encode())
+    write_bytes(out / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True).encode())
     from .card import write_card
 
     write_card(out, manifest)

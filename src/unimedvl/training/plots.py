@@ -7,6 +7,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from ..atomic import atomic_path
+
 COLOURS = {"loss": (40, 40, 40), "ce": (200, 60, 50), "mse": (50, 100, 200)}
 
 
@@ -55,8 +57,7 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     boundaries = [next(r["step"] for r in rows if r["stage"] == s) for s in stages[1:]]
     for name, rs, marks in [("loss", rows, boundaries)] + [(f"loss_{s}", [r for r in rows if r["stage"] == s], []) for s in stages]:
         path = out / f"{name}.png"
-        tmp = path.with_name(f".{path.name}.partial.png")
-        line_chart(series(rs), f"{name.replace('_', ' ')} ({len(rs)} steps)", boundaries=marks).save(tmp)
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            line_chart(series(rs), f"{name.replace('_', ' ')} ({len(rs)} steps)", boundaries=marks).save(tmp, format="PNG")
         written.append(path)
     return written

@@ -24,6 +24,7 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..atomic import write_json, write_text
 from ..image_transforms import ImageTransform
 from ..model import UniMedVL
 from .data import BatchStream, DatasetIndex, MixtureSampler
@@ -50,12 +51,6 @@ def _set_trainable(model: UniMedVL, frozen: tuple[str, ...]) -> list[torch.nn.Pa
         if not freeze:
             trainable.append(p)
     return trainable
-
-
-def _atomic_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(json.dumps(obj, sort_keys=True))
-    os.replace(tmp, path)
 
 
 class Trainer:
@@ -205,13 +200,13 @@ class Trainer:
 
             write_config(self.model.config, tmp, (self.tokenizer.special.bos, self.tokenizer.special.eos))
             self.tokenizer.save(tmp)  # the checkpoint is self-describing: unimedvl export needs nothing else
-            _atomic_json(tmp / "state.json", {"global_step": self.global_step, "stage_index": self._stage_index,
+            write_json(tmp / "state.json", {"global_step": self.global_step, "stage_index": self._stage_index,
                                               "stream": self.stream.state_dict(), "plan": self.plan.name, "world": self.dist.world,
                                               "lora": None if self.lora is None else {"rank": self.lora.rank, "alpha": self.lora.alpha,
                                                                                       "targets": list(self.lora.targets)}})
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
-            _atomic_json(ckpt_root / "latest.json", {"checkpoint": final.name, "global_step": self.global_step})
+            write_json(ckpt_root / "latest.json", {"checkpoint": final.name, "global_step": self.global_step})
         self.dist.barrier()
         return final
 
@@ -262,9 +257,7 @@ class Trainer:
                 self.load_checkpoint(latest)
             if existed and self.dist.is_main:  # drop rows of steps after the checkpoint: they are redone
                 rows = [r for r in self.metrics_path.read_text().splitlines() if r and json.loads(r)["step"] <= self.global_step]
-                tmp = self.metrics_path.with_name(".metrics.jsonl.partial")
-                tmp.write_text("".join(r + "\n" for r in rows))
-                os.replace(tmp, self.metrics_path)
+                write_text(self.metrics_path, "".join(r + "\n" for r in rows))
         elif existed:
             raise FileExistsError(f"{self.run_dir} already holds a run; pass resume=True (--resume) to continue it")
         last_ckpt = None
