@@ -54,6 +54,15 @@ def test_three_stages_learn_and_frozen_modules_stay(demo_dataset, tmp_path):
     assert all(torch.equal(p, dict(model.vit_model.named_parameters())[n]) for n, p in vit_after_stage1.items())
     assert (tmp_path / "run" / "checkpoints" / "step-0000036" / "ema.safetensors").is_file()
     assert set(rows[-1]["per_family"]) <= {"understanding", "generation", "interleaved"} and rows[-1]["per_family"]
+    # the same rows in TensorBoard
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 37))
+    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx([r["loss"] for r in rows], rel=1e-6)
+    assert "family/understanding/ce" in events.Tags()["scalars"] and "train/tflops_per_s" in events.Tags()["scalars"]
+    assert rows[0]["mfu"] is None and rows[0]["tflops_per_s"] > 0  # no known peak on a CPU
     plots = sorted(p.name for p in (tmp_path / "run" / "plots").iterdir())
     assert plots == ["loss.png", "loss_foundation.png", "loss_instruction.png", "loss_unified.png"]
 
@@ -177,14 +186,18 @@ def test_lora_trains_only_its_adapters_and_exports_merged(demo_dataset, tmp_path
     assert torch.allclose(logits(raw), logits(model), atol=1e-5)
 
 
-def test_two_fsdp_processes_match_one_process(demo_dataset, tmp_path):
+def test_two_fsdp_processes_match_one_process_and_resume_from_sharded_checkpoints(demo_dataset, tmp_path):
     """torchrun with 2 CPU processes (gloo, FSDP2, grad_accum 1) trains like 1 process accumulating
-    the same 2 micro-batches: losses within 1e-4 relative, weights within 1e-5."""
+    the same 2 micro-batches: losses within 1e-4 relative, weights within 1e-5.  The 2-process
+    checkpoints are sharded (torch.distributed.checkpoint, no model.safetensors); a 2-process run
+    stopped mid-stage and resumed ends bit-identical to the uninterrupted one; export assembles the
+    shards into the official layout, which loads strictly."""
     import subprocess
     import sys
 
     import yaml
-    from safetensors.torch import load_file
+
+    from unimedvl.training.export import export_checkpoint, load_training_weights
 
     def plan_file(accum):
         doc = yaml.safe_load((PLANS_DIR / "demo.yaml").read_text())
@@ -195,19 +208,36 @@ def test_two_fsdp_processes_match_one_process(demo_dataset, tmp_path):
         path.write_text(yaml.safe_dump(doc))
         return path
 
-    common = ["--data", str(demo_dataset), "--max-steps", "4"]
-    one = subprocess.run([sys.executable, "-m", "unimedvl.train", str(plan_file(2)), "--out", str(tmp_path / "one"), *common],
-                         capture_output=True, text=True)
+    def torchrun(run, steps, *extra):
+        two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
+                              "-m", "unimedvl.train", str(plan_file(1)), "--out", str(tmp_path / run), "--data", str(demo_dataset),
+                              "--max-steps", str(steps), "--no-tensorboard", *extra], capture_output=True, text=True)
+        assert two.returncode == 0, two.stderr[-3000:]
+
+    one = subprocess.run([sys.executable, "-m", "unimedvl.train", str(plan_file(2)), "--out", str(tmp_path / "one"),
+                          "--data", str(demo_dataset), "--max-steps", "4", "--no-tensorboard"], capture_output=True, text=True)
     assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
-                          "-m", "unimedvl.train", str(plan_file(1)), "--out", str(tmp_path / "two"), *common],
-                         capture_output=True, text=True)
-    assert two.returncode == 0, two.stderr[-3000:]
+    torchrun("two", 4)
     rows = lambda run: [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     a, b = rows("one"), rows("two")
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4]
     for ra, rb in zip(a, b):
         assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-4)
-    wa = load_file(str(tmp_path / "one" / "checkpoints" / "step-0000004" / "model.safetensors"))
-    wb = load_file(str(tmp_path / "two" / "checkpoints" / "step-0000004" / "model.safetensors"))
+    ckpt = tmp_path / "two" / "checkpoints" / "step-0000004"
+    assert (ckpt / "sharded" / ".metadata").is_file() and not (ckpt / "model.safetensors").exists()
+    wa = load_training_weights(tmp_path / "one" / "checkpoints" / "step-0000004")
+    wb = load_training_weights(ckpt)
+    assert wa.keys() == wb.keys()
     assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-5
+
+    torchrun("two_resumed", 2)  # stops mid-stage 1: the optimiser state must come back
+    torchrun("two_resumed", 4, "--resume")
+    wr = load_training_weights(tmp_path / "two_resumed")
+    assert all(torch.equal(wb[k], wr[k]) for k in wb)
+    assert all(torch.equal(x, y) for x, y in zip(load_training_weights(ckpt, "ema").values(),
+                                                 load_training_weights(tmp_path / "two_resumed", "ema").values()))
+
+    out = export_checkpoint(ckpt, tmp_path / "exported")
+    model = UniMedVL.from_pretrained(out, dtype=torch.float32, weights="model")  # strict key check
+    state = model.state_dict()
+    assert all(torch.equal(state[k], wb[k]) for k in wb if k in state and not k.startswith("vae_model"))

@@ -384,9 +384,13 @@ def train(
     init_from: Optional[Path] = typer.Option(None, "--init-from", help="Start from a checkpoint directory (official layout) instead of the plan's preset."),
     tokenizer_dir: Optional[Path] = typer.Option(None, "--tokenizer", help="Tokenizer files for a preset without a bundled one."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many global steps."),
-    lora_rank: int = typer.Option(0, "--lora-rank", help="Train LoRA adapters of this rank instead of the full model (0: off)."),
-    lora_alpha: float = typer.Option(32.0, "--lora-alpha"),
+    lora_rank: Optional[int] = typer.Option(None, "--lora-rank", help="Train LoRA adapters of this rank instead of the full model (0: off; default: the plan's lora.rank)."),
+    lora_alpha: Optional[float] = typer.Option(None, "--lora-alpha", help="LoRA scale numerator (default: the plan's, else 32)."),
     lora_target: list[str] = typer.Option(None, "--lora-target", help="Regex of linear layers to adapt (repeatable); default: the generation expert's attention."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="auto (bf16 on GPUs, fp32 on CPUs), bf16 or fp32 (default: the plan's)."),
+    activation_checkpointing: Optional[bool] = typer.Option(None, "--activation-checkpointing/--no-activation-checkpointing",
+                                                            help="Recompute decoder layers in backward (default: the plan's)."),
+    tensorboard: bool = typer.Option(True, "--tensorboard/--no-tensorboard", help="Also log to RUN/tensorboard (when tensorboard is installed)."),
     device: str = DeviceOpt,
 ) -> None:
     """Train through a curriculum plan: one process, or N under torchrun (FSDP2; gloo on CPUs)."""
@@ -404,6 +408,19 @@ def train(
 
     try:
         p = load_plan(plan)
+        import dataclasses
+
+        from .training.plan import PRECISIONS, LoRAPlan
+
+        if precision is not None and precision not in PRECISIONS:
+            _fail(f"--precision must be one of {list(PRECISIONS)}, got {precision!r}")
+        p = dataclasses.replace(
+            p,
+            precision=precision or p.precision,
+            activation_checkpointing=p.activation_checkpointing if activation_checkpointing is None else activation_checkpointing,
+            lora=LoRAPlan(p.lora.rank if lora_rank is None else lora_rank, p.lora.alpha if lora_alpha is None else lora_alpha,
+                          tuple(lora_target) if lora_target else p.lora.targets),
+        )
         if init_from is not None:
             model = UniMedVL.from_pretrained(init_from, dtype=None, device=device)
             tok = model.tokenizer
@@ -426,12 +443,8 @@ def train(
             bar.set_postfix(stage=row["stage"], loss=f"{row['loss']:.3f}")
             bar.refresh()
 
-        from .training.lora import LoRAConfig
-
-        lora = None
-        if lora_rank:
-            lora = LoRAConfig(rank=lora_rank, alpha=lora_alpha, **({"targets": tuple(lora_target)} if lora_target else {}))
-        trainer = Trainer(p, data, out, model=model, tokenizer=tok, device=device, on_log=on_log, lora=lora, dist_ctx=dist_ctx)
+        trainer = Trainer(p, data, out, model=model, tokenizer=tok, device=device, on_log=on_log, dist_ctx=dist_ctx,
+                          tensorboard=tensorboard)
         result = trainer.run(resume=resume, max_steps=max_steps)
         bar.n = result.global_step
         bar.close()

@@ -4,8 +4,8 @@
 ``WORLD_SIZE``/``RANK``; :func:`init_from_env` then joins the process group (NCCL on GPUs, gloo on
 CPUs) and :func:`shard_model` applies ``fully_shard`` to every decoder and ViT layer and to the
 root, so each rank holds a shard of every trained weight (the frozen autoencoder, used outside the
-forward to encode training images, stays whole on every rank).  Checkpoints gather full tensors on every rank
-(cheap at the scales tests and single nodes use) and rank 0 writes them.
+forward to encode training images, stays whole on every rank).  Checkpoints are written with
+``torch.distributed.checkpoint``: each rank saves its own shards, nothing is gathered.
 """
 
 from __future__ import annotations
@@ -52,21 +52,19 @@ def init_from_env() -> DistContext:
     return DistContext(dist.get_rank(), dist.get_world_size())
 
 
-def shard_model(model) -> None:
-    from torch.distributed.fsdp import fully_shard
+def shard_model(model, bf16: bool = False) -> None:
+    """``fully_shard`` every decoder and ViT layer, then the root.  ``bf16``: gather parameters in
+    bf16 for compute and reduce gradients in fp32 (the sharded master weights stay fp32)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
     for layer in model.language_model.model.layers:
-        fully_shard(layer)
+        fully_shard(layer, mp_policy=policy)
     for layer in model.vit_model.vision_model.encoder.layers:
-        fully_shard(layer)
+        fully_shard(layer, mp_policy=policy)
     # the frozen autoencoder encodes training images outside the model's forward: each rank keeps it whole
     ignored = set(model.vae_model.parameters()) if getattr(model.config, "visual_gen", False) else set()
-    fully_shard(model, ignored_params=ignored)
-
-
-def full_tensor(t: torch.Tensor) -> torch.Tensor:
-    """A plain tensor from a possibly sharded (DTensor) one."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
+    fully_shard(model, ignored_params=ignored, mp_policy=policy)
 
 
 def like(template: torch.Tensor, full: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,7 @@ reference code - load."""
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -27,16 +28,43 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise FileNotFoundError(f"{path}: neither a training checkpoint (state.json) nor a run folder with checkpoints/latest.json")
 
 
+def load_training_weights(checkpoint: str | Path, which: str = "model") -> dict[str, torch.Tensor]:
+    """The full ``model`` or ``ema`` weights of a training checkpoint, in the trainer's key names,
+    from either format: a single process's safetensors or an FSDP run's sharded
+    ``torch.distributed.checkpoint`` folder (assembled here, in one process, without a process group)."""
+    ckpt = resolve_checkpoint(checkpoint)
+    if which not in ("model", "ema"):
+        raise ValueError(f"which must be model or ema, got {which!r}")
+    if (ckpt / f"{which}.safetensors").is_file():
+        return load_file(str(ckpt / f"{which}.safetensors"))
+    from .trainer import SHARDED_DIR
+
+    if not (ckpt / SHARDED_DIR / ".metadata").is_file():
+        raise FileNotFoundError(f"{ckpt}: no {which}.safetensors and no sharded checkpoint ({SHARDED_DIR}/.metadata)")
+    import torch.distributed.checkpoint as dcp
+
+    model = _empty_model(ckpt)
+    target = {which: {k: torch.empty_like(v, dtype=torch.float32 if which == "ema" else v.dtype) for k, v in model.state_dict().items()}}
+    with warnings.catch_warnings():  # loading in one process is the intent here
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(target, checkpoint_id=str(ckpt / SHARDED_DIR))
+    return target[which]
+
+
+def _empty_model(ckpt: Path) -> UniMedVL:
+    model = UniMedVL.from_config(read_config(ckpt))
+    lora = json.loads((ckpt / "state.json").read_text()).get("lora")
+    if lora:  # the adapters' keys are part of the trained state
+        apply_lora(model, LoRAConfig(rank=lora["rank"], alpha=lora["alpha"], targets=tuple(lora["targets"])))
+    return model
+
+
 def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: torch.dtype | None = None) -> Path:
     ckpt = resolve_checkpoint(checkpoint)
-    config = read_config(ckpt)
     tokenizer = Tokenizer(ckpt) if has_tokenizer(ckpt) else None
-    lora = json.loads((ckpt / "state.json").read_text()).get("lora")
     for weights in ("model", "ema"):
-        model = UniMedVL.from_config(config)
-        if lora:  # rebuild the adapters, load them, fold them into the base weights
-            apply_lora(model, LoRAConfig(rank=lora["rank"], alpha=lora["alpha"], targets=tuple(lora["targets"])))
-        state = load_file(str(ckpt / f"{weights}.safetensors"))
+        model = _empty_model(ckpt)  # with LoRA adapters rebuilt, loaded, then folded into the base weights
+        state = load_training_weights(ckpt, weights)
         model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in state.items()}, strict=True)
         merge_lora(model)
         save_pretrained(model, out, weights=weights, dtype=dtype, tokenizer=tokenizer)

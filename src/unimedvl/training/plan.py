@@ -64,12 +64,27 @@ class StageConfig:
         return self.lr
 
 
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class LoRAPlan:
+    """Train LoRA adapters instead of the full model (``rank`` 0: off)."""
+
+    rank: int = 0
+    alpha: float = 32.0
+    targets: tuple[str, ...] = ()  # regexes of linear-layer names; empty: the generation expert's attention
+
+
 @dataclass(frozen=True)
 class Plan:
     name: str
     preset: str  # model preset for training from scratch (ignored with --init-from)
     seed: int
     stages: tuple[StageConfig, ...]
+    precision: str = "auto"  # auto: bf16 autocast on GPUs, fp32 on CPUs
+    activation_checkpointing: bool = False  # recompute each decoder layer in backward
+    lora: LoRAPlan = LoRAPlan()
 
     @property
     def total_steps(self) -> int:
@@ -141,7 +156,7 @@ def _stage(doc: dict, defaults: dict, where: str) -> StageConfig:
 def parse_plan(doc: dict, where: str = "plan") -> Plan:
     if not isinstance(doc, dict):
         raise PlanError(f"{where}: expected a mapping")
-    extra = set(doc) - {"name", "preset", "seed", "defaults", "stages"}
+    extra = set(doc) - {"name", "preset", "seed", "defaults", "stages", "precision", "activation_checkpointing", "lora"}
     if extra:
         raise PlanError(f"{where}: unknown field(s) {sorted(extra)}")
     defaults = doc.get("defaults", {}) or {}
@@ -152,7 +167,29 @@ def parse_plan(doc: dict, where: str = "plan") -> Plan:
     names = [s.name for s in parsed]
     if len(set(names)) != len(names):
         raise PlanError(f"{where}: stage names must be unique, got {names}")
-    return Plan(str(doc.get("name", "plan")), str(doc.get("preset", "tiny")), int(doc.get("seed", 0)), parsed)
+    precision = str(doc.get("precision", "auto"))
+    if precision not in PRECISIONS:
+        raise PlanError(f"{where}: precision must be one of {list(PRECISIONS)}, got {precision!r}")
+    checkpointing = doc.get("activation_checkpointing", False)
+    if not isinstance(checkpointing, bool):
+        raise PlanError(f"{where}: activation_checkpointing must be true or false, got {checkpointing!r}")
+    return Plan(str(doc.get("name", "plan")), str(doc.get("preset", "tiny")), int(doc.get("seed", 0)), parsed,
+                precision=precision, activation_checkpointing=checkpointing, lora=_lora(doc.get("lora"), where))
+
+
+def _lora(doc, where: str) -> LoRAPlan:
+    if doc is None:
+        return LoRAPlan()
+    if not isinstance(doc, dict) or set(doc) - {"rank", "alpha", "targets"}:
+        raise PlanError(f"{where}: lora takes rank, alpha and targets, got {doc!r}")
+    try:
+        rank, alpha = int(doc.get("rank", 0)), float(doc.get("alpha", 32.0))
+    except (TypeError, ValueError):
+        raise PlanError(f"{where}: lora rank must be an integer and alpha a number, got {doc!r}") from None
+    targets = doc.get("targets", []) or []
+    if rank < 0 or not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+        raise PlanError(f"{where}: lora rank must be >= 0 and targets a list of regexes, got {doc!r}")
+    return LoRAPlan(rank, alpha, tuple(targets))
 
 
 def load_plan(path_or_name: str | Path) -> Plan:

@@ -6,13 +6,22 @@ accumulation), the weighted CE + flow loss, gradient clipping, the warm-up/cosin
 an EMA of every weight.  Each optimiser step appends a row to ``RUN/metrics.jsonl``; checkpoints
 (every ``checkpoint_every`` steps and at each stage end) are written to a temporary folder and
 renamed, and ``RUN/checkpoints/latest`` names the newest complete one.  ``resume`` restores the
-model, EMA, optimiser, data position and step; every random draw of a step comes from a
+model, EMA, optimiser, data position and step (single process: safetensors + ``optimizer.pt``;
+under FSDP: one ``torch.distributed.checkpoint`` folder, each rank writing its own shards, no
+full gather); every random draw of a step comes from a
 generator seeded by (plan seed, global step), so a resumed run repeats an uninterrupted one
 bit for bit.
+
+``plan.precision`` ``auto`` trains in bf16 autocast on GPUs (FSDP2 gathers bf16 parameters and
+reduces fp32 gradients; master weights, optimiser and EMA stay fp32) and in fp32 on CPUs.
+``plan.activation_checkpointing`` recomputes each decoder layer in backward.  Rows also carry the
+step's model FLOP/s and, where the accelerator's peak is known, MFU (:mod:`.flops`); with
+``tensorboard`` installed the same scalars go to ``RUN/tensorboard``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -29,11 +38,22 @@ from ..image_transforms import ImageTransform
 from ..model import UniMedVL
 from .data import BatchStream, DatasetIndex, MixtureSampler
 from .plan import Plan, StageConfig
-from .distributed import DistContext, full_tensor, like, shard_model
+from .distributed import DistContext, like, shard_model
+from .flops import peak_flops, step_flops
 from .lora import LoRAConfig, apply_lora, lora_parameters
 from .plots import plot_run
 from .sequence import DropoutConfig, build_batch
 from . import training_losses
+
+
+SHARDED_DIR = "sharded"  # torch.distributed.checkpoint folder of an FSDP run's checkpoint
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` -> ``bf16`` on GPUs, ``fp32`` elsewhere."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
 
 
 @dataclass
@@ -66,14 +86,23 @@ class Trainer:
         on_log: Callable[[dict], None] | None = None,
         lora: LoRAConfig | None = None,
         dist_ctx: DistContext = DistContext(),
+        tensorboard: bool = True,
     ):
         self.plan, self.run_dir, self.model, self.tokenizer = plan, Path(run_dir), model.to(device), tokenizer
+        self.device = torch.device(device)
+        if lora is None and plan.lora.rank:
+            lora = LoRAConfig(plan.lora.rank, plan.lora.alpha, **({"targets": plan.lora.targets} if plan.lora.targets else {}))
         self.lora = lora
         self.dist = dist_ctx
+        self.precision = resolve_precision(plan.precision, self.device)
+        self.peak_flops = peak_flops(self.device)
+        self._tensorboard = tensorboard
+        self._writer = None
         if lora is not None:
             apply_lora(self.model, lora)  # only the adapters train; export merges them
+        self.model.language_model.model.gradient_checkpointing = plan.activation_checkpointing
         if dist_ctx.enabled:
-            shard_model(self.model)  # FSDP2, applied from outside the model
+            shard_model(self.model, bf16=self.precision == "bf16")  # FSDP2, applied from outside the model
         self.index = DatasetIndex(dataset)
         self.on_log = on_log
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -117,7 +146,7 @@ class Trainer:
         vit, vae = ImageTransform(*stage.vit_transform), ImageTransform(*stage.vae_transform)
         dropout = DropoutConfig(stage.dropout_text, stage.dropout_vit, stage.dropout_vae)
         start = time.perf_counter()
-        totals = {"loss": 0.0, "ce": 0.0, "mse": 0.0, "tokens": 0, "families": {}, "per_family": {}}
+        totals = {"loss": 0.0, "ce": 0.0, "mse": 0.0, "tokens": 0, "flops": 0.0, "families": {}, "per_family": {}}
         ce_parts = mse_parts = 0
         for accum_index in range(stage.grad_accum):
             # every rank draws the same micro-batches and takes its own: the global batch is the
@@ -128,7 +157,9 @@ class Trainer:
             generator = torch.Generator().manual_seed(self.plan.seed * 1_000_003 + self.global_step * 1009 + micro_index)
             tb = build_batch(self.model, [p for _, p in micro], [f for f, _ in micro], self.tokenizer.special, generator=generator,
                              vit_transform=vit, vae_transform=vae, dropout=dropout, timestep_shift=stage.timestep_shift)
-            losses = training_losses(self.model, tb, ce_weight=stage.ce_weight, mse_weight=stage.mse_weight)
+            with self._autocast():
+                losses = training_losses(self.model, tb, ce_weight=stage.ce_weight, mse_weight=stage.mse_weight)
+            totals["flops"] += step_flops(self.model.config, tb.batch, int(tb.labels.numel()))
             (losses.total / stage.grad_accum).backward()
             values = losses.as_floats()
             totals["loss"] += values["loss"] / stage.grad_accum
@@ -159,13 +190,22 @@ class Trainer:
             ce = self.dist.mean(ce) if ce is not None else None
             mse = self.dist.mean(mse) if mse is not None else None
             totals["tokens"] = int(round(self.dist.mean(totals["tokens"]) * self.dist.world))
+            totals["flops"] = self.dist.mean(totals["flops"]) * self.dist.world
+        flops_per_s = totals["flops"] / elapsed  # of all ranks together
+        mfu = flops_per_s / (self.peak_flops * self.dist.world) if self.peak_flops else None
         return {
             "stage": stage.name, "step": self.global_step, "stage_step": stage_step + 1, "loss": totals["loss"],
             "ce": ce, "mse": mse,
             "lr": lr, "grad_norm": grad_norm, "tokens": totals["tokens"], "tokens_per_s": totals["tokens"] / elapsed,
+            "tflops_per_s": flops_per_s / 1e12, "mfu": mfu,
             "samples_per_family": totals["families"],
             "per_family": {f: {k: sum(v) / len(v) for k, v in parts.items()} for f, parts in sorted(totals["per_family"].items())},
         }
+
+    def _autocast(self):
+        if self.precision == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     @torch.no_grad()
     def _update_ema(self, decay: float) -> None:
@@ -180,21 +220,18 @@ class Trainer:
         ckpt_root = self.run_dir / "checkpoints"
         final = ckpt_root / f"step-{self.global_step:07d}"
         tmp = ckpt_root / f".step-{self.global_step:07d}.partial"
-        model_sd = {k: full_tensor(v).detach().contiguous() for k, v in self.model.state_dict().items()}  # all ranks gather
-        ema_sd = {k: full_tensor(v).contiguous() for k, v in self.ema.items()}
         if self.dist.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
         self.dist.barrier()
-        if self.dist.enabled:
+        if self.dist.enabled:  # every rank writes its own shards; nothing is gathered
             import torch.distributed.checkpoint as dcp
-            from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-            dcp.save({"optim": get_optimizer_state_dict(self.model, self.optimizer)}, checkpoint_id=str(tmp / "optimizer"))
+            dcp.save(self._sharded_state(), checkpoint_id=str(tmp / SHARDED_DIR))
         if self.dist.is_main:
-            save_file(model_sd, str(tmp / "model.safetensors"))
-            save_file(ema_sd, str(tmp / "ema.safetensors"))
             if not self.dist.enabled:
+                save_file({k: v.detach().contiguous() for k, v in self.model.state_dict().items()}, str(tmp / "model.safetensors"))
+                save_file({k: v.contiguous() for k, v in self.ema.items()}, str(tmp / "ema.safetensors"))
                 torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
             from ..checkpoint import write_config
 
@@ -202,6 +239,7 @@ class Trainer:
             self.tokenizer.save(tmp)  # the checkpoint is self-describing: unimedvl export needs nothing else
             write_json(tmp / "state.json", {"global_step": self.global_step, "stage_index": self._stage_index,
                                               "stream": self.stream.state_dict(), "plan": self.plan.name, "world": self.dist.world,
+                                              "format": "sharded" if self.dist.enabled else "safetensors",
                                               "lora": None if self.lora is None else {"rank": self.lora.rank, "alpha": self.lora.alpha,
                                                                                       "targets": list(self.lora.targets)}})
             shutil.rmtree(final, ignore_errors=True)
@@ -210,27 +248,38 @@ class Trainer:
         self.dist.barrier()
         return final
 
+    def _sharded_state(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        return {"model": self.model.state_dict(), "ema": self.ema, "optim": get_optimizer_state_dict(self.model, self.optimizer)}
+
     def load_checkpoint(self, path: Path) -> None:
         state = json.loads((path / "state.json").read_text())
         if state.get("world", 1) != self.dist.world:
-            raise ValueError(f"{path} was written by {state.get('world', 1)} processes; resume with the same number")
-        full = load_file(str(path / "model.safetensors"))
-        current = self.model.state_dict()
-        self.model.load_state_dict({k: like(current[k], full[k]) for k in current})
-        ema = load_file(str(path / "ema.safetensors"))
-        self.ema = {k: like(self.ema[k], ema[k]) for k in self.ema}
+            raise ValueError(f"{path} was written by {state.get('world', 1)} processes; resume with the same number "
+                             "(the global batch and each rank's data stream depend on it)")
         self.global_step = state["global_step"]
         stage_index, _ = self.plan.stage_at(self.global_step)
-        if stage_index == state["stage_index"]:
+        same_stage = stage_index == state["stage_index"]
+        if same_stage:
             self._enter_stage(stage_index, state["stream"], None)
-            if self.dist.enabled:
-                import torch.distributed.checkpoint as dcp
-                from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+        if self.dist.enabled:
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-                osd = {"optim": get_optimizer_state_dict(self.model, self.optimizer)}
-                dcp.load(osd, checkpoint_id=str(path / "optimizer"))
-                set_optimizer_state_dict(self.model, self.optimizer, osd["optim"])
-            else:
+            # a stage-end checkpoint resumes into a fresh stage: its optimiser state is not needed
+            target = self._sharded_state() if same_stage else {"model": self.model.state_dict(), "ema": self.ema}
+            dcp.load(target, checkpoint_id=str(path / SHARDED_DIR))
+            self.model.load_state_dict(target["model"])
+            if same_stage:
+                set_optimizer_state_dict(self.model, self.optimizer, target["optim"])
+        else:
+            full = load_file(str(path / "model.safetensors"))
+            current = self.model.state_dict()
+            self.model.load_state_dict({k: like(current[k], full[k]) for k in current})
+            ema = load_file(str(path / "ema.safetensors"))
+            self.ema = {k: like(self.ema[k], ema[k]) for k in self.ema}
+            if same_stage:
                 self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
         # a checkpoint at a stage's last step resumes into a fresh next stage
 
@@ -240,6 +289,15 @@ class Trainer:
             return None
         path = self.run_dir / "checkpoints" / json.loads(pointer.read_text())["checkpoint"]
         return path if (path / "state.json").is_file() else None
+
+    def _open_tensorboard(self, purge_step: int | None):
+        if not (self._tensorboard and self.dist.is_main):
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # optional: pip install 'unimedvl[train]'
+            return None
+        return SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=purge_step)
 
     # ---- the run ----------------------------------------------------------------------------
     def run(self, resume: bool = False, max_steps: int | None = None, checkpoint_at_end: bool = True) -> TrainResult:
@@ -261,6 +319,7 @@ class Trainer:
         elif existed:
             raise FileExistsError(f"{self.run_dir} already holds a run; pass resume=True (--resume) to continue it")
         last_ckpt = None
+        writer = self._open_tensorboard(purge_step=self.global_step + 1 if resume else None)
         end = self.plan.total_steps if max_steps is None else min(max_steps, self.plan.total_steps)
         with open(self.metrics_path if self.dist.is_main else os.devnull, "a") as log:
             while self.global_step < end:
@@ -271,6 +330,8 @@ class Trainer:
                 row = self._step(stage, stage_step)
                 log.write(json.dumps(row) + "\n")
                 log.flush()
+                if writer is not None:
+                    _write_scalars(writer, row)
                 if self.on_log and (row["stage_step"] % stage.log_every == 0 or row["stage_step"] == stage.steps):
                     self.on_log(row)
                 if row["stage_step"] % stage.checkpoint_every == 0 or row["stage_step"] == stage.steps:
@@ -282,6 +343,20 @@ class Trainer:
             latest = self.latest_checkpoint()
             if latest is None or latest.name != f"step-{self.global_step:07d}":
                 last_ckpt = self.save_checkpoint()
+        if writer is not None:
+            writer.close()
         if self.dist.is_main:
             plot_run(self.run_dir)
         return TrainResult(self.global_step, last_ckpt or self.latest_checkpoint(), self.metrics_path)
+
+
+def _write_scalars(writer, row: dict) -> None:
+    """One metrics row as TensorBoard scalars: ``train/*`` and ``family/<family>/{ce,mse}``."""
+    step = row["step"]
+    for key in ("loss", "ce", "mse", "lr", "grad_norm", "tokens_per_s", "tflops_per_s", "mfu"):
+        if row.get(key) is not None:
+            writer.add_scalar(f"train/{key}", row[key], step)
+    for family, parts in row["per_family"].items():
+        for key, value in parts.items():
+            writer.add_scalar(f"family/{family}/{key}", value, step)
+    writer.flush()

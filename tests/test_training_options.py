@@ -1,0 +1,119 @@
+"""Training options: FLOP accounting, activation checkpointing, bf16 autocast, plan-level LoRA."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from unimedvl import UniMedVL, UniMedVLConfig
+from unimedvl.image_transforms import ImageTransform
+from unimedvl.tokenizer import BUNDLED_TINY_TOKENIZER, SpecialTokens, Tokenizer
+from unimedvl.training import DropoutConfig, PlanItem, build_batch, training_losses
+from unimedvl.training.flops import attention_flops, linear_flops, step_flops
+from unimedvl.training.plan import LoRAPlan, PlanError, parse_plan
+from unimedvl.training.trainer import Trainer, resolve_precision
+
+from test_training_loop import demo_plan
+
+
+def _batch(model):
+    v = model.config.llm.vocab_size
+    special = SpecialTokens(v - 4, v - 3, v - 2, v - 1)
+    rng = np.random.default_rng(0)
+    plans = [
+        [PlanItem("vit", pixels=rng.integers(0, 255, (56, 42, 3), dtype=np.uint8)), PlanItem("text", ids=list(range(10, 30))),
+         PlanItem("text", ids=list(range(20, 60)), loss=True)],
+        [PlanItem("text", ids=list(range(30, 60))), PlanItem("vae", pixels=rng.integers(0, 255, (64, 48, 3), dtype=np.uint8), loss=True)],
+    ]
+    return build_batch(model, plans, ["understanding", "generation"], special, generator=torch.Generator().manual_seed(0),
+                       vit_transform=ImageTransform(56, 28, 14), vae_transform=ImageTransform(64, 32, 16), dropout=DropoutConfig(0, 0, 0))
+
+
+def test_flop_count_matches_torch_flop_counter():
+    """The analytic count against torch's FlopCounterMode on a real forward + backward (math SDPA,
+    so attention shows up as bmm): attention exactly, linear layers within 5% (the counter skips
+    the input gradients of the first layers, which need none)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = UniMedVL.from_config(UniMedVLConfig.from_preset("tiny"), seed=0).train()
+    tb = _batch(model)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        training_losses(model, tb).total.backward()
+    counts = counter.get_flop_counts()["Global"]
+    aten = torch.ops.aten
+    assert attention_flops(model.config, tb.batch) == counts[aten.bmm]
+    measured_linear = counts[aten.mm] + counts[aten.addmm]
+    assert linear_flops(model.config, tb.batch, tb.labels.numel()) == pytest.approx(measured_linear, rel=0.05)
+    assert step_flops(model.config, tb.batch, tb.labels.numel()) == linear_flops(model.config, tb.batch, tb.labels.numel()) + attention_flops(model.config, tb.batch)
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients():
+    def grads(checkpointing):
+        model = UniMedVL.from_config(UniMedVLConfig.from_preset("tiny"), seed=0).train()
+        with torch.no_grad():
+            model.llm2vae.weight.normal_(0, 0.02, generator=torch.Generator().manual_seed(1))  # non-zero, so every layer receives a flow gradient
+        model.language_model.model.gradient_checkpointing = checkpointing
+        tb = _batch(model)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            loss = training_losses(model, tb).total
+        kept[checkpointing] = sum(saved)
+        loss.backward()
+        return float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    kept = {}
+    loss_a, ga = grads(False)
+    loss_b, gb = grads(True)
+    assert loss_a == loss_b
+    assert kept[True] < 0.5 * kept[False]  # the decoder layers' activations are recomputed, not kept
+    assert ga.keys() == gb.keys() and any("layers.0." in k for k in ga)
+    for k in ga:
+        assert torch.allclose(ga[k], gb[k], rtol=1e-5, atol=1e-7), k
+
+
+def test_bf16_autocast_trains_close_to_fp32_and_keeps_fp32_master_weights(demo_dataset, tmp_path):
+    tok = Tokenizer(BUNDLED_TINY_TOKENIZER)
+    rows = {}
+    for precision in ("fp32", "bf16"):
+        plan = dataclasses.replace(demo_plan(3), precision=precision)
+        model = UniMedVL.from_config(UniMedVLConfig.from_preset("tiny"), seed=0)
+        trainer = Trainer(plan, demo_dataset, tmp_path / precision, model=model, tokenizer=tok, tensorboard=False)
+        assert trainer.precision == precision
+        trainer.run(max_steps=2, checkpoint_at_end=False)
+        rows[precision] = [__import__("json").loads(x) for x in (tmp_path / precision / "metrics.jsonl").read_text().splitlines()]
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        assert all(v.dtype == torch.float32 for v in trainer.ema.values())
+    for a, b in zip(rows["fp32"], rows["bf16"]):
+        assert b["loss"] == pytest.approx(a["loss"], rel=0.05)
+        assert b["loss"] != a["loss"]  # autocast did run in bf16
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+    assert resolve_precision("auto", torch.device("cuda")) == "bf16"
+
+
+def test_plan_level_options_are_validated_and_lora_from_the_plan_trains_adapters_only(demo_dataset, tmp_path):
+    import yaml
+
+    from unimedvl.training.lora import LoRALinear
+    from unimedvl.training.plan import PLANS_DIR
+
+    doc = yaml.safe_load((PLANS_DIR / "demo.yaml").read_text())
+    for bad, message in ((dict(precision="fp16"), "precision must be one of"),
+                         (dict(activation_checkpointing="yes"), "activation_checkpointing must be true or false"),
+                         (dict(lora={"rank": 4, "layers": []}), "lora takes rank, alpha and targets"),
+                         (dict(lora={"rank": -1}), "lora rank must be >= 0")):
+        with pytest.raises(PlanError, match=message):
+            parse_plan({**doc, **bad}, "my.yaml")
+    plan = parse_plan({**doc, "lora": {"rank": 2, "alpha": 4, "targets": [r"mlp_moe_gen\.down_proj$"]}, "activation_checkpointing": True})
+    assert plan.lora == LoRAPlan(2, 4.0, (r"mlp_moe_gen\.down_proj$",)) and plan.activation_checkpointing
+    plan = dataclasses.replace(plan, stages=tuple(dataclasses.replace(s, steps=1) for s in plan.stages))
+    model = UniMedVL.from_config(UniMedVLConfig.from_preset("tiny"), seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = Trainer(plan, demo_dataset, tmp_path / "run", model=model, tokenizer=Tokenizer(BUNDLED_TINY_TOKENIZER), tensorboard=False)
+    assert model.language_model.model.gradient_checkpointing
+    wrapped = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+    assert wrapped and all(n.endswith("mlp_moe_gen.down_proj") for n in wrapped)
+    trainer.run(max_steps=2, checkpoint_at_end=False)
+    after = {k.replace(".base.", "."): v for k, v in model.state_dict().items() if "lora_" not in k}
+    assert all(torch.equal(before[k], after[k]) for k in before)
