@@ -632,6 +632,47 @@ def data_locate(
         typer.secho(f"{label}\tnot found among the current items of the sources", fg=typer.colors.YELLOW, err=True)
 
 
+# ---- evaluation ------------------------------------------------------------------------------
+
+eval_app = typer.Typer(no_args_is_help=True, help="Reproduce the paper's benchmarks and metrics, offline.")
+app.add_typer(eval_app, name="eval")
+
+
+@eval_app.command("vqa")
+def eval_vqa(
+    benchmark: str = typer.Option(..., "--benchmark", "-b", help="vqa-rad, slake, pathvqa, omnimedvqa or gmai-mmbench."),
+    data: Path = typer.Option(..., "--data", help="The benchmark's local directory, as distributed."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder: predictions.jsonl, results.json, scored.jsonl, results.md."),
+    model: Optional[Path] = typer.Option(None, "--model", help="Run this checkpoint (resumable: answered ids are skipped)."),
+    predictions: Optional[Path] = typer.Option(None, "--predictions", help='Score this JSONL of {"id": ..., "prediction": ...} lines instead.'),
+    batch_size: int = typer.Option(8, "--batch-size", help="Questions decoded together."),
+    max_new_tokens: int = typer.Option(512, "--max-new-tokens"),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N questions (smoke runs)."),
+    legacy_closed_quirk: bool = typer.Option(False, "--legacy-closed-quirk",
+                                             help="LLaVA-Med closed accuracy with the original script's denominator quirk."),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+) -> None:
+    """Score or run one understanding benchmark; prints the results table."""
+    from .evaluation import BENCHMARKS, evaluate_vqa
+    from .evaluation.predictions import PredictionFileError
+
+    if benchmark not in BENCHMARKS:
+        _fail(f"--benchmark must be one of {list(BENCHMARKS)}, got {benchmark!r}")
+    if (model is None) == (predictions is None):
+        _fail("give exactly one of --model DIR or --predictions FILE")
+    pipe = _load_pipeline(model, device, dtype, None, visual_gen=False) if model is not None else None
+    try:
+        results = evaluate_vqa(benchmark, data, out, pipeline=pipe, predictions=predictions, batch_size=batch_size,
+                               max_new_tokens=max_new_tokens, limit=limit, legacy_closed=legacy_closed_quirk)
+    except (PredictionFileError, *_user_errors()) as e:
+        _fail(str(e))
+    typer.echo((out / "results.md").read_text())
+    if results["missing"]:
+        typer.secho(f"{results['missing']} question(s) had no prediction and count as wrong (see results.json missing_ids)",
+                    fg=typer.colors.YELLOW, err=True)
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     app()

@@ -7,9 +7,10 @@ import io
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from ..atomic import write_bytes
+from ..charts import bar_chart
 from .imaging import decode_png
 
 THUMB = 96
@@ -20,23 +21,6 @@ def _png(image: Image.Image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return buf.getvalue()
-
-
-def bar_chart(values: dict[str, int], title: str, width: int = 640) -> Image.Image:
-    """A horizontal bar chart drawn with PIL (label, bar, count per row)."""
-    rows = max(len(values), 1)
-    height = 30 + 22 * rows
-    img = Image.new("RGB", (width, height), "white")
-    d = ImageDraw.Draw(img)
-    d.text((8, 6), title, fill="black")
-    top = max(values.values(), default=1) or 1
-    for i, (label, n) in enumerate(values.items()):
-        y = 28 + 22 * i
-        d.text((8, y + 3), label[:28], fill="black")
-        bar = int((width - 260) * n / top)
-        d.rectangle([200, y, 200 + bar, y + 16], fill=(70, 110, 180))
-        d.text((206 + bar, y + 3), str(n), fill="black")
-    return img
 
 
 def contact_sheets(out: Path, manifest: dict) -> dict[str, Image.Image]:
