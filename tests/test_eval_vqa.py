@@ -195,3 +195,56 @@ def test_cli_scores_a_predictions_file_and_writes_the_report(tmp_path):
 def test_evaluate_vqa_needs_exactly_one_source(tmp_path):
     with pytest.raises(ValueError, match="exactly one"):
         evaluate_vqa("slake", make_slake(tmp_path / "s"), tmp_path / "o")
+
+
+# ---- running a model --------------------------------------------------------------------------------
+def test_model_run_is_interrupted_and_resumed_without_repeating_answered_ids(fixture_a, tmp_path):
+    from unimedvl.evaluation.runner import pipeline_answerer, run_benchmark
+    from unimedvl.inference import UniMedVLPipeline
+
+    pipe = UniMedVLPipeline.from_pretrained(fixture_a, dtype="fp32", visual_gen=False)
+    questions = load_benchmark("gmai-mmbench", make_gmai(tmp_path / "gmai"))
+    inner = pipeline_answerer(pipe, max_new_tokens=6, batch_size=2)
+    asked: list[list[str]] = []
+
+    def answer(items, fail_after=None):
+        asked.append([prompt for _, prompt in items])
+        if fail_after is not None and len(asked) > fail_after:
+            raise KeyboardInterrupt  # the user stops the run during the second batch
+        return inner(items)
+
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        run_benchmark("gmai-mmbench", questions, lambda items: answer(items, fail_after=1), out, batch_size=2, progress=False)
+    first = read_predictions(out / "predictions.jsonl")
+    assert list(first) == ["7", "8"]  # the finished batch was kept
+    with open(out / "predictions.jsonl", "a") as f:
+        f.write('{"id": "9", "predic')  # and a write cut off mid-line
+    asked.clear()
+    results = run_benchmark("gmai-mmbench", questions, answer, out, batch_size=2, progress=False)
+    assert len(asked) == 1 and len(asked[0]) == 1 and asked[0][0].startswith("Question: Grade the lesion.")  # only id 9
+    final = read_predictions(out / "predictions.jsonl")
+    assert list(final) == ["7", "8", "9"] and {k: final[k] for k in first} == first
+    assert results["n"] == 3 and results["missing"] == 0 and (out / "results.md").is_file()
+
+    # the same answers as one uninterrupted run (greedy decoding is deterministic)
+    fresh = tmp_path / "fresh"
+    run_benchmark("gmai-mmbench", questions, inner, fresh, batch_size=3, progress=False)
+    assert read_predictions(fresh / "predictions.jsonl") == final
+
+
+def test_cli_runs_a_model_on_a_benchmark(fixture_a, tmp_path):
+    from typer.testing import CliRunner
+
+    from unimedvl.cli import app
+
+    data = make_vqa_rad_json(tmp_path / "rad")
+    args = ["eval", "vqa", "-b", "vqa-rad", "--data", str(data), "--model", str(fixture_a), "--out", str(tmp_path / "out"),
+            "--dtype", "fp32", "--max-new-tokens", "4", "--limit", "2"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert list(read_predictions(tmp_path / "out" / "predictions.jsonl")) == ["101", "102"]
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["n"] == 2 and saved["missing"] == 0
+    again = CliRunner().invoke(app, args)  # everything answered: nothing is run again, same results
+    assert again.exit_code == 0 and json.loads((tmp_path / "out" / "results.json").read_text()) == saved

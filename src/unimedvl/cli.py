@@ -661,7 +661,9 @@ def eval_vqa(
         _fail(f"--benchmark must be one of {list(BENCHMARKS)}, got {benchmark!r}")
     if (model is None) == (predictions is None):
         _fail("give exactly one of --model DIR or --predictions FILE")
-    pipe = _load_pipeline(model, device, dtype, None, visual_gen=False) if model is not None else None
+    from .inference.inputs import ImageReadOptions
+
+    pipe = _load_pipeline(model, device, dtype, ImageReadOptions(), visual_gen=False) if model is not None else None
     try:
         results = evaluate_vqa(benchmark, data, out, pipeline=pipe, predictions=predictions, batch_size=batch_size,
                                max_new_tokens=max_new_tokens, limit=limit, legacy_closed=legacy_closed_quirk)

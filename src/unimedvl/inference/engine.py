@@ -11,7 +11,7 @@ This module orchestrates; the network only maps packed tokens to logits and velo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -28,7 +28,7 @@ from ..tokenizer import SpecialTokens
 @dataclass
 class TextGeneration:
     ids: list[int]  # generated content ids (the start token and the final <|im_end|> excluded)
-    logits: torch.Tensor  # [steps, V] float32, row k = logits that predicted token k
+    logits: torch.Tensor | None  # [steps, V] float32, row k = logits that predicted token k; None when not kept
     finished: bool  # True when generation stopped at <|im_end|>
     context: KVCache  # the decoding fork: the input context + <|im_start|> + ids
 
@@ -196,25 +196,36 @@ class Engine:
 
     # ---- text ---------------------------------------------------------------------------------
     def _decode_step(self, ctx: KVCache, token: int) -> torch.Tensor:
-        """Feed one token at the end of ``ctx`` (appended to it); returns its next-token logits ``[V]``.
+        """Feed one token at the end of ``ctx`` (appended to it); returns its next-token logits ``[V]``."""
+        return self._decode_steps([ctx], [token])[0]
 
-        The batch and plan of a single causal token are built directly: no packing, no mask.
+    def _decode_steps(self, contexts: Sequence[KVCache], tokens: Sequence[int]) -> torch.Tensor:
+        """Feed ``tokens[i]`` at the end of ``contexts[i]`` (appended to it), all in one packed forward.
+
+        Returns the next-token logits ``[len(contexts), V]`` float32.  The contexts must be distinct
+        objects.  The batch and plan are built directly: one causal token per sample, each seeing
+        only its own context, so no packing and no masks are needed.
         """
+        n = len(contexts)
+        if n != len(tokens):
+            raise ValueError(f"got {len(tokens)} tokens for {n} contexts")
         device = self.model.device
-        position = torch.tensor([ctx.rope], device=device)
-        zero = torch.zeros(1, dtype=torch.long, device=device)
+        positions = torch.tensor([ctx.rope for ctx in contexts], device=device)
+        index = torch.arange(n, device=device)
         batch = PackedBatch(
-            layout=AttentionLayout([[Split(1, "causal")]]),
-            position_ids=position,
-            token_ids=torch.tensor([token], device=device),
-            token_index=zero,
-            logit_index=zero,
+            layout=AttentionLayout([[Split(1, "causal")] for _ in range(n)]),
+            position_ids=positions,
+            token_ids=torch.tensor(list(tokens), device=device),
+            token_index=index,
+            logit_index=index,
         )
-        attention = AttentionPlan(batch.layout, [ctx], True, masks=[None], slices=[slice(0, 1)])
-        plan = ForwardPlan(ExpertRouting(1, None, None), attention, self.model.language_model.model.rotary(position, self.model.dtype))
-        out = self.forward(batch, [ctx], update_cache=True, plan=plan)
-        ctx.rope += 1
-        return out.logits[-1].float()
+        caches = list(contexts)
+        attention = AttentionPlan(batch.layout, caches, True, masks=[None] * n, slices=[slice(i, i + 1) for i in range(n)])
+        plan = ForwardPlan(ExpertRouting(n, None, None), attention, self.model.language_model.model.rotary(positions, self.model.dtype))
+        out = self.forward(batch, caches, update_cache=True, plan=plan)
+        for ctx in contexts:
+            ctx.rope += 1
+        return out.logits.float()
 
     def stream_text(
         self,
@@ -252,7 +263,45 @@ class Engine:
             pass
         return TextGeneration(stream.ids, torch.stack(stream.logits), stream.finished, stream.context)
 
-    def close_answer(self, stream: "TextStream") -> KVCache:
+    @torch.no_grad()
+    def generate_text_batch(self, contexts: Sequence[KVCache], max_new_tokens: int | Sequence[int]) -> list[TextGeneration]:
+        """Greedy decoding from several contexts (each left unchanged) with one packed forward per step.
+
+        Per context the result equals ``generate_text(ctx, max_new_tokens)`` (greedy) in ``ids``,
+        ``finished`` and ``context`` (the decoding fork, ready for :meth:`close_answer`); ``logits``
+        is ``None``.  Every step feeds one token to each context that is still decoding; a context
+        leaves the batch once it predicts ``<|im_end|>`` or reaches its step limit.
+        ``max_new_tokens`` is one limit for all contexts or one per context.
+        """
+        n = len(contexts)
+        limits = [max_new_tokens] * n if isinstance(max_new_tokens, int) else [int(m) for m in max_new_tokens]
+        if len(limits) != n:
+            raise ValueError(f"got {len(limits)} max_new_tokens for {n} contexts")
+        if any(m < 1 for m in limits):
+            raise ValueError(f"max_new_tokens must be >= 1, got {min(limits)}")
+        eos = self.special.eos
+        forks = [ctx.fork() for ctx in contexts]
+        ids: list[list[int]] = [[] for _ in range(n)]
+        finished = [False] * n
+        fed = [self.special.bos] * n
+        active = list(range(n))
+        step = 0
+        while active:
+            logits = self._decode_steps([forks[i] for i in active], [fed[i] for i in active])
+            predictions = torch.argmax(logits, dim=-1).tolist()  # first index on ties, as Sampler
+            still = []
+            for i, nxt in zip(active, predictions):
+                if nxt == eos:
+                    finished[i] = True
+                elif step < limits[i] - 1:  # the last step's prediction is dropped, as in TextStream
+                    ids[i].append(nxt)
+                    fed[i] = nxt
+                    still.append(i)
+            active = still
+            step += 1
+        return [TextGeneration(ids[i], None, finished[i], forks[i]) for i in range(n)]
+
+    def close_answer(self, stream: "TextStream | TextGeneration") -> KVCache:
         """The context after an answer: the decoding fork with ``<|im_end|>`` fed, i.e. exactly the
         context plus the answer as a text item, without recomputing it (multi-turn reuse)."""
         work = stream.context

@@ -35,7 +35,7 @@ from ..model import KVCache, UniMedVL
 from ..outputs import generation_record, save_dicom_secondary_capture, save_png
 from ..tokenizer import Tokenizer
 from . import prompts
-from .engine import Engine, Sampler, TextStream
+from .engine import Engine, Sampler, TextGeneration, TextStream
 from .inputs import ImageInput, ImageReadOptions, load_image_with_meta
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
@@ -151,6 +151,11 @@ class AnswerStream:
         return self.answer
 
 
+def _check_question(question: str) -> None:
+    if not question or not question.strip():
+        raise ValueError("the question is empty")
+
+
 def _raw_text(tokenizer: Tokenizer, ids: list[int]) -> str:
     return tokenizer.decode_generation([tokenizer.special.bos, *ids])
 
@@ -230,10 +235,13 @@ class UniMedVLPipeline:
         if not self.model.config.visual_gen:
             raise RuntimeError("this model was loaded without generation components (visual_gen=False)")
 
-    def _decode(self, ctx: KVCache, max_new_tokens: int, sampler: Sampler) -> TextStream:
+    def _answer_budget(self, ctx: KVCache, max_new_tokens: int) -> int:
+        """``max_new_tokens`` capped by the room left in the context window (at least one position)."""
         self._check_room(ctx, 1, "the answer")
-        max_new_tokens = min(max_new_tokens, self.context_window - ctx.rope)
-        return self.engine.stream_text(ctx, max_new_tokens, sampler=sampler)
+        return min(max_new_tokens, self.context_window - ctx.rope)
+
+    def _decode(self, ctx: KVCache, max_new_tokens: int, sampler: Sampler) -> TextStream:
+        return self.engine.stream_text(ctx, self._answer_budget(ctx, max_new_tokens), sampler=sampler)
 
     def _greedy_text(self, ctx: KVCache, max_new_tokens: int) -> tuple[str, TextStream]:
         stream = self._decode(ctx, max_new_tokens, Sampler())
@@ -262,11 +270,55 @@ class UniMedVLPipeline:
         starts a conversation with the reasoning system prompt and returns the ``<think>`` part
         separately.  ``stream=True`` returns an :class:`AnswerStream` of text pieces.
         """
-        if not question or not question.strip():
-            raise ValueError("the question is empty")
+        _check_question(question)
         conv = history if history is not None else Conversation(self, think=think)
         if history is not None and think and not history.think:
             raise ValueError("this conversation was started without think mode; start a new one with think=True")
+        ctx = self._user_turn(conv, images, question)
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        text_stream = self._decode(ctx, max_new_tokens, Sampler(temperature, top_p, generator))
+        streamer = AnswerStream(self, conv, text_stream, question)
+        if stream:
+            return streamer
+        return streamer.result()
+
+    def ask_batch(
+        self,
+        items: Sequence[tuple[ImageInput | Sequence[ImageInput] | None, str]],
+        *,
+        max_new_tokens: int = 512,
+        batch_size: int = 8,
+    ) -> list[Answer]:
+        """Answer several independent ``(images, question)`` items greedily, for evaluation throughput.
+
+        Each answer equals ``ask(images, question, temperature=0, max_new_tokens=max_new_tokens)``
+        (text, ids, finished and a closed conversation).  Items are processed ``batch_size`` at a
+        time: every context is built as :meth:`ask` builds it, then the chunk decodes together with
+        one packed forward per step (:meth:`Engine.generate_text_batch`).  Every question is checked
+        before any work starts.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        items = list(items)
+        for _, question in items:
+            _check_question(question)
+        answers: list[Answer] = []
+        for start in range(0, len(items), batch_size):
+            chunk = items[start : start + batch_size]
+            convs = [Conversation(self) for _ in chunk]
+            contexts = [self._user_turn(conv, images, question) for conv, (images, question) in zip(convs, chunk)]
+            budgets = [self._answer_budget(ctx, max_new_tokens) for ctx in contexts]
+            generations = self.engine.generate_text_batch(contexts, budgets)
+            answers.extend(
+                self._finish_answer(conv, gen, question) for conv, gen, (_, question) in zip(convs, generations, chunk)
+            )
+        return answers
+
+    def _user_turn(self, conv: Conversation, images: ImageInput | Sequence[ImageInput] | None, question: str) -> KVCache:
+        """Append ``images`` (ViT blocks) and ``question`` to the conversation's context and record
+        the user turn; returns the context to answer from."""
         loaded = self._images(images)
         ctx = conv.context
         for pil, _ in loaded:
@@ -276,14 +328,9 @@ class UniMedVLPipeline:
             self.engine.add_vit_image(ctx, pixels)
         self._add_text(ctx, question)
         conv.turns.append({"role": "user", "text": question, "images": len(loaded)})
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        text_stream = self._decode(ctx, max_new_tokens, Sampler(temperature, top_p, generator))
-        streamer = AnswerStream(self, conv, text_stream, question)
-        if stream:
-            return streamer
-        return streamer.result()
+        return ctx
 
-    def _finish_answer(self, conv: Conversation, stream: TextStream, question: str) -> Answer:
+    def _finish_answer(self, conv: Conversation, stream: TextStream | TextGeneration, question: str) -> Answer:
         raw = _raw_text(self.tokenizer, stream.ids)
         thinking, text = prompts.split_thinking(raw) if conv.think else (None, raw)
         # The decoding fork already holds <|im_start|> + the answer; closing it with <|im_end|> makes
