@@ -94,3 +94,44 @@ def test_report_metrics_by_hand_and_a_registered_clinical_metric():
     assert "length_ratio" in report_metrics(["a b"], ["a b"])
     with pytest.raises(ValueError, match="1 predictions for 2 references"):
         report_metrics(["a"], ["a", "b"])
+
+
+def test_pixel_and_report_commands_write_results_beside_the_paper(tmp_path):
+    import json
+
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from unimedvl.cli import app
+
+    rng = np.random.default_rng(3)
+    (tmp_path / "gen").mkdir()
+    (tmp_path / "ref").mkdir()
+    refs = {}
+    for name in ("a.png", "b.png", "c.png"):
+        refs[name] = rng.integers(0, 256, (32, 32), dtype=np.uint8)
+        Image.fromarray(refs[name]).save(tmp_path / "ref" / name)
+    noisy = np.clip(refs["a.png"].astype(int) + 20, 0, 255).astype(np.uint8)
+    Image.fromarray(noisy).save(tmp_path / "gen" / "a.png")
+    Image.fromarray(refs["b.png"]).resize((16, 16)).save(tmp_path / "gen" / "b.png")  # generated smaller: resized up
+    result = CliRunner().invoke(app, ["eval", "pixels", "--generated", str(tmp_path / "gen"), "--reference", str(tmp_path / "ref"),
+                                      "--task", "sr4x", "--out", str(tmp_path / "px")])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "px" / "results.json").read_text())
+    expected_a = pixel_scores(noisy, refs["a.png"], "sr4x")["psnr"]
+    resized_b = np.asarray(Image.fromarray(refs["b.png"]).resize((16, 16)).resize((32, 32), Image.BICUBIC))
+    expected_b = psnr(resized_b, refs["b.png"])
+    assert saved["n"] == 2 and saved["missing"] == 1 and saved["missing_names"] == ["c.png"]
+    assert saved["psnr"] == pytest.approx((expected_a + expected_b) / 2)
+    assert "| UniMedVL (paper) | 27.29 | 0.890 |" in (tmp_path / "px" / "results.md").read_text()
+
+    preds = tmp_path / "reports.jsonl"
+    preds.write_text(json.dumps({"id": 1, "prediction": "no acute process", "reference": "No acute process."}) + "\n")
+    result = CliRunner().invoke(app, ["eval", "reports", "--predictions", str(preds), "--out", str(tmp_path / "rep")])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "rep" / "results.json").read_text())
+    assert saved["n"] == 1 and saved["rougeL"] == pytest.approx(1.0)
+    assert "UniMedVL (paper Table 20) | 0.2193" in (tmp_path / "rep" / "results.md").read_text()
+    preds.write_text('{"id": 1, "prediction": "x"}\n')
+    bad = CliRunner().invoke(app, ["eval", "reports", "--predictions", str(preds), "--out", str(tmp_path / "rep2")])
+    assert bad.exit_code == 2 and "reports.jsonl, line 1: expected an object with string 'prediction' and 'reference'" in bad.output

@@ -675,6 +675,39 @@ def eval_vqa(
                     fg=typer.colors.YELLOW, err=True)
 
 
+@eval_app.command("pixels")
+def eval_pixels(
+    generated: Path = typer.Option(..., "--generated", help="Folder of generated images."),
+    reference: Path = typer.Option(..., "--reference", help="Folder of ground-truth images with the same file names."),
+    task: str = typer.Option(..., "--task", help="staining (RGB), sr4x, t2_to_flair or flair_to_t2 (grayscale)."),
+    out: Path = typer.Option(..., "--out", "-o"),
+) -> None:
+    """PSNR and SSIM of generated images against their references (interleaved tasks)."""
+    from .evaluation.tasks import evaluate_pixels
+    from .medical_io import MedicalImageError
+
+    try:
+        evaluate_pixels(generated, reference, task, out)
+    except (MedicalImageError, ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    typer.echo((out / "results.md").read_text())
+
+
+@eval_app.command("reports")
+def eval_reports(
+    predictions: Path = typer.Option(..., "--predictions", help='JSONL of {"id", "prediction", "reference"} lines.'),
+    out: Path = typer.Option(..., "--out", "-o"),
+) -> None:
+    """BLEU-1..4, METEOR, ROUGE-1 and ROUGE-L of generated reports or explanations."""
+    from .evaluation.tasks import evaluate_reports
+
+    try:
+        evaluate_reports(predictions, out)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    typer.echo((out / "results.md").read_text())
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     app()
