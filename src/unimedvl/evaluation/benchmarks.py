@@ -185,8 +185,11 @@ def _find(root: Path, patterns: tuple[str, ...]) -> list[Path]:
 
 
 # ---- benchmarks -----------------------------------------------------------------------------------
+HF_TEST_PARQUET = ("test-*.parquet", "data/test-*.parquet", "**/test-*.parquet")  # Hugging Face dataset layouts
+
+
 def load_vqa_rad(root: Path) -> list[Question]:
-    parquet = _find(root, ("test-*.parquet", "data/test-*.parquet", "**/test-*.parquet"))
+    parquet = _find(root, HF_TEST_PARQUET)
     if parquet:
         return _hf_vqa(parquet)
     files = _find(root, ("VQA_RAD Dataset Public.json", "*.json"))
@@ -227,7 +230,7 @@ def load_slake(root: Path) -> list[Question]:
 
 
 def load_pathvqa(root: Path) -> list[Question]:
-    parquet = _find(root, ("test-*.parquet", "data/test-*.parquet", "**/test-*.parquet"))
+    parquet = _find(root, HF_TEST_PARQUET)
     if parquet:
         return _hf_vqa(parquet)
     tsv = _find(root, ("PathVQA_TEST.tsv", "*.tsv"))
