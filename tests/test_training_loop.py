@@ -1,5 +1,6 @@
 """The curriculum loop on the demo corpus at the tiny preset: learning, frozen modules, resume."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -165,7 +166,7 @@ def test_lora_trains_only_its_adapters_and_exports_merged(demo_dataset, tmp_path
     model = new_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     lora = LoRAConfig(rank=4, alpha=8.0, targets=(r"self_attn\.(q|v)_proj$", r"mlp_moe_gen\.down_proj$"))
-    trainer = Trainer(plan, demo_dataset, tmp_path / "run", model=model, tokenizer=tok, lora=lora)
+    trainer = Trainer(dataclasses.replace(plan, lora=lora), demo_dataset, tmp_path / "run", model=model, tokenizer=tok)
     wrapped = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
     assert len(wrapped) == 2 * 2 + 2  # q and v of 2 layers' und expert, the gen MLP down projection of 2 layers
     trainer.run(max_steps=4)

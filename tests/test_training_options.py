@@ -10,8 +10,9 @@ from unimedvl import UniMedVL, UniMedVLConfig
 from unimedvl.image_transforms import ImageTransform
 from unimedvl.tokenizer import BUNDLED_TINY_TOKENIZER, SpecialTokens, Tokenizer
 from unimedvl.training import DropoutConfig, PlanItem, build_batch, training_losses
-from unimedvl.training.flops import attention_flops, linear_flops, step_flops
-from unimedvl.training.plan import LoRAPlan, PlanError, parse_plan
+from unimedvl.training.flops import attention_flops, linear_flops
+from unimedvl.training.lora import LoRAConfig
+from unimedvl.training.plan import PlanError, parse_plan, with_overrides
 from unimedvl.training.trainer import Trainer, resolve_precision
 
 from test_training_loop import demo_plan
@@ -46,7 +47,6 @@ def test_flop_count_matches_torch_flop_counter():
     assert attention_flops(model.config, tb.batch) == counts[aten.bmm]
     measured_linear = counts[aten.mm] + counts[aten.addmm]
     assert linear_flops(model.config, tb.batch, tb.labels.numel()) == pytest.approx(measured_linear, rel=0.05)
-    assert step_flops(model.config, tb.batch, tb.labels.numel()) == linear_flops(model.config, tb.batch, tb.labels.numel()) + attention_flops(model.config, tb.batch)
 
 
 def test_activation_checkpointing_gives_the_same_loss_and_gradients():
@@ -106,7 +106,14 @@ def test_plan_level_options_are_validated_and_lora_from_the_plan_trains_adapters
         with pytest.raises(PlanError, match=message):
             parse_plan({**doc, **bad}, "my.yaml")
     plan = parse_plan({**doc, "lora": {"rank": 2, "alpha": 4, "targets": [r"mlp_moe_gen\.down_proj$"]}, "activation_checkpointing": True})
-    assert plan.lora == LoRAPlan(2, 4.0, (r"mlp_moe_gen\.down_proj$",)) and plan.activation_checkpointing
+    assert plan.lora == LoRAConfig(2, 4.0, (r"mlp_moe_gen\.down_proj$",)) and plan.activation_checkpointing
+    assert parse_plan({**doc, "lora": {"rank": 0}}).lora is None
+    # command-line overrides go through the same checks
+    assert with_overrides(plan, lora_rank=8).lora == LoRAConfig(8, 4.0, (r"mlp_moe_gen\.down_proj$",))
+    assert with_overrides(plan, lora_rank=0).lora is None
+    assert with_overrides(parse_plan(doc), lora_rank=4).lora == LoRAConfig(4)  # default targets: the generation expert's attention
+    with pytest.raises(PlanError, match="command line: precision must be one of"):
+        with_overrides(plan, precision="fp8")
     plan = dataclasses.replace(plan, stages=tuple(dataclasses.replace(s, steps=1) for s in plan.stages))
     model = UniMedVL.from_config(UniMedVLConfig.from_preset("tiny"), seed=0)
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -401,26 +401,14 @@ def train(
     from .model import UniMedVL
     from .tokenizer import BUNDLED_TINY_TOKENIZER, Tokenizer, TokenizerError
     from .training.distributed import init_from_env
-    from .training.plan import PlanError, load_plan
+    from .training.plan import PlanError, load_plan, with_overrides
     from .training.trainer import Trainer
 
     dist_ctx = init_from_env()
 
     try:
-        p = load_plan(plan)
-        import dataclasses
-
-        from .training.plan import PRECISIONS, LoRAPlan
-
-        if precision is not None and precision not in PRECISIONS:
-            _fail(f"--precision must be one of {list(PRECISIONS)}, got {precision!r}")
-        p = dataclasses.replace(
-            p,
-            precision=precision or p.precision,
-            activation_checkpointing=p.activation_checkpointing if activation_checkpointing is None else activation_checkpointing,
-            lora=LoRAPlan(p.lora.rank if lora_rank is None else lora_rank, p.lora.alpha if lora_alpha is None else lora_alpha,
-                          tuple(lora_target) if lora_target else p.lora.targets),
-        )
+        p = with_overrides(load_plan(plan), precision=precision, activation_checkpointing=activation_checkpointing,
+                           lora_rank=lora_rank, lora_alpha=lora_alpha, lora_targets=tuple(lora_target or ()))
         if init_from is not None:
             model = UniMedVL.from_pretrained(init_from, dtype=None, device=device)
             tok = model.tokenizer

@@ -55,7 +55,7 @@ def _empty_model(ckpt: Path) -> UniMedVL:
     model = UniMedVL.from_config(read_config(ckpt))
     lora = json.loads((ckpt / "state.json").read_text()).get("lora")
     if lora:  # the adapters' keys are part of the trained state
-        apply_lora(model, LoRAConfig(rank=lora["rank"], alpha=lora["alpha"], targets=tuple(lora["targets"])))
+        apply_lora(model, LoRAConfig(lora["rank"], lora["alpha"], tuple(lora["targets"])))
     return model
 
 

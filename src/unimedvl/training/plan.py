@@ -9,10 +9,12 @@ three stages at the ``tiny`` preset on the demo dataset, minutes on a 2-core CPU
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..data.schema import FAMILIES
+from .lora import LoRAConfig
 
 PLANS_DIR = Path(__file__).parent / "plans"
 MIXTURE_KEYS = (*FAMILIES, "text")  # "text": text-only samples (a side stream in the paper)
@@ -68,15 +70,6 @@ PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclass(frozen=True)
-class LoRAPlan:
-    """Train LoRA adapters instead of the full model (``rank`` 0: off)."""
-
-    rank: int = 0
-    alpha: float = 32.0
-    targets: tuple[str, ...] = ()  # regexes of linear-layer names; empty: the generation expert's attention
-
-
-@dataclass(frozen=True)
 class Plan:
     name: str
     preset: str  # model preset for training from scratch (ignored with --init-from)
@@ -84,7 +77,7 @@ class Plan:
     stages: tuple[StageConfig, ...]
     precision: str = "auto"  # auto: bf16 autocast on GPUs, fp32 on CPUs
     activation_checkpointing: bool = False  # recompute each decoder layer in backward
-    lora: LoRAPlan = LoRAPlan()
+    lora: LoRAConfig | None = None  # train LoRA adapters instead of the full model
 
     @property
     def total_steps(self) -> int:
@@ -167,29 +160,60 @@ def parse_plan(doc: dict, where: str = "plan") -> Plan:
     names = [s.name for s in parsed]
     if len(set(names)) != len(names):
         raise PlanError(f"{where}: stage names must be unique, got {names}")
-    precision = str(doc.get("precision", "auto"))
-    if precision not in PRECISIONS:
-        raise PlanError(f"{where}: precision must be one of {list(PRECISIONS)}, got {precision!r}")
-    checkpointing = doc.get("activation_checkpointing", False)
-    if not isinstance(checkpointing, bool):
-        raise PlanError(f"{where}: activation_checkpointing must be true or false, got {checkpointing!r}")
     return Plan(str(doc.get("name", "plan")), str(doc.get("preset", "tiny")), int(doc.get("seed", 0)), parsed,
-                precision=precision, activation_checkpointing=checkpointing, lora=_lora(doc.get("lora"), where))
+                precision=_precision(doc.get("precision", "auto"), where),
+                activation_checkpointing=_checkpointing(doc.get("activation_checkpointing", False), where),
+                lora=_lora(doc.get("lora"), where))
 
 
-def _lora(doc, where: str) -> LoRAPlan:
+def _precision(value, where: str) -> str:
+    if value not in PRECISIONS:
+        raise PlanError(f"{where}: precision must be one of {list(PRECISIONS)}, got {value!r}")
+    return value
+
+
+def _checkpointing(value, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise PlanError(f"{where}: activation_checkpointing must be true or false, got {value!r}")
+    return value
+
+
+def _lora(doc, where: str) -> LoRAConfig | None:
+    """``{rank, alpha, targets}`` -> a LoRA config; rank 0 (or no section) trains the full model."""
     if doc is None:
-        return LoRAPlan()
+        return None
     if not isinstance(doc, dict) or set(doc) - {"rank", "alpha", "targets"}:
         raise PlanError(f"{where}: lora takes rank, alpha and targets, got {doc!r}")
     try:
         rank, alpha = int(doc.get("rank", 0)), float(doc.get("alpha", 32.0))
     except (TypeError, ValueError):
         raise PlanError(f"{where}: lora rank must be an integer and alpha a number, got {doc!r}") from None
-    targets = doc.get("targets", []) or []
-    if rank < 0 or not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+    targets = doc.get("targets") or []
+    if rank < 0 or not isinstance(targets, (list, tuple)) or not all(isinstance(t, str) for t in targets):
         raise PlanError(f"{where}: lora rank must be >= 0 and targets a list of regexes, got {doc!r}")
-    return LoRAPlan(rank, alpha, tuple(targets))
+    if rank == 0:
+        return None
+    try:
+        return LoRAConfig(rank, alpha, **({"targets": tuple(targets)} if targets else {}))
+    except re.error as e:
+        raise PlanError(f"{where}: lora targets: not a regular expression ({e})") from None
+
+
+def with_overrides(plan: Plan, *, precision: str | None = None, activation_checkpointing: bool | None = None,
+                   lora_rank: int | None = None, lora_alpha: float | None = None, lora_targets: tuple[str, ...] = ()) -> Plan:
+    """``plan`` with the run-level settings given on a command line (``None`` / empty: the plan's)."""
+    where = "command line"
+    changes: dict = {}
+    if precision is not None:
+        changes["precision"] = _precision(precision, where)
+    if activation_checkpointing is not None:
+        changes["activation_checkpointing"] = _checkpointing(activation_checkpointing, where)
+    if lora_rank is not None or lora_alpha is not None or lora_targets:
+        current = plan.lora
+        changes["lora"] = _lora({"rank": lora_rank if lora_rank is not None else (current.rank if current else 0),
+                                 "alpha": lora_alpha if lora_alpha is not None else (current.alpha if current else 32.0),
+                                 "targets": list(lora_targets or (current.targets if current else ()))}, where)
+    return dataclasses.replace(plan, **changes)
 
 
 def load_plan(path_or_name: str | Path) -> Plan:

@@ -22,6 +22,7 @@ step's model FLOP/s and, where the accelerator's peak is known, MFU (:mod:`.flop
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -40,7 +41,7 @@ from .data import BatchStream, DatasetIndex, MixtureSampler
 from .plan import Plan, StageConfig
 from .distributed import DistContext, like, shard_model
 from .flops import peak_flops, step_flops
-from .lora import LoRAConfig, apply_lora, lora_parameters
+from .lora import apply_lora, lora_parameters
 from .plots import plot_run
 from .sequence import DropoutConfig, build_batch
 from . import training_losses
@@ -84,20 +85,16 @@ class Trainer:
         tokenizer,
         device: str = "cpu",
         on_log: Callable[[dict], None] | None = None,
-        lora: LoRAConfig | None = None,
         dist_ctx: DistContext = DistContext(),
         tensorboard: bool = True,
     ):
         self.plan, self.run_dir, self.model, self.tokenizer = plan, Path(run_dir), model.to(device), tokenizer
         self.device = torch.device(device)
-        if lora is None and plan.lora.rank:
-            lora = LoRAConfig(plan.lora.rank, plan.lora.alpha, **({"targets": plan.lora.targets} if plan.lora.targets else {}))
-        self.lora = lora
+        self.lora = lora = plan.lora
         self.dist = dist_ctx
         self.precision = resolve_precision(plan.precision, self.device)
         self.peak_flops = peak_flops(self.device)
         self._tensorboard = tensorboard
-        self._writer = None
         if lora is not None:
             apply_lora(self.model, lora)  # only the adapters train; export merges them
         self.model.language_model.model.gradient_checkpointing = plan.activation_checkpointing
@@ -240,8 +237,7 @@ class Trainer:
             write_json(tmp / "state.json", {"global_step": self.global_step, "stage_index": self._stage_index,
                                               "stream": self.stream.state_dict(), "plan": self.plan.name, "world": self.dist.world,
                                               "format": "sharded" if self.dist.enabled else "safetensors",
-                                              "lora": None if self.lora is None else {"rank": self.lora.rank, "alpha": self.lora.alpha,
-                                                                                      "targets": list(self.lora.targets)}})
+                                              "lora": None if self.lora is None else dataclasses.asdict(self.lora)})
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
             write_json(ckpt_root / "latest.json", {"checkpoint": final.name, "global_step": self.global_step})
