@@ -22,8 +22,8 @@ def texture(seed, size=(192, 160)):
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def run(tmp_path, sources):
-    cfg = {"salt": "adapter-test-salt", "seed": 0, "log_item_paths": True, "sources": sources}
+def run(tmp_path, sources, log_item_paths=True):
+    cfg = {"salt": "adapter-test-salt", "seed": 0, "log_item_paths": log_item_paths, "sources": sources}
     (tmp_path / "build.yaml").write_text(yaml.safe_dump(cfg))
     build(load_build_config(tmp_path / "build.yaml"), tmp_path / "out")
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
@@ -66,6 +66,28 @@ def test_segmentation_describes_location_and_size(tmp_path):
     assert set(np.unique(out)) == {0, 255} and (out == 255).sum() == 1200
     assert seg.instruction == "Segment the kidney tumour in this image."
     assert [r["reason"] for r in rej] == ["empty_mask"]
+
+
+def test_rejections_never_name_the_files_an_item_read(tmp_path):
+    """By default no file or folder name reaches the rejection log, also where the item is not a
+    path (a segmentation row naming an image and a mask, a pair, a subject of several volumes)."""
+    (tmp_path / "s").mkdir()
+    Image.fromarray(texture(3, (64, 64))).save(tmp_path / "s" / "ct_doe_jane.png")
+    (tmp_path / "s" / "masks.csv").write_text("image,mask,structure\nct_doe_jane.png,smith_john_mask.png,liver\n")
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "pairs.csv").write_text("input,target,instruction\nroe_richard_he.png,roe_richard_ihc.png,Stain it.\n")
+    (tmp_path / "v").mkdir()
+    (tmp_path / "v" / "subjects.csv").write_text("subject,t2,flair\nsub-01,poe_edgar_t2.nii.gz,poe_edgar_flair.nii.gz\n")
+    _, rej = run(tmp_path, [
+        {"name": "s", "kind": "segmentation", "path": "s", "modality": "CT"},
+        {"name": "p", "kind": "paired_images", "path": "p", "modality": "HIS"},
+        {"name": "v", "kind": "paired_volumes", "path": "v", "modality": "MRI", "options": {"pairs": [["t2", "flair"]]}},
+    ], log_item_paths=False)
+    assert sorted(r["reason"] for r in rej) == ["unreadable"] * 3
+    logged = json.dumps(rej)
+    for name in ("doe_jane", "smith_john", "roe_richard", "poe_edgar", str(tmp_path)):
+        assert name not in logged
+    assert all("<item>" in r["detail"] for r in rej)
 
 
 def test_vqa_formats_group_questions_per_image(tmp_path):

@@ -30,8 +30,26 @@ WINDOW_PRESETS: dict[str, tuple[float, float]] = {
     "abdomen": (40.0, 400.0),
 }
 NIFTI_AXES = {"sagittal": 0, "coronal": 1, "axial": 2}
-DICOM_SUFFIXES = {".dcm", ".dicom", ".ima"}
+DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+RASTER_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+IMAGE_SUFFIXES = RASTER_SUFFIXES + DICOM_SUFFIXES + NIFTI_SUFFIXES  # every file read_medical_image takes by name
+
+
+def is_nifti(path: str | Path) -> bool:
+    return Path(path).name.lower().endswith(NIFTI_SUFFIXES)
+
+
+def is_dicom(path: str | Path) -> bool:
+    """A DICOM file by its suffix or, without one, by the ``DICM`` preamble."""
+    path = Path(path)
+    if path.suffix.lower() in DICOM_SUFFIXES:
+        return True
+    try:
+        with open(path, "rb") as f:
+            return f.read(132)[128:132] == b"DICM"
+    except OSError:
+        return False
 
 
 class MedicalImageError(ValueError):
@@ -47,9 +65,18 @@ class MedicalImage:
         return Image.fromarray(self.pixels)
 
 
+def scale_to_u8(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """``values`` mapped from ``[lo, hi]`` to 0..255 (clipped, rounded); all 0 when ``hi <= lo``."""
+    scaled = np.zeros(values.shape) if hi <= lo else (values - lo) / (hi - lo)
+    return np.round(np.clip(scaled, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def _u8_to_rgb(gray_u8: np.ndarray) -> np.ndarray:
+    return np.repeat(gray_u8[:, :, None], 3, axis=2)
+
+
 def _gray_to_rgb(gray01: np.ndarray) -> np.ndarray:
-    u8 = np.round(np.clip(gray01, 0.0, 1.0) * 255.0).astype(np.uint8)
-    return np.repeat(u8[:, :, None], 3, axis=2)
+    return _u8_to_rgb(scale_to_u8(gray01, 0.0, 1.0))
 
 
 def resolve_window(window: str | tuple[float, float] | None, ds=None) -> tuple[tuple[float, float] | None, str]:
@@ -90,18 +117,14 @@ def _minmax(values: np.ndarray) -> np.ndarray:
 # ---- DICOM -----------------------------------------------------------------------------------
 
 
-def read_dicom(path: str | Path, window: str | tuple[float, float] | None = None, frame: int = 0) -> MedicalImage:
+def read_dicom(path: str | Path, window: str | tuple[float, float] | None = None, frame: int = 0, dataset=None) -> MedicalImage:
     """One frame of a DICOM file as 8-bit RGB.  ``window``: ``None`` (the file's, else min-max), a
-    preset name (:data:`WINDOW_PRESETS`) or ``(center, width)`` in modality units (HU for CT)."""
-    import pydicom
-    from pydicom.errors import InvalidDicomError
+    preset name (:data:`WINDOW_PRESETS`) or ``(center, width)`` in modality units (HU for CT).
+    ``dataset``: the file already read with ``pydicom.dcmread`` (it is then not read again)."""
     from pydicom.pixels import apply_modality_lut
 
     path = Path(path)
-    try:
-        ds = pydicom.dcmread(str(path))
-    except (InvalidDicomError, OSError, EOFError, ValueError) as e:
-        raise MedicalImageError(f"{path}: not a readable DICOM file ({type(e).__name__}: {e})") from e
+    ds = dataset if dataset is not None else read_dicom_dataset(path)
     if "PixelData" not in ds:
         raise MedicalImageError(f"{path}: the DICOM object has no pixel data (PixelData element missing)")
     try:
@@ -141,6 +164,17 @@ def read_dicom(path: str | Path, window: str | tuple[float, float] | None = None
         gray = 1.0 - gray
     meta["window"] = None if win is None else {"center": win[0], "width": win[1], "source": source}
     return MedicalImage(_gray_to_rgb(gray), meta)
+
+
+def read_dicom_dataset(path: str | Path):
+    """``pydicom.dcmread`` of a whole file (pixel data decoded only when used), with a
+    :class:`MedicalImageError` naming the file when it is not DICOM."""
+    import pydicom
+
+    try:
+        return pydicom.dcmread(str(path))
+    except Exception as e:  # pydicom raises many types for damaged files
+        raise MedicalImageError(f"{path}: not a readable DICOM file ({type(e).__name__}: {e})") from e
 
 
 # ---- NIfTI -----------------------------------------------------------------------------------
@@ -197,7 +231,6 @@ def read_nifti(
         raise MedicalImageError(f"{path}: slice {index} requested along axis {ax} of {n} slices")
     plane = nifti_plane(data, ax, index)
     lo, hi = np.percentile(data, percentiles)
-    gray = np.zeros_like(plane) if hi <= lo else (plane - lo) / (hi - lo)
     meta = {
         "format": "nifti",
         "orientation": "RAS",
@@ -208,7 +241,7 @@ def read_nifti(
         "intensity_range": [float(lo), float(hi)],
         "voxel_size_mm": zooms,
     }
-    return MedicalImage(_gray_to_rgb(gray), meta)
+    return MedicalImage(_u8_to_rgb(scale_to_u8(plane, lo, hi)), meta)
 
 
 # ---- ordinary images -------------------------------------------------------------------------
@@ -250,12 +283,9 @@ def read_medical_image(path: str | Path, **options) -> MedicalImage:
     path = Path(path)
     if not path.is_file():
         raise MedicalImageError(f"{path}: no such file")
-    name = path.name.lower()
-    if name.endswith(NIFTI_SUFFIXES):
+    if is_nifti(path):
         return read_nifti(path, **options)
-    with open(path, "rb") as f:
-        head = f.read(132)
-    if path.suffix.lower() in DICOM_SUFFIXES or head[128:132] == b"DICM":
+    if is_dicom(path):
         return read_dicom(path, **options)
     if options:
         raise MedicalImageError(f"{path}: options {sorted(options)} apply to DICOM/NIfTI only")

@@ -8,9 +8,6 @@ import io
 import numpy as np
 from PIL import Image
 
-MAX_SIDE = 1024  # images are stored at <= 1024 px long edge (DATA.md 4.6)
-
-
 def as_rgb_u8(pixels: np.ndarray) -> np.ndarray:
     """``[H, W]`` or ``[H, W, 3]`` uint8 -> ``[H, W, 3]`` uint8."""
     if pixels.dtype != np.uint8:
@@ -22,7 +19,7 @@ def as_rgb_u8(pixels: np.ndarray) -> np.ndarray:
     raise ValueError(f"expected HxW or HxWx3 pixels, got shape {pixels.shape}")
 
 
-def limit_size(pixels: np.ndarray, max_side: int = MAX_SIDE) -> np.ndarray:
+def limit_size(pixels: np.ndarray, max_side: int) -> np.ndarray:
     """Shrink so the long edge is at most ``max_side`` (bicubic, aspect kept); never enlarge."""
     h, w = pixels.shape[:2]
     if max(h, w) <= max_side:
@@ -63,10 +60,6 @@ def perceptual_hash(pixels: np.ndarray, size: int = 16) -> int:
     return int("".join("1" if b else "0" for b in bits), 2)
 
 
-def hamming(a: int, b: int) -> int:
-    return bin(a ^ b).count("1")
-
-
 def kspace_downsample(grey: np.ndarray, factor: int = 4) -> np.ndarray:
     """Low-resolution MRI by central k-space cropping: keep the central ``1/factor`` of the
     spectrum in each direction and invert at the reduced size (DATA.md 5.3), then rescale to the
@@ -78,3 +71,16 @@ def kspace_downsample(grey: np.ndarray, factor: int = 4) -> np.ndarray:
     low = spectrum[top : top + lh, left : left + lw]
     image = np.abs(np.fft.ifft2(np.fft.ifftshift(low))) / (factor * factor)
     return np.clip(np.round(image), 0, 255).astype(np.uint8)
+
+
+def kspace_pair(grey: np.ndarray, factor: int) -> tuple[np.ndarray, np.ndarray]:
+    """A super-resolution pair from ``grey [H, W]`` uint8: the image cropped to a multiple of
+    ``factor`` (the target) and its central-k-space low-resolution version (the input)."""
+    h, w = (grey.shape[0] // factor) * factor, (grey.shape[1] // factor) * factor
+    target = grey[:h, :w]
+    return kspace_downsample(target, factor), target
+
+
+def evenly_spaced(values: list, count: int) -> list:
+    """``count`` evenly spaced elements of ``values``, first and last included."""
+    return [values[round(j * (len(values) - 1) / max(count - 1, 1))] for j in range(count)]

@@ -23,25 +23,19 @@ raise :class:`BenchmarkFileError` naming the file and the line (or row).
 from __future__ import annotations
 
 import base64
-import csv
 import io
-import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from ..tables import TableError, read_rows, require
 from .answers import is_yes_no
 
 BENCHMARKS = ("vqa-rad", "slake", "pathvqa", "omnimedvqa", "gmai-mmbench")
 MCQ_BENCHMARKS = ("omnimedvqa", "gmai-mmbench")
 
 
-class BenchmarkFileError(ValueError):
-    def __init__(self, path: Path | str, where: str | int | None, message: str):
-        location = f"{path}" + (f", line {where}" if isinstance(where, int) else f", {where}" if where else "")
-        super().__init__(f"{location}: {message}")
-        self.path, self.where = Path(path), where
+BenchmarkFileError = TableError  # "FILE, line N: what is wrong"
 
 
 @dataclass
@@ -82,61 +76,6 @@ def _pil_from_bytes(data: bytes, where: str) -> Callable[[], object]:
     return load
 
 
-def _read_json_list(path: Path) -> list[tuple[int, object]]:
-    """Items of a JSON list file as (line number where the item starts, item)."""
-    text = path.read_text(encoding="utf-8")
-    decoder = json.JSONDecoder()
-    line_of = lambda pos: text.count("\n", 0, pos) + 1  # noqa: E731
-    pos = len(text) - len(text.lstrip())
-    if not text[pos:pos + 1] == "[":
-        raise BenchmarkFileError(path, line_of(pos), "expected a JSON list of questions")
-    pos += 1
-    items: list[tuple[int, object]] = []
-    while True:
-        while pos < len(text) and text[pos] in " \t\r\n":
-            pos += 1
-        if text[pos:pos + 1] == "]":
-            return items
-        if items:
-            if text[pos:pos + 1] != ",":
-                raise BenchmarkFileError(path, line_of(pos), "not valid JSON (expected ',' or ']' between items)")
-            pos += 1
-            while pos < len(text) and text[pos] in " \t\r\n":
-                pos += 1
-        try:
-            item, end = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as e:
-            raise BenchmarkFileError(path, e.lineno, f"not valid JSON ({e.msg})") from None
-        items.append((line_of(pos), item))
-        pos = end
-
-
-def _require(path: Path, where, row: dict, keys: tuple[str, ...]) -> None:
-    if not isinstance(row, dict):
-        raise BenchmarkFileError(path, where, f"expected an object, got {type(row).__name__}")
-    missing = [k for k in keys if k not in row or row[k] is None]
-    if missing:
-        raise BenchmarkFileError(path, where, f"missing field(s) {missing}")
-
-
-def _read_tsv(path: Path) -> list[tuple[int, dict]]:
-    """Rows of a VLMEvalKit TSV as (file line number, row)."""
-    csv.field_size_limit(sys.maxsize)  # base64 images are long
-    rows = []
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.reader(f, delimiter="\t")
-        try:
-            header = next(reader)
-        except StopIteration:
-            raise BenchmarkFileError(path, 1, "empty file (expected a header row)") from None
-        for row in reader:
-            line = reader.line_num
-            if len(row) != len(header):
-                raise BenchmarkFileError(path, line, f"{len(row)} columns where the header has {len(header)}")
-            rows.append((line, dict(zip(header, row))))
-    return rows
-
-
 def _parquet_rows(path: Path) -> list[dict]:
     import pyarrow.parquet as pq
 
@@ -168,7 +107,7 @@ def _hf_vqa(files: list[Path]) -> list[Question]:
     for path in files:
         rows = _parquet_rows(path)
         for i, row in enumerate(rows):
-            _require(path, f"row {i}", row, ("image", "question", "answer"))
+            require(path, f"row {i}", row, ("image", "question", "answer"))
             answer = str(row["answer"])
             out.append(Question(str(offset + i), str(row["question"]), answer, _closed_or_open(answer, row.get("answer_type")),
                                 image=_parquet_image(row["image"], path, i)))
@@ -197,11 +136,11 @@ def load_vqa_rad(root: Path) -> list[Question]:
         raise FileNotFoundError(f"{root}: no VQA-RAD test parquet (test-*.parquet) or JSON file")
     path = files[0]
     images = next((d for d in (root / "VQA_RAD Image Folder", root / "images", root) if d.is_dir()), root)
-    items = _read_json_list(path)
+    items = read_rows(path)
     test_marked = any(isinstance(r, dict) and "phrase_type" in r for _, r in items)
     out = []
     for i, (line, row) in enumerate(items):
-        _require(path, line, row, ("image_name", "question", "answer"))
+        require(path, line, row, ("image_name", "question", "answer"))
         if test_marked and not str(row.get("phrase_type", "")).lower().startswith("test"):
             continue
         answer = str(row["answer"])
@@ -217,8 +156,8 @@ def load_slake(root: Path) -> list[Question]:
         raise FileNotFoundError(f"{root}: no SLAKE test.json")
     images = path.parent / "imgs"
     out = []
-    for i, (line, row) in enumerate(_read_json_list(path)):
-        _require(path, line, row, ("img_name", "question", "answer", "q_lang"))
+    for i, (line, row) in enumerate(read_rows(path)):
+        require(path, line, row, ("img_name", "question", "answer", "q_lang"))
         if row["q_lang"] != "en":
             continue
         answer = str(row["answer"])
@@ -237,8 +176,8 @@ def load_pathvqa(root: Path) -> list[Question]:
     if not tsv:
         raise FileNotFoundError(f"{root}: no PathVQA test parquet (test-*.parquet) or PathVQA_TEST.tsv")
     out = []
-    for line, row in _read_tsv(tsv[0]):
-        _require(tsv[0], line, row, ("index", "question", "answer", "image"))
+    for line, row in read_rows(tsv[0]):
+        require(tsv[0], line, row, ("index", "question", "answer", "image"))
         answer = row["answer"]
         out.append(Question(row["index"], row["question"], answer, _closed_or_open(answer, row.get("answer_type")),
                             image=_base64_image(row["image"], tsv[0], line)))
@@ -261,8 +200,8 @@ def load_omnimedvqa(root: Path) -> list[Question]:
         raise FileNotFoundError(f"{root}: no QA_information/Open-access/*.json")
     out = []
     for path in files:
-        for where, row in _read_json_list(path):
-            _require(path, where, row, ("question_id", "question", "gt_answer", "image_path"))
+        for where, row in read_rows(path):
+            require(path, where, row, ("question_id", "question", "gt_answer", "image_path"))
             options = {letter: str(row[f"option_{letter}"]) for letter in "ABCDE" if row.get(f"option_{letter}") not in (None, "")}
             if len(options) < 2:
                 raise BenchmarkFileError(path, where, "fewer than two options (option_A, option_B, ...)")
@@ -286,8 +225,8 @@ def load_gmai_mmbench(root: Path) -> list[Question]:
         raise FileNotFoundError(f"{root}: no GMAI-MMBench TSV (GMAI-MMBench_VAL.tsv)")
     out = []
     for path in files:
-        for line, row in _read_tsv(path):
-            _require(path, line, row, ("index", "question", "answer", "image"))
+        for line, row in read_rows(path):
+            require(path, line, row, ("index", "question", "answer", "image"))
             options = {letter: row[letter] for letter in "ABCDE" if row.get(letter) not in (None, "", "nan")}
             if row["answer"] not in options:
                 raise BenchmarkFileError(path, line, f"answer {row['answer']!r} is not one of the options {sorted(options)}")

@@ -11,9 +11,10 @@ import json
 import os
 from pathlib import Path
 
+from ..tables import TableError, read_rows, require
 
-class PredictionFileError(ValueError):
-    pass
+
+PredictionFileError = TableError  # "FILE, line N: what is wrong"
 
 
 def read_predictions(path: str | Path, *, partial_tail: bool = False) -> dict[str, str]:
@@ -23,27 +24,15 @@ def read_predictions(path: str | Path, *, partial_tail: bool = False) -> dict[st
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: predictions file not found")
-    raw = path.read_bytes()
-    lines = raw.split(b"\n")
     out: dict[str, str] = {}
     seen_at: dict[str, int] = {}
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        is_tail = number == len(lines) and not raw.endswith(b"\n")
-        try:
-            row = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            if partial_tail and is_tail:
-                break
-            raise PredictionFileError(f"{path}, line {number}: not valid JSON ({e})") from None
-        if not isinstance(row, dict) or "id" not in row or "prediction" not in row:
-            raise PredictionFileError(f"{path}, line {number}: expected an object with 'id' and 'prediction'")
+    for number, row in read_rows(path, partial_tail=partial_tail):
+        require(path, number, row, ("id", "prediction"))
         if not isinstance(row["prediction"], str):
-            raise PredictionFileError(f"{path}, line {number}: 'prediction' must be a string, got {type(row['prediction']).__name__}")
+            raise PredictionFileError(path, number, f"'prediction' must be a string, got {type(row['prediction']).__name__}")
         key = str(row["id"])
         if key in seen_at:
-            raise PredictionFileError(f"{path}, line {number}: id {key!r} already given on line {seen_at[key]}")
+            raise PredictionFileError(path, number, f"id {key!r} already given on line {seen_at[key]}")
         seen_at[key] = number
         out[key] = row["prediction"]
     return out

@@ -26,9 +26,7 @@ def pipeline_answerer(pipeline, *, max_new_tokens: int = 512, batch_size: int = 
     """``[(images, prompt), ...] -> [reply, ...]`` with a :class:`UniMedVLPipeline`, greedy."""
 
     def answer(items):
-        if hasattr(pipeline, "ask_batch"):
-            return [a.text for a in pipeline.ask_batch(list(items), max_new_tokens=max_new_tokens, batch_size=batch_size)]
-        return [pipeline.ask(images, prompt, max_new_tokens=max_new_tokens, temperature=0.0).text for images, prompt in items]
+        return [a.text for a in pipeline.ask_batch(list(items), max_new_tokens=max_new_tokens, batch_size=batch_size)]
 
     return answer
 

@@ -18,13 +18,12 @@ from ..atomic import write_json, write_text
 from .image_metrics import TASK_MODES, pixel_scores
 from .paper import PIXEL, REPORT
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".nii", ".gz"}
-
-
 def _images(folder: Path) -> dict[str, Path]:
+    from ..medical_io import IMAGE_SUFFIXES
+
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: folder not found")
-    return {p.name: p for p in sorted(folder.iterdir()) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES}
+    return {p.name: p for p in sorted(folder.iterdir()) if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES)}
 
 
 def _mean(values: list[float]) -> float | None:
@@ -77,22 +76,14 @@ def _fmt(v, digits: int = 2) -> str:
 def evaluate_reports(predictions: str | Path, out: str | Path) -> dict:
     from .text_metrics import report_metrics
 
+    from ..tables import TableError, read_rows
+
     path = Path(predictions)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: file not found")
-    preds, refs, ids = [], [], []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}, line {number}: not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("prediction"), str) or not isinstance(row.get("reference"), str):
-            raise ValueError(f"{path}, line {number}: expected an object with string 'prediction' and 'reference'")
-        preds.append(row["prediction"])
-        refs.append(row["reference"])
-        ids.append(row.get("id", number - 1))
+    rows = read_rows(path)
+    for line, row in rows:
+        if not isinstance(row.get("prediction"), str) or not isinstance(row.get("reference"), str):
+            raise TableError(path, line, "expected an object with string 'prediction' and 'reference'")
+    preds, refs = [r["prediction"] for _, r in rows], [r["reference"] for _, r in rows]
     results = {"n": len(preds), **report_metrics(preds, refs)}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 
 from ..image_transforms import to_rgb
-from ..medical_io import MedicalImage, MedicalImageError, read_medical_image
+from ..medical_io import MedicalImage, MedicalImageError, is_nifti, read_medical_image
 
 ImageInput = Union[str, Path, Image.Image, np.ndarray, MedicalImage]
 
@@ -31,7 +31,7 @@ class ImageReadOptions:
         default = ImageReadOptions()
         volume = {k: getattr(self, k) for k in ("axis", "slice_index", "percentiles") if getattr(self, k) != getattr(default, k)}
         dicom = {k: getattr(self, k) for k in ("window", "frame") if getattr(self, k) != getattr(default, k)}
-        if path.name.lower().endswith((".nii", ".nii.gz")):
+        if is_nifti(path):
             if dicom:
                 raise MedicalImageError(f"{path}: {sorted(dicom)} apply to DICOM files, not NIfTI volumes")
             return volume

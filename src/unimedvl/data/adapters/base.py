@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from ..schema import MODALITIES, Record, Rejection
 
@@ -95,23 +96,67 @@ class Adapter:
             return "val"
         return "train"
 
+    def path_of(self, item: str) -> Path:
+        """The file of a file-backed item (an item is its path relative to the source folder)."""
+        return self.source.path / item if self.source.path.is_dir() else self.source.path
+
     def read_images(self, item: str, *paths: Path, resize: bool = True) -> list | Rejection:
         """The images at ``paths`` as 8-bit RGB arrays (at most ``max_side`` long when ``resize``),
         or the ``unreadable`` rejection of ``item`` naming what failed."""
         from ...medical_io import MedicalImageError, read_medical_image
-        from ..imaging import as_rgb_u8, limit_size
+        from ..imaging import limit_size
 
         images = []
         for path in paths:
             try:
-                pixels = as_rgb_u8(read_medical_image(path).pixels)
+                pixels = read_medical_image(path).pixels
             except MedicalImageError as e:
-                return self.reject(item, "unreadable", str(e).replace(str(self.source.path), "<source>"))
+                return self.reject(item, "unreadable", str(e), paths=paths)
             images.append(limit_size(pixels, self.ctx.max_side) if resize else pixels)
         return images
 
-    def reject(self, item: str, reason: str, detail: str = "", stage: str = "read") -> Rejection:
-        return make_rejection(self.ctx, self.source, item, stage, reason, detail)
+    def reject(self, item: str, reason: str, detail: str = "", stage: str = "read", paths: Iterable[Path] = ()) -> Rejection:
+        """A rejection of ``item``; ``paths`` are the files it read, kept out of the detail text
+        like the item itself unless the build logs paths."""
+        return make_rejection(self.ctx, self.source, item, stage, reason, detail, paths)
+
+
+def read_annotations(source: SourceConfig, file_name: str, required) -> list[dict]:
+    """The rows of a source's annotation table (CSV, TSV, JSON or JSONL) with the ``required``
+    fields; errors name the source, the file and the line."""
+    from ...tables import TableError, read_rows, require
+
+    path = source.path / file_name
+    if not path.is_file():
+        raise FileNotFoundError(f"source {source.name!r}: annotation file {path} not found")
+    try:
+        rows = read_rows(path)
+        for line, row in rows:
+            require(path, line, row, sorted(required), nullable=True)
+    except TableError as e:
+        raise ValueError(f"source {source.name!r}: {e}") from None
+    return [row for _, row in rows]
+
+
+class TableAdapter(Adapter):
+    """A source described by one annotation table (the file named by option ``table_option``): an
+    item per row, named by :meth:`row_key`."""
+
+    table_option = "table"
+
+    def __init__(self, source: SourceConfig, ctx: BuildContext):
+        super().__init__(source, ctx)
+        self.rows = {self.row_key(r): r for r in read_annotations(source, self.opt[self.table_option], self.columns())}
+
+    def columns(self) -> set[str]:
+        """The fields every row needs (the options are checked by then)."""
+        raise NotImplementedError
+
+    def row_key(self, row: dict) -> str:
+        raise NotImplementedError
+
+    def items(self) -> list[str]:
+        return sorted(self.rows)
 
 
 def item_label(ctx: BuildContext, source: SourceConfig, item: str) -> str:
@@ -120,21 +165,36 @@ def item_label(ctx: BuildContext, source: SourceConfig, item: str) -> str:
     return item if ctx.log_item_paths else f"{source.name}/{stable_hash(source.name, item, length=16)}"
 
 
-def make_rejection(ctx: BuildContext, source: SourceConfig, item: str, stage: str, reason: str, detail: str) -> Rejection:
-    if not ctx.log_item_paths:  # keep file and folder names out of the detail text too
-        for text in sorted({str(source.path / item), str(source.path), item, *item.replace("\\", "/").split("/")}, key=len, reverse=True):
+MAX_DETAIL = 200  # characters of a rejection's detail text
+
+
+def make_rejection(ctx: BuildContext, source: SourceConfig, item: str, stage: str, reason: str, detail: str,
+                   paths: Iterable[Path] = ()) -> Rejection:
+    """A rejection whose detail never names the source folder and, unless ``log_item_paths`` is
+    set, never names the item or the files it read (file and folder names can hold patient names)."""
+    if ctx.log_item_paths:
+        detail = detail.replace(str(source.path), "<source>")
+    else:
+        names = {str(source.path / item), str(source.path), item, *re.split(r"[/\\|#]|->", item)}
+        for path in map(Path, paths):
+            inside = path.is_relative_to(source.path)
+            names |= {str(path), *(path.relative_to(source.path).parts if inside else (path.name,))}
+        for text in sorted(names, key=len, reverse=True):
             if len(text) >= 3:
                 detail = detail.replace(text, "<item>")
-    return Rejection(item_label(ctx, source, item), source.name, stage, reason, detail)
+    return Rejection(item_label(ctx, source, item), source.name, stage, reason, detail[:MAX_DETAIL])
 
 
-def files_under(root: Path, suffixes: tuple[str, ...] | None = None) -> list[Path]:
-    """Regular files under ``root`` (or ``root`` itself), sorted, hidden files skipped."""
+def file_items(root: Path, suffixes: tuple[str, ...] | None = None) -> list[str]:
+    """The items of a file-backed source: paths of the regular files under ``root`` relative to
+    it (or the name of ``root`` itself when it is a file), sorted, hidden files skipped; see
+    :meth:`Adapter.path_of`."""
     if root.is_file():
-        return [root]
+        return [root.name]
     out = []
     for p in sorted(root.rglob("*")):
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts):
+        relative = p.relative_to(root)
+        if p.is_file() and not any(part.startswith(".") for part in relative.parts):
             if suffixes is None or p.name.lower().endswith(suffixes):
-                out.append(p)
+                out.append(str(relative))
     return out

@@ -32,25 +32,15 @@ from typing import Iterator
 
 import numpy as np
 
-from ...medical_io import DICOM_SUFFIXES, MedicalImageError, read_dicom
+from ...medical_io import MedicalImageError, is_dicom, read_dicom, read_dicom_dataset
 from .. import templates as T
-from ..imaging import as_rgb_u8, limit_size, png_bytes
+from ..imaging import evenly_spaced, limit_size, png_bytes
 from ..schema import Record, Rejection
-from .base import Adapter, files_under
+from .base import Adapter, file_items
 
 TASKS = ("caption", "modality_vqa", "t2i")
 DICOM_MODALITY = {"CT": "CT", "MR": "MRI", "US": "Ultrasound", "OP": "CFP", "OPT": "OCT", "ES": "Endoscopy", "SM": "HIS", "XC": "Dermoscopy"}
 LIKELY_BURNED_IN = {"US", "ES", "OT", "SC", "XC"}
-
-
-def _is_dicom(path) -> bool:
-    if path.suffix.lower() in DICOM_SUFFIXES:
-        return True
-    try:
-        with open(path, "rb") as f:
-            return f.read(132)[128:132] == b"DICM"
-    except OSError:
-        return False
 
 
 def body_part(value) -> str:
@@ -95,7 +85,7 @@ def select_series_slices(files: list[str], path_of, per_series: int, edge_fracti
             continue
         edge = int(len(members) * edge_fraction)
         inner = members[edge : len(members) - edge] or members
-        picks = [inner[round(j * (len(inner) - 1) / max(per_series - 1, 1))] for j in range(per_series)]
+        picks = evenly_spaced(inner, per_series)
         chosen += [m for _, m in dict.fromkeys(picks)]
     return sorted(chosen)
 
@@ -106,23 +96,17 @@ class DicomAdapter(Adapter):
     options = {"window": None, "frame": "middle", "tasks": list(TASKS), "reject_possible_burned_in": False, "slices_per_series": 5}
 
     def items(self) -> list[str]:
-        root = self.source.path
-        files = [str(p.relative_to(root)) if root.is_dir() else p.name for p in files_under(root) if _is_dicom(p)]
+        files = [item for item in file_items(self.source.path) if is_dicom(self.path_of(item))]
         if self.opt["slices_per_series"] is None:
             return files
-        return select_series_slices(files, self._path, int(self.opt["slices_per_series"]))
-
-    def _path(self, item: str):
-        return self.source.path / item if self.source.path.is_dir() else self.source.path
+        return select_series_slices(files, self.path_of, int(self.opt["slices_per_series"]))
 
     def process(self, item: str) -> Iterator[Record | Rejection]:
-        import pydicom
-
-        path = self._path(item)
-        try:
-            ds = pydicom.dcmread(str(path), stop_before_pixels=True)
-        except Exception as e:
-            yield self.reject(item, "unreadable", f"not a readable DICOM file ({type(e).__name__})")
+        path = self.path_of(item)
+        try:  # read once: the header checks below, then the pixels (decoded only when used)
+            ds = read_dicom_dataset(path)
+        except MedicalImageError as e:
+            yield self.reject(item, "unreadable", str(e), paths=[path])
             return
         burned = str(ds.get("BurnedInAnnotation", "")).upper()
         dicom_modality = str(ds.get("Modality", "")).upper()
@@ -135,10 +119,9 @@ class DicomAdapter(Adapter):
         n_frames = int(ds.get("NumberOfFrames", 1) or 1)
         frame = n_frames // 2 if (self.opt["frame"] == "middle" and n_frames > 1) else 0
         try:
-            image = read_dicom(path, window=self.opt["window"], frame=frame)
+            image = read_dicom(path, window=self.opt["window"], frame=frame, dataset=ds)
         except MedicalImageError as e:
-            detail = str(e).split(": ", 1)[-1]  # the message without the path
-            yield self.reject(item, "unreadable", detail[:200])
+            yield self.reject(item, "unreadable", str(e), paths=[path])
             return
         part = body_part(ds.get("BodyPartExamined"))
         modality = self.source.modality
@@ -147,7 +130,7 @@ class DicomAdapter(Adapter):
             if dicom_modality in ("CR", "DX") and part in ("chest", ""):
                 modality = "CXR"
         group = self.patient_group(str(ds.get("PatientID", "") or ""), item)
-        pixels = limit_size(as_rgb_u8(image.pixels), self.ctx.max_side)
+        pixels = limit_size(image.pixels, self.ctx.max_side)
         png = png_bytes(pixels)
         name = T.MODALITY_NAMES[modality]
         description = f"{name} image of the {part}" if part and modality != "CXR" else f"{name} image"

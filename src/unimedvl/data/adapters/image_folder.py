@@ -22,14 +22,14 @@ from typing import Iterator
 from .. import templates as T
 from ..imaging import png_bytes
 from ..schema import Record, Rejection
-from ._tables import read_table
-from .base import Adapter
+from .base import TableAdapter
 
 TASKS = ("caption", "closed_vqa", "open_vqa", "t2i")
 
 
-class ImageFolderAdapter(Adapter):
+class ImageFolderAdapter(TableAdapter):
     kind = "image_folder"
+    table_option = "labels"
     options = {"labels": "labels.csv", "tasks": list(TASKS)}
 
     def __init__(self, source, ctx):
@@ -37,12 +37,13 @@ class ImageFolderAdapter(Adapter):
         bad = set(self.opt["tasks"]) - set(TASKS)
         if bad:
             raise ValueError(f"source {source.name!r}: unknown task(s) {sorted(bad)}; known: {list(TASKS)}")
-        rows = read_table(source.path / self.opt["labels"], {"file", "label"}, f"source {source.name!r}")
-        self.rows = {r["file"]: r for r in rows}
         self.labels = sorted({r["label"].strip() for r in self.rows.values() if r["label"].strip()})
 
-    def items(self) -> list[str]:
-        return sorted(self.rows)
+    def columns(self) -> set[str]:
+        return {"file", "label"}
+
+    def row_key(self, row: dict) -> str:
+        return row["file"]
 
     def process(self, item: str) -> Iterator[Record | Rejection]:
         row = self.rows[item]

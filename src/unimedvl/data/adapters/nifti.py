@@ -27,11 +27,11 @@ from typing import Iterator
 
 import numpy as np
 
-from ...medical_io import NIFTI_AXES, MedicalImageError, load_nifti_volume, nifti_plane
+from ...medical_io import NIFTI_AXES, NIFTI_SUFFIXES, MedicalImageError, load_nifti_volume, nifti_plane, scale_to_u8
 from .. import templates as T
-from ..imaging import as_rgb_u8, kspace_downsample, limit_size, png_bytes
+from ..imaging import as_rgb_u8, evenly_spaced, kspace_pair, limit_size, png_bytes
 from ..schema import Record, Rejection
-from .base import Adapter, files_under
+from .base import Adapter, file_items
 
 TASKS = ("caption", "t2i", "sr")
 
@@ -48,7 +48,7 @@ def select_slices(data: np.ndarray, axis: int, count: int, min_foreground: float
     coverage = fg.mean(axis=other)
     usable = [i for i in range(edge, n - edge) if coverage[i] >= min_foreground]
     if len(usable) > count:
-        usable = [usable[int(round(j * (len(usable) - 1) / max(count - 1, 1)))] for j in range(count)]
+        usable = evenly_spaced(usable, count)
     values = data[fg] if fg.any() else data.ravel()
     lo, hi = np.percentile(values, (0.5, 99.5))
     return usable, float(lo), float(hi)
@@ -65,22 +65,17 @@ class NiftiAdapter(Adapter):
             raise ValueError(f"source {source.name!r}: axis must be one of {list(NIFTI_AXES)}")
 
     def items(self) -> list[str]:
-        root = self.source.path
-        files = files_under(root, (".nii", ".nii.gz"))
-        return [str(p.relative_to(root)) if root.is_dir() else p.name for p in files]
-
-    def choose_slices(self, data: np.ndarray, axis: int) -> tuple[list[int], float, float]:
-        return select_slices(data, axis, int(self.opt["slices_per_volume"]), self.opt["min_foreground"], self.opt["edge_fraction"])
+        return file_items(self.source.path, NIFTI_SUFFIXES)
 
     def process(self, item: str) -> Iterator[Record | Rejection]:
-        path = self.source.path / item if self.source.path.is_dir() else self.source.path
+        path = self.path_of(item)
         try:
             data, zooms = load_nifti_volume(path, int(self.opt["volume"]))
         except MedicalImageError as e:
-            yield self.reject(item, "unreadable", str(e).split(": ", 1)[-1][:200])
+            yield self.reject(item, "unreadable", str(e), paths=[path])
             return
         axis = NIFTI_AXES[self.opt["axis"]]
-        slices, lo, hi = self.choose_slices(data, axis)
+        slices, lo, hi = select_slices(data, axis, int(self.opt["slices_per_volume"]), self.opt["min_foreground"], self.opt["edge_fraction"])
         if not slices:
             yield self.reject(item, "no_usable_slice", f"no slice covers {self.opt['min_foreground']:.0%} foreground")
             return
@@ -90,8 +85,7 @@ class NiftiAdapter(Adapter):
         for index in slices:
             key = f"{item}#{self.opt['axis']}{index}"
             plane = nifti_plane(data, axis, index)
-            grey = np.round(np.clip((plane - lo) / (hi - lo) if hi > lo else plane * 0, 0, 1) * 255).astype(np.uint8)
-            pixels = limit_size(as_rgb_u8(grey), self.ctx.max_side)
+            pixels = limit_size(as_rgb_u8(scale_to_u8(plane, lo, hi)), self.ctx.max_side)
             png = png_bytes(pixels)
             caption = f"An {self.opt['axis']} slice of a {what}."
             meta = {"width": pixels.shape[1], "height": pixels.shape[0], "axis": self.opt["axis"], "slice_index": index,
@@ -105,10 +99,7 @@ class NiftiAdapter(Adapter):
                              captions={"caption": caption, "prompt": f"Generate an {self.opt['axis']} slice of a {what}."}, **base)
             if "sr" in tasks:
                 factor = int(self.opt["sr_factor"])
-                g = pixels[..., 0]
-                h, w = (g.shape[0] // factor) * factor, (g.shape[1] // factor) * factor
-                target = g[:h, :w]
-                low = kspace_downsample(target, factor)
+                low, target = kspace_pair(pixels[..., 0], factor)
                 yield Record(id=self.record_id(key, "sr"), family="interleaved", task="sr",
                              input_images=[png_bytes(as_rgb_u8(low))], output_images=[png_bytes(as_rgb_u8(target))],
                              instruction=T.fill(T.pick(T.SR_INSTRUCTION, key), mod), response=T.fill(T.SR_RESPONSE, mod),

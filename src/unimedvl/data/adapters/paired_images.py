@@ -21,21 +21,19 @@ from typing import Iterator
 
 from ..imaging import limit_size, png_bytes
 from ..schema import Record, Rejection
-from ._tables import read_table
-from .base import Adapter
+from .base import TableAdapter
 
 
-class PairedImagesAdapter(Adapter):
+class PairedImagesAdapter(TableAdapter):
     kind = "paired_images"
+    table_option = "pairs"
     options = {"pairs": "pairs.csv", "task": "cross_modal"}
 
-    def __init__(self, source, ctx):
-        super().__init__(source, ctx)
-        rows = read_table(source.path / self.opt["pairs"], {"input", "target", "instruction"}, f"source {source.name!r}")
-        self.rows = {f"{r['input']}->{r['target']}": r for r in rows}
+    def columns(self) -> set[str]:
+        return {"input", "target", "instruction"}
 
-    def items(self) -> list[str]:
-        return sorted(self.rows)
+    def row_key(self, row: dict) -> str:
+        return f"{row['input']}->{row['target']}"
 
     def process(self, item: str) -> Iterator[Record | Rejection]:
         row = self.rows[item]

@@ -22,42 +22,41 @@ from __future__ import annotations
 
 from typing import Iterator
 
-import numpy as np
 
-from ...medical_io import NIFTI_AXES, MedicalImageError, load_nifti_volume, nifti_plane
+from ...medical_io import NIFTI_AXES, MedicalImageError, load_nifti_volume, nifti_plane, scale_to_u8
 from .. import templates as T
 from ..imaging import as_rgb_u8, limit_size, png_bytes
 from ..schema import Record, Rejection
-from ._tables import read_table
-from .base import Adapter
+from .base import TableAdapter
 from .nifti import select_slices
 
 
-class PairedVolumesAdapter(Adapter):
+class PairedVolumesAdapter(TableAdapter):
     kind = "paired_volumes"
     options = {"table": "subjects.csv", "pairs": [], "names": {}, "axis": "axial", "slices_per_volume": 4,
                "min_foreground": 0.15, "edge_fraction": 0.1}
 
-    def __init__(self, source, ctx):
-        super().__init__(source, ctx)
+    def columns(self) -> set[str]:
         pairs = self.opt["pairs"]
         if not pairs or not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in pairs):
-            raise ValueError(f"source {source.name!r}: options.pairs must be a list of [from, to] contrast names")
-        contrasts = {c for p in pairs for c in p}
-        rows = read_table(source.path / self.opt["table"], {"subject", *contrasts}, f"source {source.name!r}")
-        self.rows = {str(r["subject"]): r for r in rows}
+            raise ValueError(f"source {self.source.name!r}: options.pairs must be a list of [from, to] contrast names")
+        return {"subject", *self.contrasts()}
 
-    def items(self) -> list[str]:
-        return sorted(self.rows)
+    def contrasts(self) -> list[str]:
+        return sorted({c for p in self.opt["pairs"] for c in p})
+
+    def row_key(self, row: dict) -> str:
+        return str(row["subject"])
 
     def process(self, item: str) -> Iterator[Record | Rejection]:
         row = self.rows[item]
         volumes = {}
+        paths = {c: self.source.path / row[c] for c in self.contrasts()}
         try:
-            for contrast in sorted({c for p in self.opt["pairs"] for c in p}):
-                volumes[contrast] = load_nifti_volume(self.source.path / row[contrast])[0]
+            for contrast, path in paths.items():
+                volumes[contrast] = load_nifti_volume(path)[0]
         except MedicalImageError as e:
-            yield self.reject(item, "unreadable", str(e).replace(str(self.source.path), "<source>"))
+            yield self.reject(item, "unreadable", str(e), paths=paths.values())
             return
         shapes = {c: v.shape for c, v in volumes.items()}
         if len(set(shapes.values())) != 1:
@@ -73,8 +72,7 @@ class PairedVolumesAdapter(Adapter):
         def slice_u8(contrast, index):
             lo, hi = scales[contrast]
             plane = nifti_plane(volumes[contrast], axis, index)
-            grey = np.round(np.clip((plane - lo) / (hi - lo) if hi > lo else plane * 0, 0, 1) * 255).astype(np.uint8)
-            return limit_size(as_rgb_u8(grey), self.ctx.max_side)
+            return limit_size(as_rgb_u8(scale_to_u8(plane, lo, hi)), self.ctx.max_side)
 
         for src, dst in self.opt["pairs"]:
             indices = selections[src][0]  # slices chosen on the source contrast

@@ -21,23 +21,20 @@ from typing import Iterator
 
 from ..imaging import png_bytes
 from ..schema import Record, Rejection
-from ._tables import read_table
-from .base import Adapter
+from .base import TableAdapter
 
 REPORT_REQUEST = "<image>\nWrite the radiology report for this image."
 
 
-class ReportsAdapter(Adapter):
+class ReportsAdapter(TableAdapter):
     kind = "reports"
     options = {"table": "reports.csv", "tasks": ["report", "t2i"]}
 
-    def __init__(self, source, ctx):
-        super().__init__(source, ctx)
-        rows = read_table(source.path / self.opt["table"], {"image", "findings", "impression"}, f"source {source.name!r}")
-        self.rows = {r["image"]: r for r in rows}
+    def columns(self) -> set[str]:
+        return {"image", "findings", "impression"}
 
-    def items(self) -> list[str]:
-        return sorted(self.rows)
+    def row_key(self, row: dict) -> str:
+        return row["image"]
 
     def process(self, item: str) -> Iterator[Record | Rejection]:
         row = self.rows[item]

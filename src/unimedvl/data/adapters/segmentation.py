@@ -24,8 +24,7 @@ import numpy as np
 
 from ..imaging import as_rgb_u8, limit_size, png_bytes
 from ..schema import Record, Rejection
-from ._tables import read_table
-from .base import Adapter
+from .base import TableAdapter
 
 
 def describe_mask(mask: np.ndarray, structure: str) -> tuple[str, dict]:
@@ -43,17 +42,15 @@ def describe_mask(mask: np.ndarray, structure: str) -> tuple[str, dict]:
     return text, {"share": round(float(share), 4), "bbox": [int(xs.min()), int(ys.min()), bw, bh], "location": location}
 
 
-class SegmentationAdapter(Adapter):
+class SegmentationAdapter(TableAdapter):
     kind = "segmentation"
     options = {"table": "masks.csv", "tasks": ["findings", "seg"]}
 
-    def __init__(self, source, ctx):
-        super().__init__(source, ctx)
-        rows = read_table(source.path / self.opt["table"], {"image", "mask", "structure"}, f"source {source.name!r}")
-        self.rows = {f"{r['image']}|{r['structure']}": r for r in rows}
+    def columns(self) -> set[str]:
+        return {"image", "mask", "structure"}
 
-    def items(self) -> list[str]:
-        return sorted(self.rows)
+    def row_key(self, row: dict) -> str:
+        return f"{row['image']}|{row['structure']}"
 
     def process(self, item: str) -> Iterator[Record | Rejection]:
         row = self.rows[item]

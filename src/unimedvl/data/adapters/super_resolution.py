@@ -22,11 +22,10 @@ import numpy as np
 from PIL import Image
 
 from .. import templates as T
-from ..imaging import as_rgb_u8, kspace_downsample, png_bytes
+from ...medical_io import IMAGE_SUFFIXES
+from ..imaging import as_rgb_u8, kspace_pair, png_bytes
 from ..schema import Record, Rejection
-from .base import Adapter, files_under
-
-IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".dcm", ".nii", ".nii.gz")
+from .base import Adapter, file_items
 
 
 class SuperResolutionAdapter(Adapter):
@@ -39,12 +38,10 @@ class SuperResolutionAdapter(Adapter):
             raise ValueError(f"source {source.name!r}: degradation must be kspace or bicubic")
 
     def items(self) -> list[str]:
-        root = self.source.path
-        return [str(p.relative_to(root)) if root.is_dir() else p.name for p in files_under(root, IMAGE_SUFFIXES)]
+        return file_items(self.source.path, IMAGE_SUFFIXES)
 
     def process(self, item: str) -> Iterator[Record | Rejection]:
-        path = self.source.path / item if self.source.path.is_dir() else self.source.path
-        read = self.read_images(item, path)
+        read = self.read_images(item, self.path_of(item))
         if isinstance(read, Rejection):
             yield read
             return
@@ -53,8 +50,8 @@ class SuperResolutionAdapter(Adapter):
         h, w = (hr.shape[0] // f) * f, (hr.shape[1] // f) * f
         hr = hr[:h, :w]
         if self.opt["degradation"] == "kspace":
-            lr = as_rgb_u8(kspace_downsample(hr.mean(axis=2).round().astype(np.uint8), f))
-            hr = as_rgb_u8(hr.mean(axis=2).round().astype(np.uint8))
+            low, target = kspace_pair(hr.mean(axis=2).round().astype(np.uint8), f)
+            lr, hr = as_rgb_u8(low), as_rgb_u8(target)
         else:
             lr = np.asarray(Image.fromarray(hr).resize((w // f, h // f), Image.BICUBIC, reducing_gap=2.0))
         group = self.patient_group(None, item)

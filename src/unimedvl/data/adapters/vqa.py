@@ -26,8 +26,7 @@ from typing import Iterator
 
 from ..imaging import png_bytes
 from ..schema import MODALITIES, Record, Rejection
-from ._tables import read_table
-from .base import Adapter
+from .base import Adapter, read_annotations
 
 FORMATS = {
     "vqa_rad": {"image": "image_name", "question": "question", "answer": "answer", "modality": None},
@@ -51,8 +50,7 @@ class VqaAdapter(Adapter):
             raise ValueError(f"source {source.name!r}: format must be one of {sorted(FORMATS)} or custom")
         self.fields = FORMATS.get(fmt) or {"image": self.opt["image_field"], "question": self.opt["question_field"],
                                             "answer": self.opt["answer_field"], "modality": None}
-        rows = read_table(source.path / self.opt["annotations"], {self.fields["image"], self.fields["question"], self.fields["answer"]},
-                          f"source {source.name!r}")
+        rows = read_annotations(source, self.opt["annotations"], {self.fields["image"], self.fields["question"], self.fields["answer"]})
         if self.opt["language"]:
             rows = [r for r in rows if r.get("q_lang", self.opt["language"]) == self.opt["language"]]
         self.by_image: dict[str, list[dict]] = defaultdict(list)
