@@ -3,24 +3,17 @@ modality, written next to the shards."""
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from ..atomic import write_bytes
-from ..charts import bar_chart
+from ..atomic import write_text
+from ..charts import bar_chart, save_chart
 from .imaging import decode_png
 
 THUMB = 96
 PER_MODALITY = 8
-
-
-def _png(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def contact_sheets(out: Path, manifest: dict) -> dict[str, Image.Image]:
@@ -57,12 +50,12 @@ def write_card(out: Path, manifest: dict) -> None:
     for mods in manifest["counts"].values():
         for m, by_source in mods.items():
             per_modality[m] = per_modality.get(m, 0) + sum(by_source.values())
-    write_bytes(out / "card" / "records_per_family.png", _png(bar_chart(per_family, "kept records per task family")))
-    write_bytes(out / "card" / "records_per_modality.png", _png(bar_chart(per_modality, "kept records per modality")))
-    write_bytes(out / "card" / "rejections.png", _png(bar_chart(manifest["rejections"], "rejections by stage/reason")))
+    save_chart(bar_chart(per_family, "kept records per task family"), out / "card" / "records_per_family.png")
+    save_chart(bar_chart(per_modality, "kept records per modality"), out / "card" / "records_per_modality.png")
+    save_chart(bar_chart(manifest["rejections"], "rejections by stage/reason"), out / "card" / "rejections.png")
     sheets = contact_sheets(out, manifest)
     for modality, sheet in sheets.items():
-        write_bytes(out / "card" / f"samples_{modality}.png", _png(sheet))
+        save_chart(sheet, out / "card" / f"samples_{modality}.png")
 
     lines = ["# Dataset card", "", f"Schema version {manifest['schema_version']}, build fingerprint `{manifest['fingerprint']}`.",
              f"{manifest['num_kept']} records kept of {manifest['num_records']} written "
@@ -84,4 +77,4 @@ def write_card(out: Path, manifest: dict) -> None:
     lines += [f"| {s['name']} | {s['kind']} | {s['modality']} | {s['license']} |" for s in manifest["sources"]]
     lines += ["", "Images are 8-bit PNG (windowed or percentile-scaled before encoding). Patient groups are salted "
               "hashes; no DICOM header field is copied into the records."]
-    write_bytes(out / "README.md", ("\n".join(lines) + "\n").encode())
+    write_text(out / "README.md", "\n".join(lines) + "\n")

@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..atomic import write_bytes, write_json, write_text
+from ..atomic import write_json, write_text
 from . import answers
 from .benchmarks import MCQ_BENCHMARKS, Question
 from .paper import ALIGNED, UNDERSTANDING
@@ -125,16 +125,12 @@ def write_report(out: str | Path, results: dict, rows: list[dict]) -> dict[str, 
     write_json(written["results"], results)
     write_text(written["scored"], "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     write_text(written["markdown"], markdown_table(results))
-    from ..charts import bar_chart
-    import io
+    from ..charts import bar_chart, save_chart
 
     for name, groups in results["breakdowns"].items():
         if len(groups) < 2:
             continue
         chart = bar_chart({k: v["accuracy"] for k, v in groups.items()}, f"{results['benchmark']}: accuracy (%) by {name}",
                           value_format="{:.1f}")
-        buf = io.BytesIO()
-        chart.save(buf, format="PNG")
-        written[f"chart_{name}"] = out / f"accuracy_by_{name}.png"
-        write_bytes(written[f"chart_{name}"], buf.getvalue())
+        written[f"chart_{name}"] = save_chart(chart, out / f"accuracy_by_{name}.png")
     return written
