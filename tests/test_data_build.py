@@ -1,6 +1,7 @@
 """The dataset builder on real sample files (pydicom, nibabel/nilearn, scikit-image) and on
 generated broken files."""
 
+import io
 import json
 import os
 import re
@@ -56,8 +57,10 @@ def make_sources(root: Path, with_broken: bool = True, with_volume: bool = True)
     shutil.copy(data / "ihc.png", root / "img" / "ihc.png")
     shutil.copy(data / "retina.jpg", root / "img" / "retina.jpg")
     shutil.copy(data / "retina.jpg", root / "img" / "retina_again.jpg")  # an exact duplicate
-    labels = ["file,label,patient", "ihc.png,HER2 positive staining,p1", "retina.jpg,diabetic retinopathy,p2",
-              "retina_again.jpg,diabetic retinopathy,p3"]
+    # patient groups of several items: both retina photos are one patient's, and the IHC tile belongs
+    # to the patient of CT_small.dcm (PatientID 1CT1), a group across two sources
+    labels = ["file,label,patient", "ihc.png,HER2 positive staining,1CT1", "retina.jpg,diabetic retinopathy,p2",
+              "retina_again.jpg,diabetic retinopathy,p2"]
     (root / "nii").mkdir()
     if with_volume:
         from nibabel.testing import data_path
@@ -138,7 +141,7 @@ def test_counts_schema_and_card(built):
     for table in (pq.read_table(out / s["file"]) for s in manifest["shards"]):
         assert table.schema.remove_metadata() == arrow_schema().remove_metadata()
     sr = next(r for r in kept if r.task == "sr")
-    lo, hi = (np.asarray(Image.open(__import__("io").BytesIO(b))) for b in (sr.input_images[0], sr.output_images[0]))
+    lo, hi = (np.asarray(Image.open(io.BytesIO(b))) for b in (sr.input_images[0], sr.output_images[0]))
     assert hi.shape[0] == 4 * lo.shape[0] and hi.shape[1] == 4 * lo.shape[1]
     ct = next(r for r in kept if r.source == "hospital" and r.modality == "CT" and r.task == "t2i")
     assert ct.captions["caption"] == "A CT image." and ct.meta["dicom_modality"] == "CT"
@@ -183,10 +186,15 @@ def test_no_phi_of_the_sample_dicoms_reaches_the_output(built):
 
 def test_splits_follow_patient_groups(built):
     records = read_records(built[0] / "out")
-    by_group = {}
+    splits, items, sources = {}, {}, {}
     for r in records:
-        by_group.setdefault(r.patient_group, set()).add(r.split)
-    assert all(len(s) == 1 for s in by_group.values())
+        splits.setdefault(r.patient_group, set()).add(r.split)
+        items.setdefault(r.patient_group, set()).add(r.item_hash)
+        sources.setdefault(r.patient_group, set()).add(r.source)
+    assert all(len(s) == 1 for s in splits.values())
+    # the check has teeth: groups of several work items, one of them across two sources
+    shared = [g for g, i in items.items() if len(i) > 1]
+    assert len(shared) >= 2 and any(len(sources[g]) > 1 for g in shared)
     assert {r.split for r in records} == {"train", "test"}
 
 

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from unimedvl.data.demo import itk_data_dir
 from unimedvl.data.schema import Record
 
 EIGHT = {"CXR", "CT", "MRI", "Ultrasound", "HIS", "CFP", "OCT", "Endoscopy"}
@@ -75,14 +76,7 @@ def test_demo_is_reproducible_across_processes(demo):
         assert (b / f.name).read_bytes() == f.read_bytes(), f.name
 
 
-def _itk_data():
-    from unimedvl.data.demo import ITK_DATA_DIRS, ITK_SLICES
-
-    dirs = [p for p in os.environ.get("UNIMEDVL_ITK_EXAMPLES_DATA", "").split(os.pathsep) if p] + [str(d) for d in ITK_DATA_DIRS]
-    return next((d for d in dirs if all(os.path.isfile(os.path.join(d, f)) for f in ITK_SLICES.values())), None)
-
-
-@pytest.mark.skipif(_itk_data() is None, reason="Debian's insighttoolkit5-examples is not installed")
+@pytest.mark.skipif(itk_data_dir() is None, reason="Debian's insighttoolkit5-examples is not installed")
 def test_demo_uses_the_itk_mr_slices_where_installed(demo):
     recs, _ = records(demo / "a" / "dataset")
     itk = [r for r in recs if r.source.startswith("itk-")]

@@ -125,9 +125,22 @@ def test_nifti_axes_and_errors(tmp_path):
 def test_nibabel_sample_volume_reads():
     from nibabel.testing import data_path
 
-    image = read_medical_image(Path(data_path) / "example4d.nii.gz", volume=1)
+    path = Path(data_path) / "example4d.nii.gz"
+    image = read_medical_image(path, volume=1)
     assert image.pixels.dtype == np.uint8 and image.meta["orientation"] == "RAS"
     assert image.pixels.max() == 255 and image.pixels.min() == 0
+    # the pixels are the middle axial slice of volume 1 (not volume 0), scaled between the 0.5 and
+    # 99.5 percentiles of that volume
+    assert not np.array_equal(image.pixels, read_medical_image(path, volume=0).pixels)
+    data = np.asarray(nib.as_closest_canonical(nib.load(path)).dataobj, dtype=np.float64)
+    assert data.ndim == 4 and not np.array_equal(data[..., 0], data[..., 1])
+    vol = data[..., 1]
+    lo, hi = np.percentile(vol, (0.5, 99.5))
+    assert image.meta["intensity_range"] == pytest.approx([lo, hi])
+    plane = vol[:, :, vol.shape[2] // 2].T[::-1, :]  # rows from anterior (top) to posterior
+    expected = np.round(np.clip((plane - lo) / (hi - lo), 0, 1) * 255)
+    assert image.pixels.shape == (*plane.shape, 3)
+    assert np.abs(image.pixels[..., 0].astype(int) - expected).max() <= 1
 
 
 def test_sixteen_bit_png_is_scaled_not_clipped(tmp_path):

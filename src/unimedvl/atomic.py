@@ -11,6 +11,7 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterable
 
 
 @contextmanager
@@ -44,4 +45,10 @@ def write_text(path: str | Path, text: str) -> None:
 
 
 def write_json(path: str | Path, obj, **dumps_options) -> None:
+    """``obj`` as JSON, keys sorted unless ``dumps_options`` say otherwise."""
     write_text(path, json.dumps(obj, **{"sort_keys": True, **dumps_options}))
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
+    """One JSON object per line (keys sorted), each line ending in a newline."""
+    write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))

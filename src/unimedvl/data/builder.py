@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ..atomic import write_bytes
+from ..atomic import write_bytes, write_json, write_jsonl
 from .adapters import make_adapter
-from .adapters.base import make_rejection
+from .adapters.base import item_hash, make_rejection
 from .build_config import BuildConfig
 from .imaging import decode_png, perceptual_hash, sha256_pixels
 from .qc import check_agreement, check_record
@@ -39,9 +39,8 @@ class ShardPlan:
 
 def plan_shards(config: BuildConfig) -> list[ShardPlan]:
     items: list[tuple[int, str]] = []
-    for i, source in enumerate(config.sources):
-        adapter = make_adapter(source, config.context)
-        items += [(i, it) for it in adapter.items()]
+    for i in range(len(config.sources)):
+        items += [(i, it) for it in _adapter(config, i).items()]
     n = config.items_per_shard
     return [ShardPlan(k, items[k * n : (k + 1) * n]) for k in range((len(items) + n - 1) // n)]
 
@@ -73,23 +72,25 @@ def _finish_record(record: Record, item_key: str, config: BuildConfig, source, d
     bad = check_agreement(record)
     if bad:
         return make_rejection(config.context, source, item_key, "qc2", bad[0], f"{record.task}: {bad[1]}")
-    record.item_hash = item_key_hash(record.source, item_key)
+    record.item_hash = item_hash(record.source, item_key)
     record.image_sha256 = sha256_pixels(images[0]) if images else ""
     record.image_phash = f"{perceptual_hash(images[0]):064x}" if images else ""
     return record
 
 
-def item_key_hash(source: str, item: str) -> str:
-    from .adapters.base import stable_hash
-
-    return stable_hash(source, item, length=16)
-
-
-_ADAPTER_CACHE: dict[str, dict] = {}  # per process: a worker builds each source's adapter once
+_ADAPTER_CACHE: dict[str, dict] = {}  # per process: each source's adapter is built once, for planning and every shard
 
 
 def _adapters_for(config: BuildConfig) -> dict:
     return _ADAPTER_CACHE.setdefault(config.fingerprint(), {})
+
+
+def _adapter(config: BuildConfig, source_index: int):
+    """The adapter of ``config.sources[source_index]``, made on first use in this process."""
+    adapters = _adapters_for(config)
+    if source_index not in adapters:
+        adapters[source_index] = make_adapter(config.sources[source_index], config.context)
+    return adapters[source_index]
 
 
 def build_shard(config: BuildConfig, plan: ShardPlan, out: Path) -> dict:
@@ -99,14 +100,11 @@ def build_shard(config: BuildConfig, plan: ShardPlan, out: Path) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    adapters = _adapters_for(config)
     records: list[Record] = []
     rejections: list[Rejection] = []
     decoded: dict = {}
     for source_index, item in plan.items:
-        if source_index not in adapters:
-            adapters[source_index] = make_adapter(config.sources[source_index], config.context)
-        adapter = adapters[source_index]
+        adapter = _adapter(config, source_index)
         try:
             produced = list(adapter.process(item))
         except Exception as e:  # an adapter bug or an unforeseen file problem must not stop the build
@@ -122,10 +120,9 @@ def build_shard(config: BuildConfig, plan: ShardPlan, out: Path) -> dict:
     buf = io.BytesIO()
     pq.write_table(table, buf, row_group_size=ROW_GROUP_SIZE, compression="zstd")
     write_bytes(paths["parquet"], buf.getvalue())
-    lines = "".join(json.dumps(r.to_json(), sort_keys=True) + "\n" for r in rejections)
-    write_bytes(paths["rejections"], lines.encode())
+    write_jsonl(paths["rejections"], [r.to_json() for r in rejections])
     counts = {"shard": plan.index, "items": len(plan.items), "records": len(records), "rejections": len(rejections)}
-    write_bytes(paths["done"], json.dumps(counts, sort_keys=True).encode())
+    write_json(paths["done"], counts)
     return counts
 
 
@@ -160,7 +157,7 @@ def build(
             raise ValueError(f"{out} holds a build of another config (fingerprint {previous}, this config {fp}); use a new --out")
     else:
         info = {"fingerprint": fp, "sources": [{"name": s.name, "kind": s.kind, "modality": s.modality, "license": s.license} for s in config.sources]}
-        write_bytes(fingerprint_file, json.dumps(info, sort_keys=True).encode())
+        write_json(fingerprint_file, info)
     for stale in (out / "shards").glob(".*.partial"):
         stale.unlink()  # left by a killed run; never visible under a final name
 

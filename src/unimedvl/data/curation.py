@@ -27,8 +27,8 @@ from typing import Callable
 
 from PIL import Image
 
-from ..atomic import write_bytes
-from .finalize import read_jsonl, write_jsonl, write_manifest
+from ..atomic import write_bytes, write_jsonl
+from .finalize import read_jsonl, write_manifest
 from .schema import Record
 
 Scorer = Callable[[Image.Image, str], float]

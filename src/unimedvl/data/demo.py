@@ -105,12 +105,18 @@ def stage_skimage(fundus_dir: Path, pairs_dir: Path, his_dir: Path) -> bool:
     return True
 
 
-def stage_itk(sr_dir: Path, pair_dir: Path) -> bool:
-    """Real MR slices of the ITK examples: 4x super-resolution pairs and a T1 -> proton-density pair."""
+def itk_data_dir() -> Path | None:
+    """The first folder holding every ITK example slice: those named in ``UNIMEDVL_ITK_EXAMPLES_DATA``
+    (``os.pathsep``-separated), then ``ITK_DATA_DIRS``; ``None`` where none does."""
     import os
 
     dirs = [Path(d) for d in os.environ.get("UNIMEDVL_ITK_EXAMPLES_DATA", "").split(os.pathsep) if d] + ITK_DATA_DIRS
-    data = next((d for d in dirs if all((d / f).is_file() for f in ITK_SLICES.values())), None)
+    return next((d for d in dirs if all((d / f).is_file() for f in ITK_SLICES.values())), None)
+
+
+def stage_itk(sr_dir: Path, pair_dir: Path) -> bool:
+    """Real MR slices of the ITK examples: 4x super-resolution pairs and a T1 -> proton-density pair."""
+    data = itk_data_dir()
     if data is None:
         return False
     for name, src in ITK_SLICES.items():
@@ -150,7 +156,7 @@ def stage_procedural(root: Path, per_label: int) -> list[str]:
     return made
 
 
-def demo_config(out: Path, have: dict) -> dict:
+def demo_config(have: dict) -> dict:
     src = "sources"
     sources = [{"name": "pydicom-samples", "kind": "dicom", "path": f"{src}/dicom", "license": "pydicom / pydicom-data test files (MIT)",
                 "options": {"tasks": ["caption", "modality_vqa", "t2i"]}}]
@@ -195,5 +201,5 @@ def stage_demo(out: str | Path, per_label: int = 6) -> tuple[Path, dict]:
         "itk": stage_itk(src / "itk_slices", src / "itk_pairs"),
     }
     config = out / "build.yaml"
-    config.write_text(yaml.safe_dump(demo_config(out, have), sort_keys=False))
+    config.write_text(yaml.safe_dump(demo_config(have), sort_keys=False))
     return config, have

@@ -22,7 +22,7 @@ import json
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from ..atomic import write_bytes
+from ..atomic import write_json, write_jsonl
 from .builder import shard_paths
 from .schema import SCHEMA_VERSION
 
@@ -38,57 +38,59 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def read_index(out: Path, num_shards: int):
-    """Yield ``(shard_index, rows)`` with the small index columns of every shard."""
+def read_index(out: Path, num_shards: int) -> list:
+    """The small index columns of every shard, one Arrow table per shard in shard order (read
+    from disk once, kept columnar: far smaller than the rows as Python dicts)."""
     import pyarrow.parquet as pq
 
-    for k in range(num_shards):
-        yield k, pq.read_table(shard_paths(out, k)["parquet"], columns=INDEX_COLUMNS).to_pylist()
+    return [pq.read_table(shard_paths(out, k)["parquet"], columns=INDEX_COLUMNS) for k in range(num_shards)]
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    write_bytes(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode())
+def _rows(index: list):
+    """Every row of :func:`read_index`'s tables as a dict, shard after shard."""
+    for table in index:
+        yield from table.to_pylist()
 
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def find_duplicates(out: Path, num_shards: int) -> list[dict]:
+def find_duplicates(index: list) -> list[dict]:
     first_by_sha: dict[str, str] = {}
     first_by_phash: dict[str, str] = {}
     found = []
-    for _, rows in read_index(out, num_shards):
-        for row in rows:
-            task = f"{row['family']}/{row['task']}/"
-            reason = None
-            if row["image_sha256"] and first_by_sha.setdefault(task + row["image_sha256"], row["item_hash"]) != row["item_hash"]:
-                reason = "exact_duplicate"
-            elif row["image_phash"] and first_by_phash.setdefault(task + row["image_phash"], row["item_hash"]) != row["item_hash"]:
-                reason = "perceptual_duplicate"
-            if reason:
-                found.append({"id": row["id"], "source": row["source"], "stage": "qc1", "reason": reason})
+    for row in _rows(index):
+        task = f"{row['family']}/{row['task']}/"
+        reason = None
+        if row["image_sha256"] and first_by_sha.setdefault(task + row["image_sha256"], row["item_hash"]) != row["item_hash"]:
+            reason = "exact_duplicate"
+        elif row["image_phash"] and first_by_phash.setdefault(task + row["image_phash"], row["item_hash"]) != row["item_hash"]:
+            reason = "perceptual_duplicate"
+        if reason:
+            found.append({"id": row["id"], "source": row["source"], "stage": "qc1", "reason": reason})
     return found
 
 
-def find_leakage(out: Path, num_shards: int, excluded: set[str]) -> list[dict]:
+def find_leakage(index: list, excluded: set[str]) -> list[dict]:
     held_out: dict[str, set[str]] = defaultdict(set)  # phash -> patient groups in val/test
-    for _, rows in read_index(out, num_shards):
-        for row in rows:
-            if row["id"] not in excluded and row["split"] != "train" and row["image_phash"]:
-                held_out[row["image_phash"]].add(row["patient_group"])
+    for row in _rows(index):
+        if row["id"] not in excluded and row["split"] != "train" and row["image_phash"]:
+            held_out[row["image_phash"]].add(row["patient_group"])
     found = []
-    for _, rows in read_index(out, num_shards):
-        for row in rows:
-            groups = held_out.get(row["image_phash"], ())
-            if row["id"] not in excluded and row["split"] == "train" and groups and row["patient_group"] not in groups:
-                found.append({"id": row["id"], "source": row["source"], "stage": "qc2", "reason": "leakage",
-                              "detail": "the same image is in the val/test split under another patient group"})
+    for row in _rows(index):
+        groups = held_out.get(row["image_phash"], ())
+        if row["id"] not in excluded and row["split"] == "train" and groups and row["patient_group"] not in groups:
+            found.append({"id": row["id"], "source": row["source"], "stage": "qc2", "reason": "leakage",
+                          "detail": "the same image is in the val/test split under another patient group"})
     return found
 
 
-def write_manifest(out: Path, num_shards: int) -> dict:
-    """Recompute ``manifest.json`` and the card from the shards and every exclusion file."""
+def write_manifest(out: Path, num_shards: int, index: list | None = None) -> dict:
+    """Recompute ``manifest.json`` and the card from the shards and every exclusion file;
+    ``index`` is :func:`read_index` of the shards where the caller has already read it."""
+    if index is None:
+        index = read_index(out, num_shards)
     build_info = json.loads((out / "build.json").read_text())
     reasons: dict[str, tuple[str, str]] = {}
     for name in EXCLUSION_FILES:
@@ -96,10 +98,10 @@ def write_manifest(out: Path, num_shards: int) -> dict:
             reasons.setdefault(r["id"], (r["stage"], r["reason"]))
     kept, splits, rejections = Counter(), Counter(), Counter()
     shards = []
-    for k, rows in read_index(out, num_shards):
+    for k, table in enumerate(index):
         path = shard_paths(out, k)
-        shards.append({"file": f"shards/{path['parquet'].name}", "rows": len(rows), "sha256": _file_sha256(path["parquet"])})
-        for row in rows:
+        shards.append({"file": f"shards/{path['parquet'].name}", "rows": table.num_rows, "sha256": _file_sha256(path["parquet"])})
+        for row in table.to_pylist():
             if row["id"] in reasons:
                 continue
             kept[(row["family"], row["modality"], row["source"])] += 1
@@ -123,7 +125,7 @@ def write_manifest(out: Path, num_shards: int) -> dict:
         "rejections": {f"{stage}/{reason}": n for (stage, reason), n in sorted(rejections.items())},
         "sources": build_info.get("sources", []),
     }
-    write_bytes(out / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True).encode())
+    write_json(out / "manifest.json", manifest, indent=1)
     from .card import write_card
 
     write_card(out, manifest)
@@ -131,8 +133,9 @@ def write_manifest(out: Path, num_shards: int) -> dict:
 
 
 def finalize(out: Path, num_shards: int) -> dict:
-    duplicates = find_duplicates(out, num_shards)
+    index = read_index(out, num_shards)
+    duplicates = find_duplicates(index)
     write_jsonl(out / "duplicates.jsonl", duplicates)
-    leakage = find_leakage(out, num_shards, {d["id"] for d in duplicates})
+    leakage = find_leakage(index, {d["id"] for d in duplicates})
     write_jsonl(out / "leakage.jsonl", leakage)
-    return write_manifest(out, num_shards)
+    return write_manifest(out, num_shards, index)

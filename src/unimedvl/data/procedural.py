@@ -36,7 +36,7 @@ def chest_xray(rng: np.random.Generator, finding: bool) -> np.ndarray:
     if finding:  # a focal opacity in one lung (drawn last: the rest is the same with or without it)
         side = rng.choice([0.32, 0.68])
         img += 0.35 * _blob(yy, xx, rng.uniform(0.4, 0.65), side + rng.uniform(-0.05, 0.05), rng.uniform(0.04, 0.07)) * lungs
-    return _to_u8(img, rng, reference=body + spine + heart - 0.35 * lungs)
+    return _to_u8(img, reference=body + spine + heart - 0.35 * lungs)
 
 
 def oct_scan(rng: np.random.Generator, finding: bool) -> np.ndarray:
@@ -50,7 +50,7 @@ def oct_scan(rng: np.random.Generator, finding: bool) -> np.ndarray:
         for cx in rng.uniform(0.2, 0.8, 3):
             img += 0.8 * _blob(yy, xx, float((surface + 0.21)[0, int(cx * SIZE)]) - 0.02, cx, 0.02)
     speckle = rng.gamma(2.0, 0.5, img.shape)
-    return _to_u8(img * speckle * 0.8, rng)
+    return _to_u8(img * speckle * 0.8)
 
 
 def endoscopy(rng: np.random.Generator, finding: bool) -> np.ndarray:
@@ -64,7 +64,7 @@ def endoscopy(rng: np.random.Generator, finding: bool) -> np.ndarray:
         b = _blob(yy, xx, rng.uniform(0.35, 0.65), rng.uniform(0.35, 0.65), 0.07)[..., None]
         rgb = rgb + b * np.array([0.3, 0.05, 0.0])
     rgb[r > 0.48] = 0
-    return _to_u8(rgb + 0.02 * rng.standard_normal(rgb.shape), rng)
+    return _to_u8(rgb + 0.02 * rng.standard_normal(rgb.shape))
 
 
 def ultrasound(rng: np.random.Generator, finding: bool) -> np.ndarray:
@@ -79,7 +79,7 @@ def ultrasound(rng: np.random.Generator, finding: bool) -> np.ndarray:
         cyst = ((yy - cy) ** 2 + (xx - cx) ** 2) < 0.06**2
         tissue = np.where(cyst, 0.05, tissue + 0.25 * ((np.abs(xx - cx) < 0.05) & (yy > cy + 0.06)))
     img = tissue * rng.rayleigh(0.6, xx.shape) * fan
-    return _to_u8(img, rng)
+    return _to_u8(img)
 
 
 def dermoscopy(rng: np.random.Generator, finding: bool) -> np.ndarray:
@@ -91,10 +91,10 @@ def dermoscopy(rng: np.random.Generator, finding: bool) -> np.ndarray:
     lesion = np.hypot(yy - cy, xx - cx) < size * irregular
     colour = np.array([0.35, 0.2, 0.12]) if finding else np.array([0.55, 0.38, 0.28])
     rgb = np.where(lesion[..., None], colour, skin)
-    return _to_u8(rgb + 0.03 * rng.standard_normal(rgb.shape), rng)
+    return _to_u8(rgb + 0.03 * rng.standard_normal(rgb.shape))
 
 
-def _to_u8(x: np.ndarray, rng, reference: np.ndarray | None = None) -> np.ndarray:
+def _to_u8(x: np.ndarray, reference: np.ndarray | None = None) -> np.ndarray:
     """Scale to 8 bits between percentiles of ``reference`` (default ``x``) - a fixed reference
     keeps a counterfactual pair on the same intensity scale."""
     lo, hi = np.percentile(x if reference is None else reference, (0.5, 99.5))

@@ -3,13 +3,13 @@ label/text agreement check.
 
 Each check returns a rejection reason or ``None``; the builder records every rejection with its
 reason.  Duplicates (exact and perceptual) are found after all shards are written
-(:mod:`unimedvl.data.dedupe`), because they need every record.
+(:func:`unimedvl.data.finalize.find_duplicates`), because they need every record.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -73,8 +73,9 @@ def check_record(record: Record, primary: list[np.ndarray], others: list[np.ndar
         bad = check_image(pixels, cfg)
         if bad:
             return bad
+    any_size = replace(cfg, min_side=1)
     for pixels in others:
-        bad = check_image(pixels, QCConfig(**{**cfg.__dict__, "min_side": 1}))
+        bad = check_image(pixels, any_size)
         if bad:
             return bad
     long_text = record.task in LENGTH_CHECKED_TASKS

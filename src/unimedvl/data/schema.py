@@ -54,10 +54,6 @@ class Record:
         if self.split not in SPLITS:
             raise ValueError(f"record {self.id}: split must be one of {SPLITS}, got {self.split!r}")
 
-    def texts(self) -> list[str]:
-        """Every text of the record (for length checks and PHI scans)."""
-        return [m["value"] for m in self.messages] + list(self.captions.values()) + [self.instruction, self.response]
-
     def to_row(self) -> dict:
         return {
             "id": self.id,

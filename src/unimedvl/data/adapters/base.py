@@ -162,7 +162,12 @@ class TableAdapter(Adapter):
 def item_label(ctx: BuildContext, source: SourceConfig, item: str) -> str:
     """How logs name a work item: its path, or (by default) ``source/hash`` - archive paths can
     carry patient names.  ``unimedvl data locate`` maps a hash back to the file on the build machine."""
-    return item if ctx.log_item_paths else f"{source.name}/{stable_hash(source.name, item, length=16)}"
+    return item if ctx.log_item_paths else f"{source.name}/{item_hash(source.name, item)}"
+
+
+def item_hash(source_name: str, item: str) -> str:
+    """A work item's stable key: the records' ``item_hash`` and the hashed name in logs."""
+    return stable_hash(source_name, item, length=16)
 
 
 MAX_DETAIL = 200  # characters of a rejection's detail text
