@@ -1,6 +1,7 @@
 """Training options: FLOP accounting, activation checkpointing, bf16 autocast, plan-level LoRA."""
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -82,7 +83,7 @@ def test_bf16_autocast_trains_close_to_fp32_and_keeps_fp32_master_weights(demo_d
         trainer = Trainer(plan, demo_dataset, tmp_path / precision, model=model, tokenizer=tok, tensorboard=False)
         assert trainer.precision == precision
         trainer.run(max_steps=2, checkpoint_at_end=False)
-        rows[precision] = [__import__("json").loads(x) for x in (tmp_path / precision / "metrics.jsonl").read_text().splitlines()]
+        rows[precision] = [json.loads(x) for x in (tmp_path / precision / "metrics.jsonl").read_text().splitlines()]
         assert all(p.dtype == torch.float32 for p in model.parameters())
         assert all(v.dtype == torch.float32 for v in trainer.ema.values())
     for a, b in zip(rows["fp32"], rows["bf16"]):
