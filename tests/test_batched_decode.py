@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from unimedvl import UniMedVLPipeline
@@ -88,6 +89,30 @@ def test_batched_decoding_runs_one_forward_per_step(pipe, contexts, monkeypatch)
     assert len(calls) == 10 < sequential_calls  # one forward per step, the longest answer sets the count
     assert calls == [3] * (EARLY_EOS_IDS + 1) + [2] * (10 - EARLY_EOS_IDS - 1)  # finished contexts drop out
     assert sum(calls) == sequential_tokens
+
+
+def test_close_answers_closes_every_fork_in_one_forward(pipe, contexts, monkeypatch):
+    eng = pipe.engine
+    generations = eng.generate_text_batch(contexts, 6)
+    singles = eng.generate_text_batch(contexts, 6)
+    calls = []
+    original = eng.forward
+
+    def counting(batch, *args, **kwargs):
+        calls.append(batch.num_tokens)
+        return original(batch, *args, **kwargs)
+
+    monkeypatch.setattr(eng, "forward", counting)
+    closed = eng.close_answers(generations)
+    assert calls == [len(contexts)]
+    assert [c is g.context for c, g in zip(closed, generations)] == [True] * len(contexts)
+    for got, single in zip(closed, singles):
+        want = eng.close_answer(single)
+        assert _state(got) == _state(want)
+        for layer in range(pipe.model.num_layers):
+            torch.testing.assert_close(got.get(layer), want.get(layer), rtol=1e-5, atol=1e-5)
+        assert eng.generate_text(got, 5).ids == eng.generate_text(want, 5).ids
+    assert eng.close_answers([]) == []
 
 
 def test_forks_of_one_context_decode_independently(pipe, contexts):

@@ -3,24 +3,44 @@
 import json
 
 import pytest
+import typer
 from PIL import Image
 from typer.testing import CliRunner
 
 from unimedvl.cli import app
+from unimedvl.inference.engine import TextStream
 from unimedvl.outputs import read_png_metadata
 
 runner = CliRunner()
 
 
-def test_ask_json_and_streaming_agree(fixture_a):
+def test_ask_json_and_streaming_agree(fixture_a, monkeypatch):
     img = str(fixture_a / "test_image.png")
     base = ["ask", img, "-q", "What is shown?", "-m", str(fixture_a), "--dtype", "fp32", "--max-new-tokens", "10", "--temperature", "0"]
     js = runner.invoke(app, base + ["--json"])
     assert js.exit_code == 0, js.output
     answer = json.loads(js.stdout)["answer"]
+
+    decoded = [0]  # ids decoded so far; and per printed piece, how many had been decoded
+    printed = []
+    next_id, echo = TextStream.__next__, typer.echo
+
+    def counting_next(self):
+        token = next_id(self)
+        decoded[0] += 1
+        return token
+
+    def recording_echo(message=None, *args, **kwargs):
+        if message:
+            printed.append(decoded[0])
+        return echo(message, *args, **kwargs)
+
+    monkeypatch.setattr(TextStream, "__next__", counting_next)
+    monkeypatch.setattr(typer, "echo", recording_echo)
     streamed = runner.invoke(app, base)
     assert streamed.exit_code == 0, streamed.output
     assert streamed.stdout.rstrip("\n") == answer
+    assert decoded[0] > 1 and printed[0] < decoded[0]  # the first piece is printed before the last id is decoded
 
 
 def test_generate_writes_a_synthetic_png_with_its_settings(fixture_a, tmp_path):

@@ -9,9 +9,9 @@ import torch
 from PIL import Image
 
 from unimedvl import UniMedVLPipeline
-from unimedvl.image_transforms import GEN_VAE
+from unimedvl.image_transforms import GEN_VAE, GEN_VIT, normalize_u8
 from unimedvl.inference import PromptTooLongError
-from unimedvl.inference.prompts import parse_report, split_thinking
+from unimedvl.inference.prompts import parse_report, report_prompt, split_thinking
 from unimedvl.outputs import read_png_metadata
 
 
@@ -28,10 +28,24 @@ def image(fixture_a):
 def test_streaming_yields_the_same_text_as_one_call(pipe, image):
     whole = pipe.ask([image], "Describe the findings.", max_new_tokens=24, temperature=0.7, seed=3)
     stream = pipe.ask([image], "Describe the findings.", max_new_tokens=24, temperature=0.7, seed=3, stream=True)
-    pieces = list(stream)
+    pieces, decoded = [], []  # decoded: how many ids had been decoded when each piece arrived
+    for piece in stream:
+        pieces.append(piece)
+        decoded.append(len(stream.stream.ids))
     assert len(pieces) > 1
     assert "".join(pieces) == whole.text
     assert stream.answer.token_ids == whole.token_ids
+    assert decoded[0] < len(whole.token_ids)  # pieces arrive while decoding, not all at the end
+    assert decoded == sorted(decoded)
+
+
+def test_a_plain_answer_is_detokenized_once(pipe, image, monkeypatch):
+    calls = []
+    decode = pipe.tokenizer.decode
+    monkeypatch.setattr(pipe.tokenizer, "decode", lambda ids, **kw: calls.append(len(ids)) or decode(ids, **kw))
+    answer = pipe.ask([image], "Describe the findings.", max_new_tokens=12, temperature=0)
+    assert len(answer.token_ids) > 1
+    assert calls == [len(answer.token_ids) + 1]  # <|im_start|> + the answer, once
 
 
 def test_same_seed_same_answer_and_sampling_depends_on_it(pipe, image):
@@ -49,9 +63,9 @@ def test_follow_up_reuses_the_cached_conversation(pipe, image):
     ran = pipe.engine.forwarded_tokens - before
     question = len(pipe.tokenizer.encode("Where exactly?")) + 2
     decode_steps = len(second.token_ids) + 1  # <|im_start|> + every fed id
-    # one token closes the first answer, then only the new question and the new answer run
+    # one token closes the first answer, then only the new question and the new answer run (the
+    # 729-patch image is not recomputed)
     assert ran == 1 + question + decode_steps
-    assert ran < 100  # the 729-patch image is not recomputed
 
     # The reused context equals one built from scratch with the answer as a text item.
     eng = pipe.engine
@@ -86,9 +100,14 @@ def test_report_sections_and_prompt_helpers():
 def test_report_uses_the_dicom_modality(pipe):
     from pydicom.data import get_testdata_file
 
-    rep = pipe.report(get_testdata_file("CT_small.dcm"), max_new_tokens=6)
+    path = get_testdata_file("CT_small.dcm")
+    rep = pipe.report(path, max_new_tokens=6, temperature=0)
     assert rep.modality == "CT"
-    assert rep.text == rep.answer.text
+    want = pipe.ask([path], report_prompt("CT"), max_new_tokens=6, temperature=0)
+    assert want.token_ids and rep.answer.token_ids == want.token_ids
+    assert rep.text == want.text
+    sections = parse_report(want.text)
+    assert (rep.findings, rep.impression) == (sections.findings, sections.impression)
 
 
 def test_generate_image_is_reproducible_and_marked_synthetic(pipe, tmp_path):
@@ -149,15 +168,47 @@ def test_edit_keeps_the_input_size_and_conditions_on_the_analysis(pipe, image):
     assert plain.analysis is None and plain.record["conditioning_text"] == "Stain this tile."
     analysed = pipe.edit([src], "Stain this tile.", steps=3, max_analysis_tokens=6, explain=True, max_explanation_tokens=5)
     assert analysed.record["conditioning_text"] == "Stain this tile.\n\n" + analysed.analysis
-    assert isinstance(analysed.explanation, str) and analysed.record["explanation"] == analysed.explanation
+    assert analysed.record["explanation"] == analysed.explanation
+    # The explanation is the greedy answer after: VAE + ViT blocks of the input, the conditioning
+    # text, the generated latents and the generated image as a ViT block.
+    eng, tok = pipe.engine, pipe.tokenizer
+    vae_image = GEN_VAE.resize(src)
+    z, down = pipe.model.config.ae.z_channels, pipe.model.config.ae.downsample
+    posterior = torch.randn(z, out_h // down, out_w // down, generator=torch.Generator().manual_seed(42))  # edit's first seeded draw
+    ctx = eng.new_context()
+    eng.add_vae_image(ctx, normalize_u8(np.asarray(vae_image)), posterior)
+    eng.add_vit_image(ctx, GEN_VIT(vae_image))
+    eng.add_text(ctx, tok.encode(analysed.record["conditioning_text"]))
+    eng.add_latent_tokens(ctx, analysed.latents, eng.latent_grid(out_h, out_w))
+    eng.add_vit_image(ctx, GEN_VIT(analysed.image))
+    explained = eng.generate_text(ctx, 5)
+    assert explained.ids
+    assert analysed.explanation == tok.decode_generation([tok.special.bos, *explained.ids])
     assert not torch.equal(plain.latents, analysed.latents)  # the pre-pass answer conditions the image
     same = pipe.edit([src], "Stain this tile.", steps=3, analyze=False)
     assert torch.equal(plain.latents, same.latents)
 
 
-def test_understanding_only_model_refuses_generation(fixture_a):
-    pipe = UniMedVLPipeline.from_pretrained(fixture_a, dtype="fp32", visual_gen=False)
-    assert not hasattr(pipe.model, "vae_model") and not hasattr(pipe.model, "llm2vae")
-    assert len(pipe.ask([], "Hello?", max_new_tokens=3, temperature=0).token_ids) <= 2
+def test_edit_checks_the_sampler_settings_before_any_work(pipe, image, monkeypatch):
+    eng = pipe.engine
+    work = []
+    forward, encode = eng.forward, eng.encode_latents
+    monkeypatch.setattr(eng, "forward", lambda *a, **k: work.append("forward") or forward(*a, **k))
+    monkeypatch.setattr(eng, "encode_latents", lambda *a, **k: work.append("encode") or encode(*a, **k))
+    with pytest.raises(ValueError, match="cfg_renorm_type"):
+        pipe.edit([image], "Stain this tile.", cfg_renorm_type="bogus", max_analysis_tokens=4)
+    with pytest.raises(ValueError, match="steps must be >= 2"):
+        pipe.edit([image], "Stain this tile.", steps=1, max_analysis_tokens=4)
+    with pytest.raises(ValueError, match="steps must be >= 2"):
+        pipe.generate_image("A knee MRI.", height=32, width=32, steps=1, think=True, max_think_tokens=4)
+    assert work == []
+
+
+def test_understanding_only_model_refuses_generation(fixture_a, pipe):
+    understanding = UniMedVLPipeline.from_pretrained(fixture_a, dtype="fp32", visual_gen=False)
+    assert not hasattr(understanding.model, "vae_model") and not hasattr(understanding.model, "llm2vae")
+    got = understanding.ask([], "Hello?", max_new_tokens=8, temperature=0)
+    want = pipe.ask([], "Hello?", max_new_tokens=8, temperature=0)  # the full model answers alike
+    assert got.token_ids and got.token_ids == want.token_ids and got.finished == want.finished
     with pytest.raises(RuntimeError, match="visual_gen=False"):
-        pipe.generate_image("x", height=32, width=32)
+        understanding.generate_image("x", height=32, width=32)

@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from .flow import GuidanceConfig, combine_guidance
+from .flow import combine_guidance
 from .image_transforms import ImageTransform, normalize_u8, to_uint8_image
 from .inference import UniMedVLPipeline
 from .model import UniMedVL
@@ -258,16 +258,6 @@ def _grid(engine, hw) -> tuple[int, int]:
     return engine.latent_grid(int(hw[0]), int(hw[1]))
 
 
-def _guidance(hyper: dict) -> GuidanceConfig:
-    return GuidanceConfig(
-        cfg_text_scale=float(hyper["cfg_text_scale"]),
-        cfg_img_scale=float(hyper.get("cfg_img_scale", 1.0)),
-        cfg_interval=tuple(hyper.get("cfg_interval", (0.0, 1.0))),
-        cfg_renorm_type=hyper.get("cfg_renorm_type", "global"),
-        cfg_renorm_min=float(hyper.get("cfg_renorm_min", 0.0)),
-    )
-
-
 def _text_context(engine, ids: list[int]):
     ctx = engine.new_context()
     engine.add_token_ids(ctx, ids)
@@ -294,11 +284,12 @@ def run_flow_step(fx: Fixture, policy: str, pipe: UniMedVLPipeline) -> Iterator[
 
 
 def _sampler_kwargs(hyper: dict) -> dict:
-    g = _guidance(hyper)
+    """The recorded sampler settings as keyword arguments of ``generate_image`` / ``edit`` (which validate them)."""
     return dict(
         steps=int(hyper["num_timesteps"]), timestep_shift=float(hyper["timestep_shift"]),
-        cfg_text_scale=g.cfg_text_scale, cfg_img_scale=g.cfg_img_scale, cfg_interval=g.cfg_interval,
-        cfg_renorm_type=g.cfg_renorm_type, cfg_renorm_min=g.cfg_renorm_min,
+        cfg_text_scale=float(hyper["cfg_text_scale"]), cfg_img_scale=float(hyper.get("cfg_img_scale", 1.0)),
+        cfg_interval=tuple(hyper.get("cfg_interval", (0.0, 1.0))), cfg_renorm_type=hyper.get("cfg_renorm_type", "global"),
+        cfg_renorm_min=float(hyper.get("cfg_renorm_min", 0.0)),
     )
 
 

@@ -17,8 +17,7 @@ import torch
 
 from ..flow import GuidanceConfig, combine_guidance, euler_step, sampling_timesteps
 from ..model import KVCache, UniMedVL
-from ..model.attention import AttentionLayout, AttentionPlan, Split
-from ..model.llm import ExpertRouting
+from ..model.attention import AttentionLayout, Split
 from ..model.unimedvl import ForwardPlan, PackedBatch
 from ..model.patching import latent_to_tokens, unpatchify
 from ..packing import PackedBatchBuilder
@@ -60,6 +59,19 @@ class Sampler:
         return int(torch.multinomial(probs, 1, generator=self.generator))
 
 
+def check_max_new_tokens(max_new_tokens: int) -> None:
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+
+
+def _step_outcome(token: int, step: int, max_new_tokens: int, eos: int | None) -> tuple[bool, bool]:
+    """``(finished, keep)`` for the prediction of decoding step ``step`` (from 0): ``<|im_end|>``
+    finishes and is not kept; the last allowed step's prediction is dropped, as in the reference."""
+    if token == eos:
+        return True, False
+    return False, step < max_new_tokens - 1
+
+
 class TextStream:
     """Iterator over generated token ids (ARCHITECTURE 9.3) that keeps its decoding state.
 
@@ -70,8 +82,7 @@ class TextStream:
     """
 
     def __init__(self, engine: "Engine", ctx: KVCache, max_new_tokens: int, sampler: Sampler, forced_ids: list[int] | None):
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        check_max_new_tokens(max_new_tokens)
         self.engine, self.sampler, self.forced_ids = engine, sampler, forced_ids
         self.max_new_tokens = max_new_tokens
         self.context = ctx.fork()
@@ -89,17 +100,16 @@ class TextStream:
 
     @torch.no_grad()
     def _run(self):
-        eos, fed = self.engine.special.eos, self.engine.special.bos
+        eos = self.engine.special.eos if self.forced_ids is None else None  # forced ids never finish
+        fed = self.engine.special.bos
         for step in range(self.max_new_tokens):
             logits = self.engine._decode_step(self.context, fed)
             if self.keep_logits:
                 self.logits.append(logits)
             nxt = self.sampler(logits) if self.forced_ids is None else int(self.forced_ids[step])
-            if nxt == eos and self.forced_ids is None:
-                self.finished = True
+            self.finished, keep = _step_outcome(nxt, step, self.max_new_tokens, eos)
+            if not keep:
                 return
-            if step == self.max_new_tokens - 1:
-                return  # the reference drops the last prediction when it runs out of steps
             self.ids.append(nxt)
             fed = nxt
             yield nxt
@@ -203,26 +213,22 @@ class Engine:
         """Feed ``tokens[i]`` at the end of ``contexts[i]`` (appended to it), all in one packed forward.
 
         Returns the next-token logits ``[len(contexts), V]`` float32.  The contexts must be distinct
-        objects.  The batch and plan are built directly: one causal token per sample, each seeing
-        only its own context, so no packing and no masks are needed.
+        objects.  The batch is built directly (one causal token per sample, every one a logit
+        position) rather than through the packing builder.
         """
         n = len(contexts)
         if n != len(tokens):
             raise ValueError(f"got {len(tokens)} tokens for {n} contexts")
         device = self.model.device
-        positions = torch.tensor([ctx.rope for ctx in contexts], device=device)
         index = torch.arange(n, device=device)
         batch = PackedBatch(
             layout=AttentionLayout([[Split(1, "causal")] for _ in range(n)]),
-            position_ids=positions,
+            position_ids=torch.tensor([ctx.rope for ctx in contexts], device=device),
             token_ids=torch.tensor(list(tokens), device=device),
             token_index=index,
             logit_index=index,
         )
-        caches = list(contexts)
-        attention = AttentionPlan(batch.layout, caches, True, masks=[None] * n, slices=[slice(i, i + 1) for i in range(n)])
-        plan = ForwardPlan(ExpertRouting(n, None, None), attention, self.model.language_model.model.rotary(positions, self.model.dtype))
-        out = self.forward(batch, caches, update_cache=True, plan=plan)
+        out = self.forward(batch, list(contexts), update_cache=True)
         for ctx in contexts:
             ctx.rope += 1
         return out.logits.float()
@@ -268,7 +274,7 @@ class Engine:
         """Greedy decoding from several contexts (each left unchanged) with one packed forward per step.
 
         Per context the result equals ``generate_text(ctx, max_new_tokens)`` (greedy) in ``ids``,
-        ``finished`` and ``context`` (the decoding fork, ready for :meth:`close_answer`); ``logits``
+        ``finished`` and ``context`` (the decoding fork, ready for :meth:`close_answers`); ``logits``
         is ``None``.  Every step feeds one token to each context that is still decoding; a context
         leaves the batch once it predicts ``<|im_end|>`` or reaches its step limit.
         ``max_new_tokens`` is one limit for all contexts or one per context.
@@ -277,8 +283,8 @@ class Engine:
         limits = [max_new_tokens] * n if isinstance(max_new_tokens, int) else [int(m) for m in max_new_tokens]
         if len(limits) != n:
             raise ValueError(f"got {len(limits)} max_new_tokens for {n} contexts")
-        if any(m < 1 for m in limits):
-            raise ValueError(f"max_new_tokens must be >= 1, got {min(limits)}")
+        for m in limits:
+            check_max_new_tokens(m)
         eos = self.special.eos
         forks = [ctx.fork() for ctx in contexts]
         ids: list[list[int]] = [[] for _ in range(n)]
@@ -291,9 +297,8 @@ class Engine:
             predictions = torch.argmax(logits, dim=-1).tolist()  # first index on ties, as Sampler
             still = []
             for i, nxt in zip(active, predictions):
-                if nxt == eos:
-                    finished[i] = True
-                elif step < limits[i] - 1:  # the last step's prediction is dropped, as in TextStream
+                finished[i], keep = _step_outcome(nxt, step, limits[i], eos)
+                if keep:
                     ids[i].append(nxt)
                     fed[i] = nxt
                     still.append(i)
@@ -304,10 +309,15 @@ class Engine:
     def close_answer(self, stream: "TextStream | TextGeneration") -> KVCache:
         """The context after an answer: the decoding fork with ``<|im_end|>`` fed, i.e. exactly the
         context plus the answer as a text item, without recomputing it (multi-turn reuse)."""
-        work = stream.context
-        with torch.no_grad():
-            self._decode_step(work, self.special.eos)
-        return work
+        return self.close_answers([stream])[0]
+
+    def close_answers(self, generations: Sequence["TextStream | TextGeneration"]) -> list[KVCache]:
+        """:meth:`close_answer` for several answers (distinct decoding forks) in one packed forward."""
+        contexts = [g.context for g in generations]
+        if contexts:
+            with torch.no_grad():
+                self._decode_steps(contexts, [self.special.eos] * len(contexts))
+        return contexts
 
     # ---- images -------------------------------------------------------------------------------
     def denoising_query(self, contexts: list[KVCache], grid_hw: tuple[int, int]) -> "DenoisingQuery":

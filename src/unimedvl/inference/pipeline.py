@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -35,7 +36,7 @@ from ..model import KVCache, UniMedVL
 from ..outputs import generation_record, save_dicom_secondary_capture, save_png
 from ..tokenizer import Tokenizer
 from . import prompts
-from .engine import Engine, Sampler, TextGeneration, TextStream
+from .engine import Engine, Sampler, TextGeneration, TextStream, check_max_new_tokens
 from .inputs import ImageInput, ImageReadOptions, load_image_with_meta
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
@@ -105,10 +106,6 @@ class Conversation:
         if think:
             pipeline._add_text(self.context, prompts.UNDERSTANDING_SYSTEM_PROMPT)
 
-    @property
-    def num_images(self) -> int:
-        return sum(t.get("images", 0) for t in self.turns)
-
     def ask(self, question: str, images: Sequence[ImageInput] = (), **kwargs):
         return self.pipeline.ask(images, question, history=self, **kwargs)
 
@@ -139,7 +136,8 @@ class AnswerStream:
             if text.startswith(emitted) and len(text) > len(emitted):
                 yield text[len(emitted):]
                 emitted = text
-        self.answer = self.pipeline._finish_answer(self.conversation, self.stream, self.question)
+        closed = self.pipeline.engine.close_answer(self.stream)
+        self.answer = self.pipeline._finish_answer(self.conversation, self.stream, self.question, closed)
         full = self.answer.text if not self.conversation.think else _raw_text(tok, self.stream.ids)
         if full.startswith(emitted) and len(full) > len(emitted):
             yield full[len(emitted):]
@@ -151,9 +149,9 @@ class AnswerStream:
         return self.answer
 
 
-def _check_question(question: str) -> None:
-    if not question or not question.strip():
-        raise ValueError("the question is empty")
+def _require_text(text: str, what: str) -> None:
+    if not text or not text.strip():
+        raise ValueError(f"the {what} is empty")
 
 
 def _raw_text(tokenizer: Tokenizer, ids: list[int]) -> str:
@@ -270,17 +268,18 @@ class UniMedVLPipeline:
         starts a conversation with the reasoning system prompt and returns the ``<think>`` part
         separately.  ``stream=True`` returns an :class:`AnswerStream` of text pieces.
         """
-        _check_question(question)
+        _require_text(question, "question")
         conv = history if history is not None else Conversation(self, think=think)
         if history is not None and think and not history.think:
             raise ValueError("this conversation was started without think mode; start a new one with think=True")
         ctx = self._user_turn(conv, images, question)
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         text_stream = self._decode(ctx, max_new_tokens, Sampler(temperature, top_p, generator))
-        streamer = AnswerStream(self, conv, text_stream, question)
         if stream:
-            return streamer
-        return streamer.result()
+            return AnswerStream(self, conv, text_stream, question)
+        for _ in text_stream:
+            pass
+        return self._finish_answer(conv, text_stream, question, self.engine.close_answer(text_stream))
 
     def ask_batch(
         self,
@@ -294,16 +293,15 @@ class UniMedVLPipeline:
         Each answer equals ``ask(images, question, temperature=0, max_new_tokens=max_new_tokens)``
         (text, ids, finished and a closed conversation).  Items are processed ``batch_size`` at a
         time: every context is built as :meth:`ask` builds it, then the chunk decodes together with
-        one packed forward per step (:meth:`Engine.generate_text_batch`).  Every question is checked
-        before any work starts.
+        one packed forward per step (:meth:`Engine.generate_text_batch`), and one more closes all
+        the answers (:meth:`Engine.close_answers`).  Every question is checked before any work starts.
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        check_max_new_tokens(max_new_tokens)
         items = list(items)
         for _, question in items:
-            _check_question(question)
+            _require_text(question, "question")
         answers: list[Answer] = []
         for start in range(0, len(items), batch_size):
             chunk = items[start : start + batch_size]
@@ -311,8 +309,10 @@ class UniMedVLPipeline:
             contexts = [self._user_turn(conv, images, question) for conv, (images, question) in zip(convs, chunk)]
             budgets = [self._answer_budget(ctx, max_new_tokens) for ctx in contexts]
             generations = self.engine.generate_text_batch(contexts, budgets)
+            closed = self.engine.close_answers(generations)
             answers.extend(
-                self._finish_answer(conv, gen, question) for conv, gen, (_, question) in zip(convs, generations, chunk)
+                self._finish_answer(conv, gen, question, ctx)
+                for conv, gen, ctx, (_, question) in zip(convs, generations, closed, chunk)
             )
         return answers
 
@@ -330,12 +330,12 @@ class UniMedVLPipeline:
         conv.turns.append({"role": "user", "text": question, "images": len(loaded)})
         return ctx
 
-    def _finish_answer(self, conv: Conversation, stream: TextStream | TextGeneration, question: str) -> Answer:
+    def _finish_answer(self, conv: Conversation, stream: TextStream | TextGeneration, question: str, closed: KVCache) -> Answer:
+        """Record the answer; ``closed`` is the stream's decoding fork closed with ``<|im_end|>``
+        (:meth:`Engine.close_answer`), i.e. the context plus the answer as a text item like any other."""
         raw = _raw_text(self.tokenizer, stream.ids)
         thinking, text = prompts.split_thinking(raw) if conv.think else (None, raw)
-        # The decoding fork already holds <|im_start|> + the answer; closing it with <|im_end|> makes
-        # it the conversation's context - the answer is a text item like any other.
-        conv.context = self.engine.close_answer(stream)
+        conv.context = closed
         conv.turns.append({"role": "assistant", "text": raw})
         return Answer(text, thinking, list(stream.ids), stream.finished, conv)
 
@@ -365,23 +365,16 @@ class UniMedVLPipeline:
 
     # ---- generation ---------------------------------------------------------------------------
     def _sample(
-        self, ctx, ctx_text, ctx_img, grid, noise, generator, settings: dict, progress: Progress | None
+        self, ctx, ctx_text, ctx_img, grid, noise, generator, sampler: "_SamplerSettings", progress: Progress | None
     ):
         n = grid[0] * grid[1]
         if noise is None:
             noise = torch.randn(n, self.model.config.patch_latent_dim, generator=generator)
         elif tuple(noise.shape) != (n, self.model.config.patch_latent_dim):
             raise ValueError(f"noise must have shape ({n}, {self.model.config.patch_latent_dim}), got {tuple(noise.shape)}")
-        guidance = GuidanceConfig(
-            cfg_text_scale=settings["cfg_text_scale"],
-            cfg_img_scale=settings["cfg_img_scale"],
-            cfg_interval=tuple(settings["cfg_interval"]),
-            cfg_renorm_type=settings["cfg_renorm_type"],
-            cfg_renorm_min=settings["cfg_renorm_min"],
-        )
         sample = self.engine.sample_image(
             ctx, ctx_text, ctx_img, noise, grid,
-            num_timesteps=settings["num_timesteps"], timestep_shift=settings["timestep_shift"], guidance=guidance, progress=progress,
+            num_timesteps=sampler.steps, timestep_shift=sampler.timestep_shift, guidance=sampler.guidance, progress=progress,
         )
         image = Image.fromarray(to_uint8_image(self.engine.decode_latents(sample.latents, grid)))
         return sample, image
@@ -411,10 +404,9 @@ class UniMedVLPipeline:
         ``num_timesteps``: the schedule's length, ``steps - 1`` model evaluations.  ``think`` first writes a plan that
         conditions the image.  ``noise [h*w, 64]`` overrides the seeded initial noise."""
         self._require_generation()
-        if not prompt or not prompt.strip():
-            raise ValueError("the prompt is empty")
+        _require_text(prompt, "prompt")
+        sampler = _SamplerSettings.build(steps, cfg_text_scale, cfg_img_scale, cfg_interval, cfg_renorm_type, cfg_renorm_min, timestep_shift)
         grid = self.engine.latent_grid(height, width)
-        settings = _sampler_settings(steps, cfg_text_scale, cfg_img_scale, cfg_interval, cfg_renorm_type, cfg_renorm_min, timestep_shift, height, width)
         generator = torch.Generator().manual_seed(seed)
         ctx = self.engine.new_context()
         if think:
@@ -426,8 +418,10 @@ class UniMedVLPipeline:
         if think:
             thinking, stream = self._greedy_text(ctx, max_think_tokens)
             ctx = self.engine.close_answer(stream)  # c gets the plan; c_T and c_I do not
-        sample, image = self._sample(ctx, ctx_text, ctx_img, grid, noise, generator, settings, progress)
-        record = generation_record(model=self.name, task="text-to-image", prompt=prompt, seed=seed, sampler=settings, thinking=thinking)
+        sample, image = self._sample(ctx, ctx_text, ctx_img, grid, noise, generator, sampler, progress)
+        record = generation_record(
+            model=self.name, task="text-to-image", prompt=prompt, seed=seed, sampler=sampler.record(height, width), thinking=thinking
+        )
         return GeneratedImage(image, sample.latents, record, thinking=thinking, velocities=sample.velocities)
 
     def edit(
@@ -465,8 +459,8 @@ class UniMedVLPipeline:
         and ``noise`` override the seeded draws (taken in that order).
         """
         self._require_generation()
-        if not instruction or not instruction.strip():
-            raise ValueError("the instruction is empty")
+        _require_text(instruction, "instruction")
+        sampler = _SamplerSettings.build(steps, cfg_text_scale, cfg_img_scale, cfg_interval, cfg_renorm_type, cfg_renorm_min, timestep_shift)
         loaded = [pil for pil, _ in self._images(images)]
         if not loaded:
             raise ValueError("edit needs at least one input image")
@@ -504,15 +498,14 @@ class UniMedVLPipeline:
         # c_T: the image blocks (VAE then ViT per image); c: c_T + instruction; c_I: the instruction only.
         ctx_text = self.engine.new_context()
         for im, px, eps in zip(vae_images, vit_pixels, posterior_noise):
-            self.engine.add_vae_image(ctx_text, normalize_u8(_u8(im)), eps)
+            self.engine.add_vae_image(ctx_text, normalize_u8(np.asarray(im)), eps)
             self.engine.add_vit_image(ctx_text, px)
         ctx = ctx_text.fork()
         self._add_text(ctx, final_instruction)
         ctx_img = self.engine.new_context()
         self._add_text(ctx_img, final_instruction)
 
-        settings = _sampler_settings(steps, cfg_text_scale, cfg_img_scale, cfg_interval, cfg_renorm_type, cfg_renorm_min, timestep_shift, height, width)
-        sample, image = self._sample(ctx, ctx_text, ctx_img, grid, noise, generator, settings, progress)
+        sample, image = self._sample(ctx, ctx_text, ctx_img, grid, noise, generator, sampler, progress)
 
         explanation = None
         if explain:
@@ -522,22 +515,32 @@ class UniMedVLPipeline:
             explanation, _ = self._greedy_text(ctx_e, max_explanation_tokens)
         record = generation_record(
             model=self.name, task="image-to-image", prompt=instruction, conditioning_text=final_instruction, seed=seed,
-            sampler=settings, input_images=len(loaded), thinking=thinking, explanation=explanation,
+            sampler=sampler.record(height, width), input_images=len(loaded), thinking=thinking, explanation=explanation,
         )
         return GeneratedImage(
             image, sample.latents, record, thinking=thinking, analysis=analysis, explanation=explanation, velocities=sample.velocities
         )
 
 
-def _sampler_settings(steps, cfg_text_scale, cfg_img_scale, cfg_interval, cfg_renorm_type, cfg_renorm_min, timestep_shift, height, width) -> dict:
-    """The sampler settings as recorded in generated files (official names: num_timesteps...)."""
-    return dict(
-        num_timesteps=steps, cfg_text_scale=cfg_text_scale, cfg_img_scale=cfg_img_scale, cfg_interval=list(cfg_interval),
-        cfg_renorm_type=cfg_renorm_type, cfg_renorm_min=cfg_renorm_min, timestep_shift=timestep_shift, height=height, width=width,
-    )
+@dataclass(frozen=True)
+class _SamplerSettings:
+    """Image sampler settings, checked before any work starts."""
 
+    steps: int
+    timestep_shift: float
+    guidance: GuidanceConfig
 
-def _u8(image: Image.Image):
-    import numpy as np
+    @classmethod
+    def build(cls, steps, cfg_text_scale, cfg_img_scale, cfg_interval, cfg_renorm_type, cfg_renorm_min, timestep_shift) -> "_SamplerSettings":
+        if steps < 2:
+            raise ValueError(f"steps must be >= 2 (the schedule's length, steps - 1 model evaluations), got {steps}")
+        guidance = GuidanceConfig(cfg_text_scale, cfg_img_scale, tuple(cfg_interval), cfg_renorm_type, cfg_renorm_min)
+        return cls(steps, timestep_shift, guidance)
 
-    return np.asarray(image.convert("RGB"))
+    def record(self, height: int, width: int) -> dict:
+        """The settings as recorded in generated files (official names: num_timesteps...)."""
+        g = self.guidance
+        return dict(
+            num_timesteps=self.steps, cfg_text_scale=g.cfg_text_scale, cfg_img_scale=g.cfg_img_scale, cfg_interval=list(g.cfg_interval),
+            cfg_renorm_type=g.cfg_renorm_type, cfg_renorm_min=g.cfg_renorm_min, timestep_shift=self.timestep_shift, height=height, width=width,
+        )

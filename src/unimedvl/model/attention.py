@@ -146,23 +146,29 @@ class KVCache:
     def _ensure_writable(self, layer: int, n: int, like: torch.Tensor) -> None:
         """Make rows ``[length, length + n)`` of ``layer`` writable by this cache."""
         store = self._store
+        need = self.length + n
         if store.claimed > self.length and store.owner is not self:  # a fork owns rows past our prefix
+            # every layer will write the same n rows: copy each prefix once into room for them
+            cap = max(need, self.MIN_CAPACITY, int(self.length * self.GROWTH))
             fresh = _KVStore(self.num_layers)
-            for i in range(self.num_layers):
-                if store.keys[i] is not None:
-                    fresh.keys[i] = store.keys[i][:, : self.length].clone()
-                    fresh.values[i] = store.values[i][:, : self.length].clone()
+            for old, new in ((store.keys, fresh.keys), (store.values, fresh.values)):
+                for i, buf in enumerate(old):
+                    if buf is not None:
+                        new[i] = self._with_capacity(buf, buf, cap)
             fresh.claimed, fresh.owner = self.length, self
             self._store = store = fresh
-        need = self.length + n
         k = store.keys[layer]
         if k is None or k.shape[1] < need:
             cap = max(need, self.MIN_CAPACITY, int((0 if k is None else k.shape[1]) * self.GROWTH))
             for buffers in (store.keys, store.values):
-                grown = like.new_empty((like.shape[0], cap, like.shape[2]))
-                if buffers[layer] is not None:
-                    grown[:, : self.length] = buffers[layer][:, : self.length]
-                buffers[layer] = grown
+                buffers[layer] = self._with_capacity(buffers[layer], like, cap)
+
+    def _with_capacity(self, buf: torch.Tensor | None, like: torch.Tensor, cap: int) -> torch.Tensor:
+        """A ``[kv_heads, cap, head_dim]`` buffer shaped like ``like`` holding ``buf``'s first ``length`` rows."""
+        grown = like.new_empty((like.shape[0], cap, like.shape[2]))
+        if buf is not None:
+            grown[:, : self.length] = buf[:, : self.length]
+        return grown
 
     def extend(self, layer: int, keys: torch.Tensor, values: torch.Tensor, commit: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Write ``keys/values [kv_heads, n, d]`` after this context and return the views of

@@ -233,10 +233,12 @@ class UniMedVL(nn.Module):
         attention_backend: str = "sdpa",
     ) -> ForwardPlan:
         """Routing, attention plan and RoPE tables of ``batch`` (valid while the caches' lengths stay)."""
-        gen_mask = torch.zeros(batch.num_tokens, dtype=torch.bool, device=batch.position_ids.device)
         if batch.latent_index is not None and batch.latent_index.numel():
+            gen_mask = torch.zeros(batch.num_tokens, dtype=torch.bool, device=batch.position_ids.device)
             gen_mask[batch.latent_index] = True
-        routing = ExpertRouting.from_gen_mask(gen_mask)
+            routing = ExpertRouting.from_gen_mask(gen_mask)
+        else:  # no latent tokens: every token on the understanding expert, without a device sync
+            routing = ExpertRouting(batch.num_tokens, None, None)
         attention = AttentionPlan.build(batch.layout, caches, update_cache, batch.position_ids.device, attention_backend)
         rope = self.language_model.model.rotary(batch.position_ids, self.dtype)
         return ForwardPlan(routing, attention, rope)
