@@ -18,6 +18,35 @@ def fixture_a() -> Path:
     return FIXTURE_A
 
 
+@pytest.fixture(scope="module")
+def pipe(fixture_a):
+    """The reference fixture as a pipeline (fp32), shared by a test module."""
+    from unimedvl.inference import UniMedVLPipeline
+
+    return UniMedVLPipeline.from_pretrained(fixture_a, dtype="fp32")
+
+
+@pytest.fixture(scope="module")
+def image(fixture_a):
+    from PIL import Image
+
+    return Image.open(fixture_a / "test_image.png").convert("RGB")
+
+
+@pytest.fixture
+def forward_tokens(pipe, monkeypatch) -> list[int]:
+    """The token count of every forward ``pipe``'s engine runs during the test, in order."""
+    calls: list[int] = []
+    original = pipe.engine.forward
+
+    def counting(batch, *args, **kwargs):
+        calls.append(batch.num_tokens)
+        return original(batch, *args, **kwargs)
+
+    monkeypatch.setattr(pipe.engine, "forward", counting)
+    return calls
+
+
 def tiny_config(**overrides) -> UniMedVLConfig:
     return UniMedVLConfig.from_preset("tiny", **overrides)
 

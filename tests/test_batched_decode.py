@@ -5,23 +5,12 @@ import pytest
 import torch
 from PIL import Image
 
-from unimedvl import UniMedVLPipeline
 from unimedvl.image_transforms import VQA_VIT
 
 # On the fixture model, greedy decoding after the one-token text item "ical" predicts <|im_end|>
 # on its fifth step (four ids), while the other contexts below run to their step limit.
 EARLY_EOS_TOKEN = 1116
 EARLY_EOS_IDS = 4
-
-
-@pytest.fixture(scope="module")
-def pipe(fixture_a):
-    return UniMedVLPipeline.from_pretrained(fixture_a, dtype="fp32")
-
-
-@pytest.fixture(scope="module")
-def image(fixture_a):
-    return Image.open(fixture_a / "test_image.png").convert("RGB")
 
 
 @pytest.fixture(scope="module")
@@ -70,16 +59,8 @@ def test_batch_has_an_early_finish_and_cut_answers(pipe, contexts):
     assert not cut.finished and len(cut.ids) == EARLY_EOS_IDS - 1
 
 
-def test_batched_decoding_runs_one_forward_per_step(pipe, contexts, monkeypatch):
-    eng = pipe.engine
-    calls = []
-    original = eng.forward
-
-    def counting(batch, *args, **kwargs):
-        calls.append(batch.num_tokens)
-        return original(batch, *args, **kwargs)
-
-    monkeypatch.setattr(eng, "forward", counting)
+def test_batched_decoding_runs_one_forward_per_step(pipe, contexts, forward_tokens):
+    eng, calls = pipe.engine, forward_tokens
     sequential = [eng.generate_text(c, 10) for c in contexts]
     sequential_calls, sequential_tokens = len(calls), sum(calls)
     calls.clear()
@@ -91,18 +72,11 @@ def test_batched_decoding_runs_one_forward_per_step(pipe, contexts, monkeypatch)
     assert sum(calls) == sequential_tokens
 
 
-def test_close_answers_closes_every_fork_in_one_forward(pipe, contexts, monkeypatch):
-    eng = pipe.engine
+def test_close_answers_closes_every_fork_in_one_forward(pipe, contexts, forward_tokens):
+    eng, calls = pipe.engine, forward_tokens
     generations = eng.generate_text_batch(contexts, 6)
     singles = eng.generate_text_batch(contexts, 6)
-    calls = []
-    original = eng.forward
-
-    def counting(batch, *args, **kwargs):
-        calls.append(batch.num_tokens)
-        return original(batch, *args, **kwargs)
-
-    monkeypatch.setattr(eng, "forward", counting)
+    calls.clear()
     closed = eng.close_answers(generations)
     assert calls == [len(contexts)]
     assert [c is g.context for c, g in zip(closed, generations)] == [True] * len(contexts)

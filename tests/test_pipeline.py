@@ -15,16 +15,6 @@ from unimedvl.inference.prompts import parse_report, report_prompt, split_thinki
 from unimedvl.outputs import read_png_metadata
 
 
-@pytest.fixture(scope="module")
-def pipe(fixture_a):
-    return UniMedVLPipeline.from_pretrained(fixture_a, dtype="fp32")
-
-
-@pytest.fixture(scope="module")
-def image(fixture_a):
-    return Image.open(fixture_a / "test_image.png").convert("RGB")
-
-
 def test_streaming_yields_the_same_text_as_one_call(pipe, image):
     whole = pipe.ask([image], "Describe the findings.", max_new_tokens=24, temperature=0.7, seed=3)
     stream = pipe.ask([image], "Describe the findings.", max_new_tokens=24, temperature=0.7, seed=3, stream=True)
