@@ -1,5 +1,6 @@
 """Generation, pixel, classification and text metrics against closed forms and reference implementations."""
 
+import json
 import math
 
 import numpy as np
@@ -135,3 +136,35 @@ def test_pixel_and_report_commands_write_results_beside_the_paper(tmp_path):
     preds.write_text('{"id": 1, "prediction": "x"}\n')
     bad = CliRunner().invoke(app, ["eval", "reports", "--predictions", str(preds), "--out", str(tmp_path / "rep2")])
     assert bad.exit_code == 2 and "reports.jsonl, line 1: expected an object with string 'prediction' and 'reference'" in bad.output
+
+
+def test_counterfactual_check_and_explanations_beside_table_7(tmp_path):
+    from unimedvl.evaluation.classification import auroc, f1
+    from unimedvl.evaluation.counterfactual import evaluate_counterfactual
+    from unimedvl.tables import TableError
+
+    rows = [("a", "effusion", 0.9, 1), ("b", "effusion", 0.4, 1), ("c", "effusion", 0.3, 0), ("d", "effusion", 0.6, 0),
+            ("a", "edema", 0.8, 1), ("b", "edema", 0.2, 0), ("c", "edema", 0.7, 1),
+            ("a", "pneumothorax", 0.1, 0), ("b", "pneumothorax", 0.3, 0)]  # one class only: left out of the means
+    scores = tmp_path / "scores.csv"
+    scores.write_text("id,finding,score,label\n" + "".join(f"{i},{f},{s},{lab}\n" for i, f, s, lab in rows))
+    expl = tmp_path / "expl.jsonl"
+    expl.write_text(json.dumps({"id": "a", "prediction": "new right pleural effusion", "reference": "new right pleural effusion"}) + "\n")
+    res = evaluate_counterfactual(tmp_path / "out", scores=scores, explanations=expl)
+    check = res["check"]
+    eff = check["per_finding"]["effusion"]
+    assert eff["auroc"] == pytest.approx(0.75) and eff["f1"] == pytest.approx(0.5)  # pairs: 3 of 4 ranked right; tp 1, fp 1, fn 1
+    assert check["per_finding"]["edema"]["auroc"] == 1.0 and check["per_finding"]["pneumothorax"]["auroc"] is None
+    assert check["auroc"] == pytest.approx((0.75 + 1.0) / 2) and check["f1"] == pytest.approx((0.5 + 1.0) / 2)
+    assert check["findings_without_both_classes"] == ["pneumothorax"]
+    assert check["auroc_micro"] == pytest.approx(auroc([r[2] for r in rows], [r[3] for r in rows]))
+    assert check["f1_micro"] == pytest.approx(f1([r[2] for r in rows], [r[3] for r in rows]))
+    assert res["text"]["bleu3"] == pytest.approx(1.0) and res["text"]["rougeL"] == pytest.approx(1.0)
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "0.8750" in md and "UniMedVL† (paper Table 7)" in md and "27.17" in md and "pneumothorax" in md
+    scores.write_text("id,finding,score,label\na,edema,high,1\n")
+    with pytest.raises(TableError, match=r"scores.csv, line 2: score 'high' is not a number"):
+        evaluate_counterfactual(tmp_path / "out", scores=scores)
+    scores.write_text("id,finding,score,label\na,edema,0.2,yes\n")
+    with pytest.raises(TableError, match=r"scores.csv, line 2: label 'yes' is not 0/1"):
+        evaluate_counterfactual(tmp_path / "out", scores=scores)

@@ -248,3 +248,94 @@ def test_cli_runs_a_model_on_a_benchmark(fixture_a, tmp_path):
     assert saved["n"] == 2 and saved["missing"] == 0
     again = CliRunner().invoke(app, args)  # everything answered: nothing is run again, same results
     assert again.exit_code == 0 and json.loads((tmp_path / "out" / "results.json").read_text()) == saved
+
+
+# ---- judge-assisted open accuracy ---------------------------------------------------------------
+
+
+class _JudgeServer:
+    """A loopback OpenAI-compatible judge: answers "yes" when the candidate contains a word of the
+    reference; fails the first request of each question with HTTP 500 so retries are exercised."""
+
+    def __init__(self):
+        import http.server
+        import threading
+
+        self.requests: list[dict] = []
+        seen: set[str] = set()
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                outer.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), **body})
+                prompt = body["messages"][0]["content"]
+                if prompt not in seen:
+                    seen.add(prompt)
+                    self.send_response(500)
+                    self.end_headers()
+                    return
+                ref = prompt.split("Reference answer: ")[1].split("\n")[0].lower().split()
+                cand = prompt.split("Candidate answer: ")[1].split("\n")[0].lower()
+                reply = "Yes." if any(w in cand for w in ref) else "No"
+                data = json.dumps({"choices": [{"message": {"role": "assistant", "content": reply}}]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+
+
+def test_judge_assisted_open_accuracy_with_a_local_judge_retries_and_caches(tmp_path):
+    from unimedvl.evaluation.judge import ChatJudge, parse_verdict
+
+    assert parse_verdict("Yes.") is True and parse_verdict("no") is False
+    assert parse_verdict("yes and no") is None and parse_verdict("maybe") is None and parse_verdict("noted") is None
+    server = _JudgeServer()
+    try:
+        data = make_vqa_rad_json(tmp_path / "rad")  # 101 closed "No", 102 open "Lung", 104 open "left upper lobe"
+        preds = tmp_path / "preds.jsonl"
+        preds.write_text('{"id": 101, "prediction": "no"}\n{"id": 102, "prediction": "the lungs"}\n'
+                         '{"id": 104, "prediction": "right kidney"}\n')
+        judge = ChatJudge(server.url, "local-judge", api_key="k1")
+        results = evaluate_vqa("vqa-rad", data, tmp_path / "out", predictions=preds, judge=judge)
+        # strict: 102 and 104 wrong; judge: 102 ("lung" in "the lungs") right, 104 wrong
+        assert results["open_accuracy"] == 0.0 and results["open_accuracy_judge"] == 50.0
+        assert results["accuracy_judge"] == pytest.approx(200 / 3, abs=1e-3) and results["judge_failures"] == 0
+        assert results["judge_model"] == "local-judge"
+        temps = [r["temperature"] for r in server.requests]
+        assert temps == [0.0, 0.5, 0.0, 0.5]  # each question: a failed try, then a second at a higher temperature
+        assert {r["path"] for r in server.requests} == {"/v1/chat/completions"} and {r["auth"] for r in server.requests} == {"Bearer k1"}
+        assert "judge local-judge" in (tmp_path / "out" / "results.md").read_text()
+        n = len(server.requests)
+        again = evaluate_vqa("vqa-rad", data, tmp_path / "out", predictions=preds, judge=judge)
+        assert len(server.requests) == n and again["open_accuracy_judge"] == 50.0  # verdicts come from judgements.jsonl
+    finally:
+        server.close()
+    # an unreachable judge: no verdict, counted wrong and reported
+    dead = ChatJudge(server.url, "gone", timeout_s=2)
+    results = evaluate_vqa("vqa-rad", data, tmp_path / "out2", predictions=preds, judge=dead)
+    assert results["judge_failures"] == 2 and results["open_accuracy_judge"] == 0.0
+
+
+def test_cli_judge_options_come_in_pairs(tmp_path):
+    from typer.testing import CliRunner
+
+    from unimedvl.cli import app
+
+    data = make_slake(tmp_path / "slake")
+    preds = tmp_path / "p.jsonl"
+    preds.write_text('{"id": 11, "prediction": "Yes."}\n')
+    result = CliRunner().invoke(app, ["eval", "vqa", "-b", "slake", "--data", str(data), "--predictions", str(preds),
+                                      "--out", str(tmp_path / "o"), "--judge-url", "http://127.0.0.1:9/v1"])
+    assert result.exit_code == 2 and "--judge-model" in result.output

@@ -16,11 +16,11 @@ def bar_chart(values: dict[str, float], title: str, width: int = 640, value_form
     img = Image.new("RGB", (width, height), "white")
     d = ImageDraw.Draw(img)
     d.text((8, 6), title, fill="black")
-    top = max((v for v in values.values() if v is not None), default=1) or 1
+    top = max((v for v in values.values() if v is not None and v > 0), default=1)
     for i, (label, n) in enumerate(values.items()):
         y = 28 + 22 * i
         d.text((8, y + 3), label[:28], fill="black")
-        bar = int((width - 260) * (n or 0) / top)
+        bar = max(0, int((width - 260) * (n or 0) / top))  # negative values show as a label only
         d.rectangle([200, y, 200 + bar, y + 16], fill=(70, 110, 180))
         d.text((206 + bar, y + 3), "n/a" if n is None else value_format.format(n), fill="black")
     return img

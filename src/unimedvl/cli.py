@@ -638,6 +638,9 @@ def eval_vqa(
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N questions (smoke runs)."),
     legacy_closed_quirk: bool = typer.Option(False, "--legacy-closed-quirk",
                                              help="LLaVA-Med closed accuracy with the original script's denominator quirk."),
+    judge_url: Optional[str] = typer.Option(None, "--judge-url", help="OpenAI-compatible endpoint of a local judge, e.g. http://127.0.0.1:8001/v1."),
+    judge_model: Optional[str] = typer.Option(None, "--judge-model", help="The judge model's name (required with --judge-url)."),
+    judge_api_key: Optional[str] = typer.Option(None, "--judge-api-key", envvar="UNIMEDVL_JUDGE_API_KEY", help="Bearer key of the judge endpoint."),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
 ) -> None:
@@ -649,12 +652,19 @@ def eval_vqa(
         _fail(f"--benchmark must be one of {list(BENCHMARKS)}, got {benchmark!r}")
     if (model is None) == (predictions is None):
         _fail("give exactly one of --model DIR or --predictions FILE")
+    if (judge_url is None) != (judge_model is None):
+        _fail("a judge needs both --judge-url and --judge-model (the report names the judge)")
+    judge = None
+    if judge_url is not None:
+        from .evaluation.judge import ChatJudge
+
+        judge = ChatJudge(judge_url, judge_model, api_key=judge_api_key)
     from .inference.inputs import ImageReadOptions
 
     pipe = _load_pipeline(model, device, dtype, ImageReadOptions(), visual_gen=False) if model is not None else None
     try:
         results = evaluate_vqa(benchmark, data, out, pipeline=pipe, predictions=predictions, batch_size=batch_size,
-                               max_new_tokens=max_new_tokens, limit=limit, legacy_closed=legacy_closed_quirk)
+                               max_new_tokens=max_new_tokens, limit=limit, legacy_closed=legacy_closed_quirk, judge=judge)
     except (PredictionFileError, *_user_errors()) as e:
         _fail(str(e))
     typer.echo((out / "results.md").read_text())
@@ -677,6 +687,85 @@ def eval_pixels(
     try:
         evaluate_pixels(generated, reference, task, out)
     except (MedicalImageError, ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    typer.echo((out / "results.md").read_text())
+
+
+@eval_app.command("t2i")
+def eval_t2i(
+    prompts: Path = typer.Option(..., "--prompts", help="Prompt set: .parquet/.jsonl/.json/.csv with prompt, modality, image (the real one), id."),
+    generated: Path = typer.Option(..., "--generated", help="Folder of generated images, <id>.png (filled first when --model is given)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder: results.json, scored.jsonl, results.md, fid.png, biomedclip.png."),
+    model: Optional[Path] = typer.Option(None, "--model", help="Generate the missing images with this checkpoint first (resumable)."),
+    feature_weights: Optional[Path] = typer.Option(None, "--feature-weights", "--inception",
+                                                   help="Local weights of the FID feature extractor, e.g. pt_inception-2015-12-05-6726825d.pth."),
+    extractor: str = typer.Option("inception-v3-fid", "--extractor", help="Registered feature extractor for FID/KID."),
+    biomedclip: Optional[Path] = typer.Option(None, "--biomedclip", help="Local BiomedCLIP folder (open_clip_pytorch_model.bin + open_clip_config.json)."),
+    biomedclip_tokenizer: Optional[Path] = typer.Option(None, "--biomedclip-tokenizer", help="Folder with BiomedBERT's vocab.txt, if not in --biomedclip."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N prompts (smoke runs)."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Images per feature-extraction batch."),
+    height: int = typer.Option(1024, "--height"),
+    width: int = typer.Option(1024, "--width"),
+    steps: int = typer.Option(50, "--steps"),
+    seed: int = SeedOpt,
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+) -> None:
+    """Per-modality gFID/KID and BioMedCLIP score of text-to-image outputs, beside the paper's Table 2."""
+    from .evaluation.features import FeatureWeightsError, load_feature_extractor
+    from .evaluation.t2i import evaluate_t2i, generate_missing, load_prompts
+
+    if feature_weights is None and biomedclip is None:
+        _fail("give --feature-weights (FID/KID) and/or --biomedclip (BioMedCLIP score); nothing is downloaded")
+    try:
+        prompt_set = load_prompts(prompts)[:limit] if limit is not None else load_prompts(prompts)
+        feats = load_feature_extractor(extractor, feature_weights, device) if feature_weights is not None else None
+        clip = None
+        if biomedclip is not None:
+            from .evaluation.biomedclip import load_biomedclip
+
+            clip = load_biomedclip(biomedclip, biomedclip_tokenizer, device)
+    except (FeatureWeightsError, ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    if model is not None:
+        pipe = _load_pipeline(model, device, dtype, _read_options(None, 0, "axial", None))
+        try:
+            report = generate_missing(pipe, prompt_set, generated, height=height, width=width, steps=steps, seed=seed)
+        except _user_errors() as e:
+            _fail(str(e))
+        typer.echo(f"generated {report['generated_now']} image(s), {report['already_present']} already present")
+        if report["failed"]:
+            typer.secho(f"{len(report['failed'])} prompt(s) could not be generated; they count as missing", fg=typer.colors.YELLOW, err=True)
+    try:
+        results = evaluate_t2i(prompt_set, generated, out, feature_extractor=feats, biomedclip=clip, batch_size=batch_size)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    typer.echo((out / "results.md").read_text())
+    if results["missing"]:
+        typer.secho(f"{results['missing']} prompt(s) have no generated image (see results.json missing_ids)", fg=typer.colors.YELLOW, err=True)
+
+
+@eval_app.command("counterfactual")
+def eval_counterfactual(
+    out: Path = typer.Option(..., "--out", "-o"),
+    scores: Optional[Path] = typer.Option(None, "--scores", help="Classifier scores on generated images: rows of id, finding, score, label (0/1)."),
+    explanations: Optional[Path] = typer.Option(None, "--explanations", help='JSONL of {"id", "prediction", "reference"} explanation texts.'),
+    generated: Optional[Path] = typer.Option(None, "--generated", help="Folder of generated counterfactual images (for gFID)."),
+    reference: Optional[Path] = typer.Option(None, "--reference", help="Folder of real follow-up images (for gFID)."),
+    feature_weights: Optional[Path] = typer.Option(None, "--feature-weights", "--inception", help="Local weights of the FID feature extractor."),
+    extractor: str = typer.Option("inception-v3-fid", "--extractor"),
+    threshold: float = typer.Option(0.5, "--threshold", help="Score at or above which a finding counts as present (F1)."),
+    device: str = DeviceOpt,
+) -> None:
+    """Counterfactual check (AUROC/F1 of a classifier's scores), explanation text metrics and gFID, beside Table 7."""
+    from .evaluation.counterfactual import evaluate_counterfactual
+    from .evaluation.features import FeatureWeightsError, load_feature_extractor
+
+    try:
+        feats = load_feature_extractor(extractor, feature_weights, device) if feature_weights is not None else None
+        evaluate_counterfactual(out, scores=scores, explanations=explanations, generated=generated, reference=reference,
+                                feature_extractor=feats, threshold=threshold)
+    except (FeatureWeightsError, ValueError, FileNotFoundError) as e:
         _fail(str(e))
     typer.echo((out / "results.md").read_text())
 

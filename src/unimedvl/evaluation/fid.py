@@ -41,7 +41,24 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
 
 
 def fid_from_features(features1: np.ndarray, features2: np.ndarray) -> float:
-    return frechet_distance(*feature_statistics(features1), *feature_statistics(features2))
+    """FID between two feature sets.  With fewer samples than feature dimensions (the usual case:
+    ~1K images per modality, 2048-d features) the trace term is computed in sample space, exactly:
+    the non-zero eigenvalues of ``S1 S2`` are the squared singular values of ``X1c X2c^T`` scaled by
+    ``1 / ((n1 - 1)(n2 - 1))``, so ``Tr((S1 S2)^(1/2))`` is that matrix's nuclear norm, scaled - no
+    ``d x d`` square root of a singular matrix is needed."""
+    f1, f2 = np.asarray(features1, dtype=np.float64), np.asarray(features2, dtype=np.float64)
+    if f1.ndim != 2 or f2.ndim != 2 or f1.shape[1] != f2.shape[1] or min(len(f1), len(f2)) < 2:
+        raise ValueError(f"need two [n >= 2, d] feature sets of the same d, got {f1.shape} and {f2.shape}")
+    n1, n2, d = len(f1), len(f2), f1.shape[1]
+    if min(n1, n2) >= d:
+        return frechet_distance(*feature_statistics(f1), *feature_statistics(f2))
+    mu1, mu2 = f1.mean(axis=0), f2.mean(axis=0)
+    x1, x2 = f1 - mu1, f2 - mu2
+    trace1 = float((x1 * x1).sum()) / (n1 - 1)
+    trace2 = float((x2 * x2).sum()) / (n2 - 1)
+    cross = np.linalg.svd(x1 @ x2.T, compute_uv=False).sum() / np.sqrt((n1 - 1) * (n2 - 1))
+    diff = mu1 - mu2
+    return float(diff @ diff + trace1 + trace2 - 2 * cross)
 
 
 def kernel_inception_distance(features1: np.ndarray, features2: np.ndarray, *, subsets: int = 100, subset_size: int = 1000,

@@ -36,4 +36,4 @@ PIXEL = {
 # Table 20: MIMIC-CXR report generation
 REPORT = {"UniMedVL": {"meteor": 0.2193, "bleu4": 0.0235, "rouge1": 0.2843, "rougeL": 0.2727}}
 # Table 7: counterfactual CXR generation (fine-tuned variant)
-COUNTERFACTUAL = {"UniMedVL†": {"auroc": 0.7970, "f1": 0.8731, "bleu3": 0.2641, "meteor": 0.4486, "rougeL": 0.4649}}
+COUNTERFACTUAL = {"UniMedVL†": {"gfid": 27.17, "auroc": 0.7970, "f1": 0.8731, "bleu3": 0.2641, "meteor": 0.4486, "rougeL": 0.4649}}

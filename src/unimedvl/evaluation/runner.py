@@ -39,6 +39,7 @@ def run_benchmark(
     *,
     batch_size: int = 8,
     legacy_closed: bool = False,
+    judge=None,
     progress: bool = True,
 ) -> dict:
     """Answer every question not yet in ``OUT/predictions.jsonl``, then score all of them and
@@ -57,6 +58,6 @@ def run_benchmark(
             bar.update(len(chunk))
         bar.close()
         predictions = dict(log.done)
-    results, rows = score(benchmark, questions, predictions, legacy_closed=legacy_closed)
+    results, rows = score(benchmark, questions, predictions, legacy_closed=legacy_closed, judge=judge)
     write_report(out, results, rows)
     return results

@@ -18,7 +18,7 @@ from ..atomic import write_json, write_text
 from .image_metrics import TASK_MODES, pixel_scores
 from .paper import PIXEL, REPORT
 
-def _images(folder: Path) -> dict[str, Path]:
+def image_files(folder: Path) -> dict[str, Path]:
     from ..medical_io import IMAGE_SUFFIXES
 
     if not folder.is_dir():
@@ -36,7 +36,7 @@ def evaluate_pixels(generated: str | Path, reference: str | Path, task: str, out
 
     if task not in TASK_MODES:
         raise ValueError(f"unknown task {task!r}; choose one of {list(TASK_MODES)}")
-    gen, ref = _images(Path(generated)), _images(Path(reference))
+    gen, ref = image_files(Path(generated)), image_files(Path(reference))
     if not ref:
         raise FileNotFoundError(f"{reference}: no reference images")
     rows = []
@@ -73,17 +73,24 @@ def _fmt(v, digits: int = 2) -> str:
     return "–" if v is None else f"{v:.{digits}f}"
 
 
+def read_report_pairs(path: str | Path) -> tuple[list[str], list[str]]:
+    """Predictions and references of a JSONL/CSV of ``{"id", "prediction", "reference"}`` rows."""
+    from ..tables import TableError, read_rows
+
+    path = Path(path)
+    rows = read_rows(path)
+    for line, row in rows:
+        if not isinstance(row, dict) or not isinstance(row.get("prediction"), str) or not isinstance(row.get("reference"), str):
+            raise TableError(path, line, "expected an object with string 'prediction' and 'reference'")
+    if not rows:
+        raise TableError(path, None, "no rows")
+    return [r["prediction"] for _, r in rows], [r["reference"] for _, r in rows]
+
+
 def evaluate_reports(predictions: str | Path, out: str | Path) -> dict:
     from .text_metrics import report_metrics
 
-    from ..tables import TableError, read_rows
-
-    path = Path(predictions)
-    rows = read_rows(path)
-    for line, row in rows:
-        if not isinstance(row.get("prediction"), str) or not isinstance(row.get("reference"), str):
-            raise TableError(path, line, "expected an object with string 'prediction' and 'reference'")
-    preds, refs = [r["prediction"] for _, r in rows], [r["reference"] for _, r in rows]
+    preds, refs = read_report_pairs(predictions)
     results = {"n": len(preds), **report_metrics(preds, refs)}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

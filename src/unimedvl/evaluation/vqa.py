@@ -35,7 +35,7 @@ def _pct(hits: list[float]) -> float | None:
     return round(100.0 * sum(hits) / len(hits), 4) if hits else None
 
 
-def judge(q: Question, prediction: str | None, legacy_closed: bool = False) -> dict:
+def judge_question(q: Question, prediction: str | None, legacy_closed: bool = False) -> dict:
     """The verdicts of one question."""
     row = {"id": q.id, "kind": q.kind, "question": q.question, "answer": q.answer, "prediction": prediction,
            "missing": prediction is None, **({"categories": q.categories} if q.categories else {})}
@@ -56,14 +56,18 @@ def judge(q: Question, prediction: str | None, legacy_closed: bool = False) -> d
     return row
 
 
-def score(benchmark: str, questions: list[Question], predictions: dict[str, str], *, legacy_closed: bool = False) -> tuple[dict, list[dict]]:
-    """(results, scored rows) of ``predictions`` on ``questions``."""
+def score(benchmark: str, questions: list[Question], predictions: dict[str, str], *, legacy_closed: bool = False,
+          judge=None) -> tuple[dict, list[dict]]:
+    """(results, scored rows) of ``predictions`` on ``questions``.  ``judge`` (:mod:`.judge`) adds
+    the judge-assisted open accuracy: strictly-wrong open answers are sent to it."""
     known = {q.id for q in questions}
     unknown = sorted(set(predictions) - known)
     if unknown:
         raise ValueError(f"{len(unknown)} prediction id(s) are not questions of {benchmark} (first: {unknown[:5]}); "
                          "ids are the benchmark's own question ids, or 0-based row indices where it has none")
-    rows = [judge(q, predictions.get(q.id), legacy_closed) for q in questions]
+    rows = [judge_question(q, predictions.get(q.id), legacy_closed) for q in questions]
+    if judge is not None:
+        _judge_open_answers(judge, questions, rows)
     correct = [float(r["correct"]) for r in rows]
     closed = [r for r in rows if r["kind"] == "closed"]
     open_ = [r for r in rows if r["kind"] == "open"]
@@ -75,6 +79,11 @@ def score(benchmark: str, questions: list[Question], predictions: dict[str, str]
         "open_accuracy_judge": None, "open_recall": _pct([r["recall"] for r in open_]),
         "n_closed": len(closed), "n_open": len(open_),
     }
+    if judge is not None:
+        results["judge_model"] = judge.name
+        results["open_accuracy_judge"] = _pct([float(r["judge_correct"]) for r in open_])
+        results["accuracy_judge"] = _pct([float(r["judge_correct"] if r["kind"] == "open" else r["correct"]) for r in rows])
+        results["judge_failures"] = sum(1 for r in open_ if r.get("judge_failed"))
     if benchmark not in MCQ_BENCHMARKS:
         scored_closed = [r["llava_closed"] for r in closed if r["llava_closed"] is not None]
         results["llava_closed_accuracy"] = _pct([float(v) for v in scored_closed])
@@ -97,6 +106,20 @@ def score(benchmark: str, questions: list[Question], predictions: dict[str, str]
     return results, rows
 
 
+def _judge_open_answers(judge, questions: list[Question], rows: list[dict]) -> None:
+    from tqdm.auto import tqdm
+
+    by_id = {q.id: q for q in questions}
+    ask = [r for r in rows if r["kind"] == "open" and not r["missing"] and not r["correct"]]
+    for r in rows:
+        if r["kind"] == "open":
+            r["judge_correct"] = bool(r["correct"])
+    for r in tqdm(ask, desc=f"judge ({judge.name})", unit="q", disable=len(ask) < 20):
+        verdict = judge(by_id[r["id"]].question, r["answer"], r["prediction"])
+        r["judge_correct"] = bool(verdict)
+        r["judge_failed"] = verdict is None
+
+
 def markdown_table(results: dict) -> str:
     """This run beside the paper's rows for the same benchmark."""
     b = results["benchmark"]
@@ -112,9 +135,14 @@ def markdown_table(results: dict) -> str:
         if b in row:
             aligned = ALIGNED.get(model, {}).get(b)
             lines.append(f"| {model} (paper Table 1) | {cell(row[b])} | – | – | – | {cell(aligned)} |")
+    if results.get("judge_model"):
+        lines.append(f"| **this run, judge {results['judge_model']}** | {cell(results['accuracy_judge'])} | "
+                     f"{cell(results['closed_accuracy'])} | {cell(results['open_accuracy_judge'])} (judge) | – | – |")
     lines.append("")
     lines.append("Paper accuracy is over all test questions with open answers judged by the authors' (unpublished) rule; "
-                 "this run's open answers are judged by exact match (strict), which undercounts paraphrases.")
+                 "this run's strict row judges open answers by exact match, which undercounts paraphrases"
+                 + (f"; the judge row asks {results['judge_model']} about strictly-wrong open answers "
+                    f"({results['judge_failures']} without a verdict, counted wrong)." if results.get("judge_model") else "."))
     return "\n".join(lines) + "\n"
 
 
