@@ -40,17 +40,30 @@ def generation_record(**fields: Any) -> dict:
     return record
 
 
-def save_png(image: Image.Image, path: str | Path, record: dict) -> Path:
-    """Write ``image`` as PNG with the synthetic marking and ``record`` as metadata."""
+def _png_info(record: dict) -> PngImagePlugin.PngInfo:
     info = PngImagePlugin.PngInfo()
     info.add_text("Synthetic", "true")
     info.add_text("Description", SYNTHETIC_NOTICE)
     info.add_text("Software", f"unimedvl {__version__}")
     info.add_itxt("unimedvl", json.dumps(record, sort_keys=True))
+    return info
+
+
+def save_png(image: Image.Image, path: str | Path, record: dict) -> Path:
+    """Write ``image`` as PNG with the synthetic marking and ``record`` as metadata."""
     path = Path(path)
     with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG", pnginfo=info)
+        image.save(tmp, format="PNG", pnginfo=_png_info(record))
     return path
+
+
+def png_bytes(image: Image.Image, record: dict) -> bytes:
+    """The PNG :func:`save_png` would write, in memory (for HTTP responses)."""
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=_png_info(record))
+    return buf.getvalue()
 
 
 def read_png_metadata(path: str | Path) -> dict:

@@ -109,6 +109,23 @@ class Conversation:
     def ask(self, question: str, images: Sequence[ImageInput] = (), **kwargs):
         return self.pipeline.ask(images, question, history=self, **kwargs)
 
+    def add_system(self, text: str) -> None:
+        """A system text item (before the first turn), e.g. an OpenAI ``system`` message."""
+        _require_text(text, "system message")
+        self.pipeline._add_text(self.context, text)
+        self.turns.append({"role": "system", "text": text})
+
+    def add_user(self, text: str, images: Sequence[ImageInput] = ()) -> None:
+        """A user turn without answering it (replaying a transcript)."""
+        _require_text(text, "user message")
+        self.pipeline._user_turn(self, images, text)
+
+    def add_assistant(self, text: str) -> None:
+        """An assistant turn from a transcript: the same text item a decoded answer becomes."""
+        _require_text(text, "assistant message")
+        self.pipeline._add_text(self.context, text)
+        self.turns.append({"role": "assistant", "text": text})
+
 
 class AnswerStream:
     """Iterator of text pieces of an answer as it is decoded; ``"".join`` of them equals the

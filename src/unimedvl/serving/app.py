@@ -1,0 +1,325 @@
+"""The HTTP server: OpenAI-compatible endpoints over one loaded pipeline, and the web UI at ``/ui``.
+
+* ``POST /v1/chat/completions`` - messages with text and ``image_url`` parts (data URLs; local
+  files only under ``allowed_file_roots``; DICOM/NIfTI with ``window``/``frame``/``axis``/
+  ``slice_index`` beside ``url``); ``stream: true`` answers as server-sent events;
+* ``POST /v1/images/generations`` and ``POST /v1/images/edits`` (JSON, or multipart for edits) -
+  base64 PNGs carrying the synthetic-image metadata;
+* ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus text).
+
+Every request is held to the limits of :class:`.config.ServeConfig`; errors are OpenAI-shaped
+JSON with the field and the limit named.  Logs carry route, status and latency only - never
+prompts or pixels.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import time
+import uuid
+
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from .. import __version__
+from .config import ServeConfig
+from .errors import APIError, bad_request
+from .images import ReadOptions, decode_image, image_from_url
+from .metrics import Metrics
+from .schemas import ChatRequest, parse_chat, parse_image_request, parse_json
+from .worker import CancelToken, ModelWorker
+
+log = logging.getLogger("unimedvl.serve")
+_READY, _END = object(), object()
+PROTECTED = ("/v1", "/metrics", "/ui")
+
+
+class BodyLimit:
+    """ASGI middleware: refuse bodies over ``limit`` bytes (by Content-Length, or while streaming)."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            return await _send_error(send, APIError(413, f"the request body has {int(length)} bytes; the limit is {self.limit} "
+                                                         "(max_body_bytes)", code="body_too_large"))
+        received = 0
+
+        async def limited():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise APIError(413, f"the request body exceeds {self.limit} bytes (max_body_bytes)", code="body_too_large")
+            return message
+
+        await self.app(scope, limited, send)
+
+
+async def _send_error(send, error: APIError) -> None:
+    body = json.dumps(error.body()).encode()
+    await send({"type": "http.response.start", "status": error.status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def create_app(pipeline, config: ServeConfig | None = None):
+    """The FastAPI application serving ``pipeline`` (loaded once, by the caller)."""
+    from ..inference.pipeline import PromptTooLongError
+    from ..medical_io import MedicalImageError
+
+    config = config or ServeConfig()
+    worker = ModelWorker(config.max_concurrency, config.max_queue, config.request_timeout_s)
+    metrics = Metrics()
+    served = pipeline.name
+    started = int(time.time())
+    @asynccontextmanager
+    async def lifespan(_app):
+        yield
+        worker.shutdown()
+
+    app = FastAPI(title="UniMedVL", version=__version__, lifespan=lifespan,
+                  description="Medical image understanding and generation. Outputs are not for clinical use; generated images are synthetic.")
+    app.state.worker, app.state.metrics, app.state.config, app.state.pipeline = worker, metrics, config, pipeline
+
+    @app.exception_handler(APIError)
+    async def api_error(_request, error: APIError):
+        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+    @app.exception_handler(PromptTooLongError)
+    async def too_long(_request, error: PromptTooLongError):
+        return JSONResponse(APIError(400, str(error), param="messages", code="context_length_exceeded").body(), status_code=400)
+
+    @app.exception_handler(MedicalImageError)
+    async def bad_image(_request, error: MedicalImageError):
+        return JSONResponse(bad_request(str(error), code="invalid_image").body(), status_code=400)
+
+    @app.middleware("http")
+    async def guard_and_measure(request: Request, call_next):
+        t0 = time.perf_counter()
+        path = request.url.path
+        if config.api_key and path.startswith(PROTECTED) and not _authorised(request, config.api_key):
+            response = JSONResponse(APIError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
+                                             code="invalid_api_key").body(), status_code=401,
+                                    headers={"WWW-Authenticate": "Bearer"})
+        else:
+            try:
+                response = await call_next(request)
+            except APIError as e:  # raised while the body was read (BodyLimit)
+                response = JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+            if config.api_key and path.startswith("/ui") and request.query_params.get("key") == config.api_key:
+                response.set_cookie("unimedvl_key", config.api_key, httponly=True, samesite="strict")
+        route = path if not path.startswith("/ui") else "/ui"
+        elapsed = time.perf_counter() - t0
+        metrics.observe(route, response.status_code, elapsed)
+        log.info("%s %s %d %.3fs", request.method, route, response.status_code, elapsed)
+        return response
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": served, "running": worker.running, "queued": worker.queued}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": served, "object": "model", "created": started, "owned_by": "unimedvl"}]}
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def prometheus():
+        return PlainTextResponse(metrics.render(worker.running, worker.queued), media_type="text/plain; version=0.0.4")
+
+    def decode_chat_images(req: ChatRequest) -> None:
+        for m in req.messages:
+            m.images = [image_from_url(url, opts, config, where) for url, opts, where in m.images]
+
+    def answer(req: ChatRequest, token: CancelToken, emit=None) -> dict:
+        conv = pipeline.chat()
+        for m in req.messages[:-1]:
+            if m.role == "system":
+                conv.add_system(m.text)
+            elif m.role == "user":
+                conv.add_user(m.text, m.images)
+            else:
+                conv.add_assistant(m.text)
+            token.check()
+        last = req.messages[-1]
+        stream = pipeline.ask(last.images, last.text, history=conv, max_new_tokens=req.max_tokens, temperature=req.temperature,
+                              top_p=req.top_p, seed=req.seed, stream=True)
+        prompt_tokens = conv.context.rope
+        if emit is not None:
+            emit(_READY)
+        pieces = []
+        for piece in stream:
+            token.check()
+            pieces.append(piece)
+            if emit is not None:
+                emit(piece)
+        result = stream.answer
+        metrics.add_tokens(len(result.token_ids))
+        return {"text": "".join(pieces), "finish_reason": "stop" if result.finished else "length",
+                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(result.token_ids),
+                          "total_tokens": prompt_tokens + len(result.token_ids)}}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        req = parse_chat(parse_json(await request.body()), config, served)
+        await run_in_threadpool(decode_chat_images, req)
+        cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if not req.stream:
+            out = await _run_model(worker, lambda token: answer(req, token), request)
+            return {"id": cid, "object": "chat.completion", "created": created, "model": served,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": out["text"]},
+                                 "finish_reason": out["finish_reason"]}], "usage": out["usage"]}
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        token = CancelToken()
+
+        def emit(item):
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        def work(tok: CancelToken):
+            try:
+                return answer(req, tok, emit)
+            finally:
+                emit(_END)
+
+        task = asyncio.create_task(_run_model(worker, work, request, token=token, watch_client=False))
+        first = await queue.get()
+        if first is not _READY:  # failed before decoding started: a plain JSON error
+            await task  # raises the APIError / PromptTooLongError
+            raise APIError(500, "the answer ended before it started")
+
+        def chunk(delta: dict, finish=None) -> str:
+            return "data: " + json.dumps({"id": cid, "object": "chat.completion.chunk", "created": created, "model": served,
+                                          "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}) + "\n\n"
+
+        async def events():
+            try:
+                yield chunk({"role": "assistant", "content": ""})
+                while (item := await queue.get()) is not _END:
+                    yield chunk({"content": item})
+                try:
+                    out = await task
+                    yield chunk({}, out["finish_reason"])
+                except APIError as e:
+                    yield "data: " + json.dumps(e.body()) + "\n\n"
+                yield "data: [DONE]\n\n"
+            finally:
+                if not task.done():
+                    token.cancel("the client disconnected")
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    def image_response(results: list) -> JSONResponse:
+        from ..outputs import SYNTHETIC_NOTICE, png_bytes
+
+        data = [{"b64_json": base64.b64encode(png_bytes(r.image, r.record)).decode(), "revised_prompt": None} for r in results]
+        metrics.add_images(len(results))
+        return JSONResponse({"created": int(time.time()), "model": served, "synthetic": True, "notice": SYNTHETIC_NOTICE, "data": data},
+                            headers={"X-Synthetic-Content": "true"})
+
+    @app.post("/v1/images/generations")
+    async def generations(request: Request):
+        req = parse_image_request(parse_json(await request.body()), config, served)
+
+        def work(token: CancelToken):
+            return [pipeline.generate_image(req.prompt, height=req.height, width=req.width, steps=req.steps, cfg_text_scale=req.guidance,
+                                            cfg_interval=(0.0, 1.0), cfg_renorm_type="text_channel", seed=req.seed + k,
+                                            progress=token.check)
+                    for k in range(req.n)]
+
+        return image_response(await _run_model(worker, work, request))
+
+    @app.post("/v1/images/edits")
+    async def edits(request: Request):
+        fields, uploads = await _edit_fields(request, config)
+        has_size = bool(fields.get("size"))
+        req = parse_image_request(fields, config, served, edit=True, default_size="1024x1024")
+        options = ReadOptions.parse({k: _maybe_int(fields.get(k)) for k in ("window", "frame", "axis", "slice_index") if fields.get(k) is not None},
+                                    "image")
+        if not uploads:
+            raise bad_request("image: expected one or more input images", "image")
+        if len(uploads) > config.max_images_per_request:
+            raise APIError(413, f"image: {len(uploads)} images; the limit is {config.max_images_per_request} (max_images_per_request)",
+                           param="image", code="too_many_images")
+        images = await run_in_threadpool(lambda: [decode_image(data, options, config, f"image[{i}]") if isinstance(data, bytes)
+                                                  else image_from_url(data, options, config, f"image[{i}]")
+                                                  for i, data in enumerate(uploads)])
+
+        def work(token: CancelToken):
+            size = {"height": req.height, "width": req.width} if has_size else {}
+            return [pipeline.edit(images, req.prompt, steps=req.steps, cfg_text_scale=req.guidance, cfg_img_scale=req.image_guidance,
+                                  seed=req.seed + k, progress=token.check, **size)
+                    for k in range(req.n)]
+
+        return image_response(await _run_model(worker, work, request))
+
+    if config.ui:
+        try:
+            import gradio  # noqa: F401
+        except ImportError:
+            log.warning("web UI disabled: gradio is not installed (pip install 'unimedvl[serve]')")
+        else:
+            from .ui import mount_ui
+
+            app = mount_ui(app, pipeline, worker, config)
+
+    return BodyLimit(app, config.max_body_bytes)
+
+
+async def _run_model(worker: ModelWorker, work, request, *, token: CancelToken | None = None, watch_client: bool = True):
+    from ..inference.pipeline import PromptTooLongError
+
+    try:
+        return await worker.run(work, is_disconnected=request.is_disconnected if watch_client else None, token=token)
+    except PromptTooLongError as e:
+        raise APIError(400, str(e), param="messages", code="context_length_exceeded") from None
+    except ValueError as e:  # bad sizes, empty texts and the like, found by the pipeline
+        raise bad_request(str(e)) from None
+
+
+def _maybe_int(value):
+    return int(value) if isinstance(value, str) and value.isdigit() else value
+
+
+async def _edit_fields(request, config: ServeConfig) -> tuple[dict, list]:
+    """Form fields and images of an edit request: multipart (``image`` files, as OpenAI's API) or JSON
+    (``image``: a data URL or a list of them)."""
+    ctype = request.headers.get("content-type", "")
+    if ctype.startswith("multipart/form-data"):
+        try:
+            form = await request.form(max_files=config.max_images_per_request + 1, max_fields=64)
+        except APIError:
+            raise
+        except Exception as e:  # malformed multipart
+            raise bad_request(f"the multipart body could not be parsed ({type(e).__name__})", code="invalid_multipart") from None
+        uploads = [await f.read() for key in ("image", "image[]") for f in form.getlist(key) if hasattr(f, "read")]
+        fields = {k: v for k, v in form.items() if isinstance(v, str)}
+        return fields, uploads
+    data = parse_json(await request.body())
+    image = data.get("image")
+    uploads = image if isinstance(image, list) else ([image] if image else [])
+    if not all(isinstance(u, str) for u in uploads):
+        raise bad_request("image: expected a data URL or a list of them", "image")
+    return data, uploads
+
+
+def _authorised(request, key: str) -> bool:
+    import hmac
+
+    header = request.headers.get("authorization", "")
+    given = header[7:] if header.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
+    if not given and request.url.path.startswith("/ui"):
+        given = request.cookies.get("unimedvl_key") or request.query_params.get("key", "")
+    return bool(given) and hmac.compare_digest(given.encode(), key.encode())

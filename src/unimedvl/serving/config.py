@@ -1,0 +1,47 @@
+"""Serving settings: where to listen, who may call, and the limits every request is held to."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class ServeConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None  # required whenever host is not a loopback address
+    max_concurrency: int = 1  # requests running on the model at once
+    max_queue: int = 16  # requests waiting beyond those; more get 429
+    request_timeout_s: float = 300.0  # queueing + running; past it: 504, and the work is cancelled
+    max_body_bytes: int = 32 * 1024 * 1024
+    max_image_pixels: int = 4096 * 4096  # per decoded image (a DICOM frame or NIfTI slice included)
+    max_images_per_request: int = 8
+    max_prompt_chars: int = 16_000  # per request, all text parts together
+    max_new_tokens: int = 2048  # cap on max_tokens
+    max_images_generated: int = 4  # cap on n
+    max_image_side: int = 1024  # generated width/height
+    min_image_side: int = 32
+    max_steps: int = 100
+    allowed_file_roots: tuple[Path, ...] = field(default_factory=tuple)  # local files image_url may name
+    ui: bool = True  # mount the web UI at /ui
+
+    def __post_init__(self):
+        if not is_loopback(self.host) and not self.api_key:
+            raise ValueError(f"host {self.host!r} is reachable from other machines: set an API key (--api-key or UNIMEDVL_API_KEY)")
+        for name in ("max_concurrency", "max_images_per_request", "max_new_tokens", "max_images_generated", "max_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_queue < 0:
+            raise ValueError(f"max_queue must be >= 0, got {self.max_queue}")
+        self.allowed_file_roots = tuple(Path(p).resolve() for p in self.allowed_file_roots)
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -1,0 +1,44 @@
+"""Prometheus text-format counters for the server (no client library needed)."""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+
+
+class Metrics:
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.requests: dict[tuple[str, int], int] = defaultdict(int)
+        self.latency_sum: dict[str, float] = defaultdict(float)
+        self.latency_count: dict[str, int] = defaultdict(int)
+        self.completion_tokens = 0
+        self.images_generated = 0
+
+    def observe(self, route: str, status: int, seconds: float) -> None:
+        with self._lock:
+            self.requests[(route, status)] += 1
+            self.latency_sum[route] += seconds
+            self.latency_count[route] += 1
+
+    def add_tokens(self, n: int) -> None:
+        with self._lock:
+            self.completion_tokens += n
+
+    def add_images(self, n: int) -> None:
+        with self._lock:
+            self.images_generated += n
+
+    def render(self, running: int, queued: int) -> str:
+        with self._lock:
+            lines = ["# HELP unimedvl_requests_total Requests by route and status code.", "# TYPE unimedvl_requests_total counter"]
+            lines += [f'unimedvl_requests_total{{route="{r}",status="{s}"}} {n}' for (r, s), n in sorted(self.requests.items())]
+            lines += ["# HELP unimedvl_request_seconds Request latency.", "# TYPE unimedvl_request_seconds summary"]
+            for r in sorted(self.latency_count):
+                lines.append(f'unimedvl_request_seconds_sum{{route="{r}"}} {self.latency_sum[r]:.6f}')
+                lines.append(f'unimedvl_request_seconds_count{{route="{r}"}} {self.latency_count[r]}')
+            lines += ["# TYPE unimedvl_completion_tokens_total counter", f"unimedvl_completion_tokens_total {self.completion_tokens}",
+                      "# TYPE unimedvl_images_generated_total counter", f"unimedvl_images_generated_total {self.images_generated}",
+                      "# TYPE unimedvl_requests_running gauge", f"unimedvl_requests_running {running}",
+                      "# TYPE unimedvl_requests_queued gauge", f"unimedvl_requests_queued {queued}"]
+        return "\n".join(lines) + "\n"

@@ -1,0 +1,191 @@
+"""Parsing and checking request bodies (OpenAI shapes), with errors that name the field and limit."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+
+from .config import ServeConfig
+from .errors import APIError, bad_request
+from .images import ReadOptions
+
+
+def parse_json(body: bytes) -> dict:
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise bad_request(f"the request body is not valid JSON ({e})", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise bad_request("the request body must be a JSON object", code="invalid_json")
+    return data
+
+
+def _number(data: dict, key: str, default, lo: float, hi: float, *, integer: bool = False, hint: str = ""):
+    value = data.get(key, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
+        raise bad_request(f"{key}: expected {'an integer' if integer else 'a number'}, got {json.dumps(value)[:40]}", key)
+    if not lo <= value <= hi:
+        raise bad_request(f"{key}: {value} is outside [{lo:g}, {hi:g}]{hint}", key, "limit_exceeded" if hint else "invalid_value")
+    return value
+
+
+def check_model(data: dict, served: str) -> None:
+    model = data.get("model")
+    if model not in (None, "", served):
+        raise APIError(404, f"model {model!r} is not served here; this server serves {served!r} (GET /v1/models)", param="model",
+                       code="model_not_found")
+
+
+@dataclass
+class ChatMessage:
+    role: str
+    text: str
+    images: list = field(default_factory=list)  # [(url, ReadOptions, where)] until decoded, then PIL images
+
+
+@dataclass
+class ChatRequest:
+    messages: list[ChatMessage]
+    max_tokens: int
+    temperature: float
+    top_p: float
+    seed: int | None
+    stream: bool
+
+
+def parse_chat(data: dict, config: ServeConfig, served: str) -> ChatRequest:
+    check_model(data, served)
+    messages = data.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise bad_request("messages: expected a non-empty list", "messages")
+    parsed, chars, n_images = [], 0, 0
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+            raise bad_request(f"{where}: expected an object with role system, user or assistant", f"{where}.role")
+        content = m.get("content")
+        texts, images = [], []
+        if isinstance(content, str):
+            texts.append(content)
+        elif isinstance(content, list):
+            for j, part in enumerate(content):
+                pw = f"{where}.content[{j}]"
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind == "text" and isinstance(part.get("text"), str):
+                    texts.append(part["text"])
+                elif kind == "image_url":
+                    ref = part.get("image_url")
+                    ref = {"url": ref} if isinstance(ref, str) else ref
+                    if not isinstance(ref, dict) or not isinstance(ref.get("url"), str):
+                        raise bad_request(f"{pw}.image_url: expected {{\"url\": ...}}", f"{pw}.image_url")
+                    if m["role"] != "user":
+                        raise bad_request(f"{pw}: images are accepted in user messages only", pw)
+                    images.append((ref["url"], ReadOptions.parse(ref, f"{pw}.image_url"), f"{pw}.image_url"))
+                else:
+                    raise bad_request(f"{pw}: expected a text or image_url part", pw)
+        else:
+            raise bad_request(f"{where}.content: expected a string or a list of parts", f"{where}.content")
+        text = "\n".join(t for t in texts if t)
+        if not text.strip():
+            raise bad_request(f"{where}: the message has no text", f"{where}.content")
+        chars += len(text)
+        n_images += len(images)
+        parsed.append(ChatMessage(m["role"], text, images))
+    if parsed[-1].role != "user":
+        raise bad_request("messages: the last message must come from the user", "messages")
+    if any(m.role == "system" for m in parsed[1:]):
+        raise bad_request("messages: a system message may only come first", "messages")
+    if chars > config.max_prompt_chars:
+        raise bad_request(f"messages: the prompt has {chars} characters; the limit is {config.max_prompt_chars} (max_prompt_chars)",
+                          "messages", "prompt_too_long")
+    if n_images > config.max_images_per_request:
+        raise APIError(413, f"messages: {n_images} images; the limit is {config.max_images_per_request} per request "
+                            "(max_images_per_request)", param="messages", code="too_many_images")
+    if data.get("n", 1) != 1:
+        raise bad_request("n: only 1 choice per request is supported", "n")
+    stream = data.get("stream", False)
+    if not isinstance(stream, bool):
+        raise bad_request("stream: expected true or false", "stream")
+    seed = data.get("seed", 42)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise bad_request("seed: expected an integer", "seed")
+    max_tokens = data.get("max_completion_tokens", data.get("max_tokens"))
+    return ChatRequest(
+        parsed,
+        max_tokens=_number({"max_tokens": max_tokens}, "max_tokens", min(512, config.max_new_tokens), 1, config.max_new_tokens,
+                           integer=True, hint=" (max_new_tokens limit)"),
+        temperature=_number(data, "temperature", 0.1, 0.0, 2.0),
+        top_p=_number(data, "top_p", 1.0, 1e-6, 1.0),
+        seed=seed, stream=stream,
+    )
+
+
+@dataclass
+class ImageRequest:
+    prompt: str
+    n: int
+    width: int
+    height: int
+    seed: int
+    steps: int
+    guidance: float
+    image_guidance: float | None = None
+
+
+_SIZE = re.compile(r"^(\d+)x(\d+)$")
+
+
+def parse_image_request(data: dict, config: ServeConfig, served: str, *, edit: bool = False, default_size: str | None = None) -> ImageRequest:
+    check_model(data, served)
+    prompt = data.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise bad_request("prompt: expected a non-empty string", "prompt")
+    if len(prompt) > config.max_prompt_chars:
+        raise bad_request(f"prompt: {len(prompt)} characters; the limit is {config.max_prompt_chars} (max_prompt_chars)", "prompt",
+                          "prompt_too_long")
+    fmt = data.get("response_format", "b64_json")
+    if fmt not in (None, "b64_json"):
+        raise bad_request("response_format: only b64_json is supported (images are never stored or served by URL)", "response_format")
+    size = data.get("size") or default_size or f"{config.max_image_side}x{config.max_image_side}"
+    match = _SIZE.match(str(size))
+    if not match:
+        raise bad_request(f"size: expected WIDTHxHEIGHT, got {size!r}", "size")
+    width, height = int(match.group(1)), int(match.group(2))
+    for side in (width, height):
+        if not config.min_image_side <= side <= config.max_image_side:
+            raise bad_request(f"size: {width}x{height} is outside {config.min_image_side}..{config.max_image_side} per side "
+                              "(max_image_side)", "size", "limit_exceeded")
+    seed = data.get("seed", 42)
+    if isinstance(seed, str) and seed.lstrip("-").isdigit():
+        seed = int(seed)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise bad_request("seed: expected an integer", "seed")
+    return ImageRequest(
+        prompt=prompt,
+        n=_number(_ints(data, "n"), "n", 1, 1, config.max_images_generated, integer=True, hint=" (max_images_generated)"),
+        width=width, height=height, seed=seed,
+        steps=_number(_ints(data, "steps"), "steps", min(50, config.max_steps), 2, config.max_steps, integer=True, hint=" (max_steps)"),
+        guidance=_number(_floats(data, "guidance"), "guidance", 4.0, 0.0, 30.0),
+        image_guidance=_number(_floats(data, "image_guidance"), "image_guidance", 2.0, 0.0, 30.0) if edit else None,
+    )
+
+
+def _ints(data: dict, key: str) -> dict:
+    """Form fields arrive as strings: convert integer-looking ones."""
+    value = data.get(key)
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return {key: int(value)}
+    return {key: value}
+
+
+def _floats(data: dict, key: str) -> dict:
+    value = data.get(key)
+    if isinstance(value, str):
+        try:
+            return {key: float(value)}
+        except ValueError:
+            return {key: value}
+    return {key: value}

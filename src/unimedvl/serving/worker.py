@@ -1,0 +1,123 @@
+"""Running model work from the web server: bounded admission, a fixed number of model threads,
+timeouts and cooperative cancellation.
+
+At most ``max_concurrency`` jobs run on the model and ``max_queue`` wait; a job beyond that is
+refused at once (429) instead of piling up.  A job that passes ``request_timeout_s`` (waiting plus
+running), or whose client went away, gets its :class:`CancelToken` set; model loops check it
+between decoding/denoising steps (:meth:`CancelToken.check`) and stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, TypeVar
+
+from .errors import APIError
+
+T = TypeVar("T")
+
+
+class Cancelled(Exception):
+    """Raised inside model work whose request was cancelled."""
+
+
+class CancelToken:
+    def __init__(self):
+        self._event = threading.Event()
+        self.reason = ""
+
+    def cancel(self, reason: str) -> None:
+        self.reason = reason
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+    def check(self, *_args) -> None:
+        """Raise :class:`Cancelled` if cancelled; usable as a progress callback."""
+        if self._event.is_set():
+            raise Cancelled(self.reason)
+
+
+class ModelWorker:
+    def __init__(self, max_concurrency: int, max_queue: int, timeout_s: float):
+        self.max_concurrency, self.max_queue, self.timeout_s = max_concurrency, max_queue, timeout_s
+        self._executor = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="unimedvl-model")
+        self._lock = threading.Lock()
+        self.admitted = 0  # queued + running
+        self.running = 0
+
+    @property
+    def queued(self) -> int:
+        return max(0, self.admitted - self.running)
+
+    def admit(self) -> None:
+        with self._lock:
+            if self.admitted >= self.max_concurrency + self.max_queue:
+                raise APIError(429, f"the server is busy: {self.running} request(s) running and {self.queued} queued "
+                                    f"(max_concurrency {self.max_concurrency}, max_queue {self.max_queue}); retry later",
+                               code="queue_full", headers={"Retry-After": "1"})
+            self.admitted += 1
+
+    def release(self) -> None:
+        with self._lock:
+            self.admitted -= 1
+
+    def _run(self, fn: Callable[[CancelToken], T], token: CancelToken, deadline: float) -> T:
+        with self._lock:
+            self.running += 1
+        try:
+            if time.monotonic() > deadline:
+                token.cancel("timed out in the queue")
+            token.check()
+            return fn(token)
+        finally:
+            with self._lock:
+                self.running -= 1
+
+    async def run(self, fn: Callable[[CancelToken], T], *, is_disconnected: Callable | None = None,
+                  token: CancelToken | None = None) -> T:
+        """Run ``fn(token)`` on a model thread; 504 past the timeout, 499 when the client left."""
+        self.admit()
+        token = token or CancelToken()
+        deadline = time.monotonic() + self.timeout_s
+        try:
+            future = asyncio.get_running_loop().run_in_executor(self._executor, self._run, fn, token, deadline)
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    token.cancel("timed out")
+                    raise APIError(504, f"the request took longer than request_timeout_s ({self.timeout_s:g} s) and was cancelled",
+                                   code="timeout")
+                done, _ = await asyncio.wait({future}, timeout=min(0.25, remaining))
+                if done:
+                    try:
+                        return future.result()
+                    except Cancelled:
+                        raise APIError(499, f"cancelled: {token.reason}", code="cancelled") from None
+                if is_disconnected is not None and await is_disconnected():
+                    token.cancel("the client disconnected")
+                    raise APIError(499, "the client disconnected", code="cancelled")
+        finally:
+            self.release()
+
+    def run_sync(self, fn: Callable[[CancelToken], T]) -> T:
+        """The same admission and timeout for synchronous callers (the web UI's handlers)."""
+        self.admit()
+        token = CancelToken()
+        try:
+            future = self._executor.submit(self._run, fn, token, time.monotonic() + self.timeout_s)
+            try:
+                return future.result(timeout=self.timeout_s)
+            except TimeoutError:
+                token.cancel("timed out")
+                raise APIError(504, f"the request took longer than request_timeout_s ({self.timeout_s:g} s)", code="timeout") from None
+        finally:
+            self.release()
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
