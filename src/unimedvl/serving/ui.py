@@ -31,6 +31,17 @@ def _options(window: str, slice_index) -> ReadOptions:
                        slice_index=int(slice_index) if slice_index not in (None, "", -1) and int(slice_index) >= 0 else None)
 
 
+def _message_text(content) -> str:
+    """A chat message's text whether the UI hands it over as a string or as content parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, dict):
+        return str(content.get("text") or content.get("value") or "")
+    if isinstance(content, (list, tuple)):
+        return "".join(_message_text(c) for c in content)
+    return ""
+
+
 def mount_ui(app, pipeline, worker, config: ServeConfig):
     import gradio as gr
 
@@ -66,13 +77,14 @@ def mount_ui(app, pipeline, worker, config: ServeConfig):
             conv = pipeline.chat()
             first_user = True
             for turn in history:
+                text = _message_text(turn["content"]) or " "
                 if turn["role"] == "user":
-                    conv.add_user(turn["content"], [image] if (image is not None and first_user) else [])
+                    conv.add_user(text, [image] if (image is not None and first_user) else [])
                     first_user = False
                 else:
-                    conv.add_assistant(turn["content"])
+                    conv.add_assistant(text)
             stream = pipeline.ask([image] if (image is not None and first_user) else [], question, history=conv,
-                                  max_new_tokens=512, temperature=0.1, stream=True)
+                                  max_new_tokens=min(512, config.max_new_tokens), temperature=0.1, stream=True)
             pieces = []
             for piece in stream:
                 token.check()
@@ -90,7 +102,7 @@ def mount_ui(app, pipeline, worker, config: ServeConfig):
             image = load(file, window, slice_index)
         except APIError as e:
             raise gr.Error(e.message) from None
-        r = run(lambda token: pipeline.report(image, modality or None, max_new_tokens=512))
+        r = run(lambda token: pipeline.report(image, modality or None, max_new_tokens=min(512, config.max_new_tokens)))
         return r.findings or "", r.impression or "", r.text
 
     def _save(result) -> str:
@@ -161,7 +173,7 @@ def mount_ui(app, pipeline, worker, config: ServeConfig):
                     gen_button = gr.Button("Generate", variant="primary", elem_id="gen-button")
                 with gr.Column():
                     gen_label = gr.Markdown(f"**{SYNTHETIC_LABEL}**", elem_id="gen-label")
-                    gen_image = gr.Image(label=SYNTHETIC_LABEL, type="filepath", elem_id="gen-image")
+                    gen_image = gr.Image(label=SYNTHETIC_LABEL, type="filepath", elem_id="gen-image", height=384)
             gen_button.click(generate, [gen_modality, gen_prompt, gen_seed, gen_steps, gen_guidance, gen_size], [gen_image, gen_label])
         with gr.Tab("Edit", elem_id="tab-edit"):
             with gr.Row():
@@ -176,7 +188,7 @@ def mount_ui(app, pipeline, worker, config: ServeConfig):
                     ed_button = gr.Button("Edit", variant="primary")
                 with gr.Column():
                     ed_label = gr.Markdown(f"**{SYNTHETIC_LABEL}**")
-                    ed_image = gr.Image(label=SYNTHETIC_LABEL, type="filepath")
+                    ed_image = gr.Image(label=SYNTHETIC_LABEL, type="filepath", height=384)
                     ed_analysis = gr.Textbox(label="The model's reading of the input")
             ed_button.click(edit, [ed_file, ed_window, ed_slice, ed_instruction, ed_seed, ed_steps, ed_guidance],
                             [ed_image, ed_label, ed_analysis])
