@@ -6,8 +6,8 @@ Starts ``unimedvl serve`` in-process (uvicorn in a thread, the UI off) with the 
 (default: the reference fixture), then runs ``clients`` threads that each send chat requests with
 an image back to back until ``seconds`` pass.  Prints one JSON object: requests/s, p50/p99 latency,
 the count of each status (429 = refused by the bounded queue, an intended answer under overload;
-anything else non-200 is an error) and the process RSS before and after the run and after a
-second, equal run (a leak shows as growth between the two runs).
+anything else non-200 is an error) and the process RSS before and after each of ``runs`` equal runs (the first
+warms allocators and caches; a leak shows as growth that continues run after run).
 """
 
 from __future__ import annotations
@@ -88,6 +88,7 @@ def main() -> None:
     ap.add_argument("--max-queue", type=int, default=64)
     ap.add_argument("--dtype", default="fp32")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--runs", type=int, default=2, help="Equal runs back to back; RSS is read after each.")
     args = ap.parse_args()
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     import torch
@@ -99,17 +100,16 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     pipe = UniMedVLPipeline.from_pretrained(args.model, dtype=args.dtype)
     server = RunningServer(create_app(pipe, ServeConfig(max_queue=args.max_queue, ui=False)), free_port())
-    rss_start = rss_mb()
-    first = run_clients(server.url, args.clients, args.seconds, args.max_tokens)
-    rss_after_first = rss_mb()
-    second = run_clients(server.url, args.clients, args.seconds, args.max_tokens)
-    rss_after_second = rss_mb()
+    rss = [round(rss_mb(), 1)]
+    runs = []
+    for _ in range(args.runs):
+        runs.append(run_clients(server.url, args.clients, args.seconds, args.max_tokens))
+        rss.append(round(rss_mb(), 1))
     server.stop()
     print(json.dumps({"clients": args.clients, "seconds_per_run": args.seconds, "max_tokens": args.max_tokens,
-                      "max_queue": args.max_queue, "run1": first, "run2": second,
-                      "rss_mb": {"start": round(rss_start, 1), "after_run1": round(rss_after_first, 1),
-                                 "after_run2": round(rss_after_second, 1),
-                                 "growth_run2_mb": round(rss_after_second - rss_after_first, 1)}}, indent=1))
+                      "max_queue": args.max_queue, "runs": runs, "errors": sum(r["errors"] for r in runs),
+                      "rss_mb_start_then_after_each_run": rss,
+                      "rss_growth_last_run_mb": round(rss[-1] - rss[-2], 1)}, indent=1))
 
 
 if __name__ == "__main__":
