@@ -255,3 +255,24 @@ def test_worker_cancels_when_the_client_disconnects():
     with pytest.raises(APIError) as err:
         asyncio.run(worker.run(loop, is_disconnected=gone, token=token))
     assert err.value.status == 499 and token.cancelled and "disconnected" in token.reason
+
+
+def test_nifti_uploads_take_axis_and_slice_options(server, tmp_path):
+    import nibabel as nib
+    import numpy as np
+
+    volume = np.zeros((20, 20, 10), dtype=np.float32)
+    volume[:, :, 3] = 100.0  # only axial slice 3 is bright
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), tmp_path / "v.nii.gz")
+    data = (tmp_path / "v.nii.gz").read_bytes()
+    url = "data:application/gzip;base64," + base64.b64encode(data).decode()
+
+    def ask(**options):
+        return post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": url, **options}}, {"type": "text", "text": "Describe."}]}], "max_tokens": 2})
+
+    assert ask(axis="axial", slice_index=3).status_code == 200
+    out_of_range = ask(axis="axial", slice_index=50)
+    assert out_of_range.status_code == 400 and "slice" in out_of_range.json()["error"]["message"]
+    assert "the uploaded file" in out_of_range.json()["error"]["message"] and "/tmp" not in out_of_range.json()["error"]["message"]
+    assert ask(axis="oblique").status_code == 400
