@@ -270,19 +270,15 @@ def _charts(results: dict, out: Path) -> None:
     from ..charts import bar_chart, save_chart
 
     pm = results["modalities"]
-    if results["feature_extractor"]:
+    charts = [("feature_extractor", "fid", GFID, "fid.png", "gFID per modality (lower is better; paper = UniMedVL, Table 2)", "{:.1f}"),
+              ("biomedclip", "biomedclip_cosine", BIOMEDCLIP, "biomedclip.png",
+               "BioMedCLIP cosine per modality (higher is better; paper = UniMedVL)", "{:.3f}")]
+    for enabled, key, paper, name, title, fmt in charts:
+        if not results[enabled]:
+            continue
         values = {}
         for m in pm:
-            values[f"{m} this run"] = pm[m]["fid"]
-            if m in GFID["UniMedVL"]:
-                values[f"{m} paper"] = GFID["UniMedVL"][m]
-        save_chart(bar_chart(values, "gFID per modality (lower is better; paper = UniMedVL, Table 2)", value_format="{:.1f}"),
-                   out / "fid.png")
-    if results["biomedclip"]:
-        values = {}
-        for m in pm:
-            values[f"{m} this run"] = pm[m]["biomedclip_cosine"]
-            if m in BIOMEDCLIP["UniMedVL"]:
-                values[f"{m} paper"] = BIOMEDCLIP["UniMedVL"][m]
-        save_chart(bar_chart(values, "BioMedCLIP cosine per modality (higher is better; paper = UniMedVL)", value_format="{:.3f}"),
-                   out / "biomedclip.png")
+            values[f"{m} this run"] = pm[m][key]
+            if m in paper["UniMedVL"]:
+                values[f"{m} paper"] = paper["UniMedVL"][m]
+        save_chart(bar_chart(values, title, value_format=fmt), out / name)
