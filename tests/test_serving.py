@@ -178,6 +178,13 @@ def test_allowed_local_files_and_body_limit(server):
     huge = httpx.post(server.url + "/v1/chat/completions", content=b"x" * 1_100_000, headers=AUTH | {"Content-Type": "application/json"})
     assert huge.status_code == 413 and "max_body_bytes" in huge.json()["error"]["message"]
 
+    def chunks():  # no Content-Length: the limit is enforced while the body streams in
+        for _ in range(12):
+            yield b"x" * 100_000
+
+    streamed = httpx.post(server.url + "/v1/chat/completions", content=chunks(), headers=AUTH | {"Content-Type": "application/json"})
+    assert streamed.status_code == 413 and "exceeds 1000000 bytes; the limit is 1000000 bytes (max_body_bytes)" in streamed.json()["error"]["message"]
+
 
 def test_api_key_is_required_and_checked(server):
     assert httpx.get(server.url + "/v1/models").status_code == 401
@@ -193,10 +200,30 @@ def test_a_full_queue_answers_429_and_frees_up(server):
     try:
         r = post(server, "/v1/chat/completions", chat_body())
         assert r.status_code == 429 and r.headers["retry-after"] == "1" and "busy" in r.json()["error"]["message"]
+        streamed = httpx.post(server.url + "/v1/chat/completions", json=chat_body(stream=True), headers=AUTH, timeout=10)
+        assert streamed.status_code == 429 and "busy" in streamed.json()["error"]["message"]  # refused, not a hung stream
     finally:
         for _ in held:
             worker.release()
     assert post(server, "/v1/chat/completions", chat_body()).status_code == 200
+
+
+def test_context_overflow_found_by_the_model_is_a_400():
+    from unimedvl.inference.pipeline import PromptTooLongError
+    from unimedvl.serving.app import _run_model
+    from unimedvl.serving.errors import APIError
+    from unimedvl.serving.worker import ModelWorker
+
+    def overflow(token):
+        raise PromptTooLongError("a text of 40000 tokens needs 40002 positions after 0 already used, but the context window is 32768")
+
+    class Request:
+        async def is_disconnected(self):
+            return False
+
+    with pytest.raises(APIError) as err:
+        asyncio.run(_run_model(ModelWorker(1, 0, 30), overflow, Request()))
+    assert (err.value.status, err.value.code) == (400, "context_length_exceeded") and "32768" in err.value.message
 
 
 def test_non_loopback_hosts_need_a_key():

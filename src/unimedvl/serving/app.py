@@ -41,31 +41,42 @@ PROTECTED = ("/v1", "/metrics", "/ui")
 
 
 class BodyLimit:
-    """ASGI middleware: refuse bodies over ``limit`` bytes (by Content-Length, or while streaming)."""
+    """ASGI middleware: refuse bodies over ``limit`` bytes - by Content-Length when it is given (the
+    server holds the body to it), else by reading the body first and replaying it to the app."""
 
     def __init__(self, app, limit: int):
         self.app, self.limit = app, limit
 
+    def _error(self, size: str) -> APIError:
+        return APIError(413, f"the request body {size}; the limit is {self.limit} bytes (max_body_bytes)", code="body_too_large")
+
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        headers = dict(scope.get("headers") or [])
-        length = headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.limit:
-            return await _send_error(send, APIError(413, f"the request body has {int(length)} bytes; the limit is {self.limit} "
-                                                         "(max_body_bytes)", code="body_too_large"))
-        received = 0
-
-        async def limited():
-            nonlocal received
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit():
+            if int(length) > self.limit:
+                return await _send_error(send, self._error(f"has {int(length)} bytes"))
+            return await self.app(scope, receive, send)
+        body, more = bytearray(), True
+        while more:
             message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.limit:
-                    raise APIError(413, f"the request body exceeds {self.limit} bytes (max_body_bytes)", code="body_too_large")
-            return message
+            if message["type"] != "http.request":
+                return  # the client went away
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.limit:
+                return await _send_error(send, self._error(f"exceeds {self.limit} bytes"))
+        replayed = False
 
-        await self.app(scope, limited, send)
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
 
 
 async def _send_error(send, error: APIError) -> None:
@@ -77,9 +88,6 @@ async def _send_error(send, error: APIError) -> None:
 
 def create_app(pipeline, config: ServeConfig | None = None):
     """The FastAPI application serving ``pipeline`` (loaded once, by the caller)."""
-    from ..inference.pipeline import PromptTooLongError
-    from ..medical_io import MedicalImageError
-
     config = config or ServeConfig()
     worker = ModelWorker(config.max_concurrency, config.max_queue, config.request_timeout_s)
     metrics = Metrics()
@@ -98,14 +106,6 @@ def create_app(pipeline, config: ServeConfig | None = None):
     async def api_error(_request, error: APIError):
         return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
-    @app.exception_handler(PromptTooLongError)
-    async def too_long(_request, error: PromptTooLongError):
-        return JSONResponse(APIError(400, str(error), param="messages", code="context_length_exceeded").body(), status_code=400)
-
-    @app.exception_handler(MedicalImageError)
-    async def bad_image(_request, error: MedicalImageError):
-        return JSONResponse(bad_request(str(error), code="invalid_image").body(), status_code=400)
-
     @app.middleware("http")
     async def guard_and_measure(request: Request, call_next):
         t0 = time.perf_counter()
@@ -115,10 +115,7 @@ def create_app(pipeline, config: ServeConfig | None = None):
                                              code="invalid_api_key").body(), status_code=401,
                                     headers={"WWW-Authenticate": "Bearer"})
         else:
-            try:
-                response = await call_next(request)
-            except APIError as e:  # raised while the body was read (BodyLimit)
-                response = JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+            response = await call_next(request)
             if config.api_key and path.startswith("/ui") and request.query_params.get("key") == config.api_key:
                 response.set_cookie("unimedvl_key", config.api_key, httponly=True, samesite="strict")
         route = path if not path.startswith("/ui") else "/ui"
@@ -195,8 +192,12 @@ def create_app(pipeline, config: ServeConfig | None = None):
                 emit(_END)
 
         task = asyncio.create_task(_run_model(worker, work, request, token=token, watch_client=False))
-        first = await queue.get()
-        if first is not _READY:  # failed before decoding started: a plain JSON error
+        getter = asyncio.ensure_future(queue.get())
+        await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+        if not getter.done() and task.exception() is not None:  # refused before the work ran (queue full, timed out waiting)
+            getter.cancel()
+            await task  # raises the APIError
+        if await getter is not _READY:  # failed before decoding started: a plain JSON error
             await task  # raises the APIError / PromptTooLongError
             raise APIError(500, "the answer ended before it started")
 

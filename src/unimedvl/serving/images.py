@@ -85,9 +85,7 @@ def decode_image(data: bytes, options: ReadOptions, config: ServeConfig, where: 
                 _check_pixels(w, h, config, where)
                 im.load()
                 return im.convert("RGB")
-        except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError, ValueError) as e:
-            if isinstance(e, APIError):
-                raise
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError, ValueError):
             raise bad_request(f"{where}: not a readable image (PNG, JPEG, TIFF, BMP, DICOM or NIfTI expected)", where, "invalid_image") from None
     from ..medical_io import MedicalImageError, read_medical_image
 
