@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -77,23 +77,19 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
 
 def load_checked(module: torch.nn.Module, state: dict[str, torch.Tensor], path: Path, optional_prefixes: tuple[str, ...] = ()) -> None:
     """Load ``state`` into ``module`` requiring every parameter/buffer (``num_batches_tracked`` and
-    keys under ``optional_prefixes`` may be absent) with matching shapes; errors name the keys."""
-    expected = module.state_dict()
-    required = [k for k in expected if not k.endswith("num_batches_tracked") and not k.startswith(optional_prefixes)]
-    missing = [k for k in required if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    shapes = [f"{k}: file {tuple(state[k].shape)}, expected {tuple(expected[k].shape)}"
-              for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing key(s), e.g. {missing[:3]}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[:3]}")
-    if shapes:
-        problems.append(f"{len(shapes)} shape mismatch(es), e.g. {shapes[:2]}")
-    if problems:
-        raise FeatureWeightsError(f"{path}: not a {type(module).__name__} checkpoint: " + "; ".join(problems))
-    module.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
+    keys under ``optional_prefixes`` may be absent) with matching shapes; errors name the keys
+    (:func:`unimedvl.checkpoint.check_keys`)."""
+    from ..checkpoint import CheckpointError, check_keys
+
+    def optional(key: str) -> bool:
+        return key.endswith("num_batches_tracked") or key.startswith(optional_prefixes)
+
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items() if not optional(k) or k in state}
+    try:
+        check_keys({k: tuple(v.shape) for k, v in state.items()}, expected, f"{path} ({type(module).__name__})")
+    except CheckpointError as e:
+        raise FeatureWeightsError(str(e)) from None
+    module.load_state_dict(state, strict=False)
 
 
 def rgb01(image: Image.Image) -> torch.Tensor:
@@ -110,14 +106,11 @@ class InceptionFeatures:
 
     @torch.inference_mode()
     def __call__(self, images: list[Image.Image]) -> np.ndarray:
-        import torch.nn.functional as F
-
-        from .inception import FID_INPUT_SIZE
+        from .inception import resize_to_input
 
         # resizing one image at a time is the same arithmetic as the batched resize, and lets sizes differ
-        batch = torch.cat([F.interpolate(rgb01(im)[None], size=(FID_INPUT_SIZE, FID_INPUT_SIZE), mode="bilinear",
-                                         align_corners=False) for im in images]).to(self.device)
-        return self.network(batch).double().cpu().numpy()
+        batch = torch.cat([resize_to_input(rgb01(im)[None]) for im in images]).to(self.device)
+        return self.network.pool_features(batch).double().cpu().numpy()
 
 
 def _inception_factory(weights: Path, device: str) -> InceptionFeatures:
@@ -138,6 +131,13 @@ class ImageSource:
 
     label: str
     read_bytes: Callable[[], bytes]
+    _digest: str | None = field(default=None, init=False, repr=False)
+
+    def digest(self) -> str:
+        """SHA-256 of the bytes, computed once (the cache key of every extractor)."""
+        if self._digest is None:
+            self._digest = hashlib.sha256(self.read_bytes()).hexdigest()
+        return self._digest
 
     @classmethod
     def from_path(cls, path: str | Path) -> "ImageSource":
@@ -169,8 +169,10 @@ class FeatureCache:
 
     def features(self, sources: list[ImageSource], batch_size: int = 32, progress: Callable | None = None) -> np.ndarray:
         """``[len(sources), dim]`` features, extracting (in batches) only the images not cached yet."""
-        digests = [hashlib.sha256(s.read_bytes()).hexdigest() for s in sources]
+        digests = [s.digest() for s in sources]
         todo = [i for i, d in enumerate(digests) if not self._entry(d).is_file()]
+        if progress is not None and len(todo) < len(sources):
+            progress(len(sources) - len(todo))  # cached ones count as done
         for start in range(0, len(todo), batch_size):
             chunk = todo[start:start + batch_size]
             feats = self.extractor([sources[i].image() for i in chunk])

@@ -20,6 +20,11 @@ FID_INPUT_SIZE = 299
 FEATURE_DIM = 2048
 
 
+def resize_to_input(images: torch.Tensor) -> torch.Tensor:
+    """The FID input size, bilinear without antialiasing (as the reference port)."""
+    return F.interpolate(images, size=(FID_INPUT_SIZE, FID_INPUT_SIZE), mode="bilinear", align_corners=False)
+
+
 class ConvBN(nn.Module):
     """Convolution without bias, batch norm (eps 1e-3), ReLU."""
 
@@ -173,10 +178,16 @@ class InceptionV3FID(nn.Module):
         self.fc = nn.Linear(FEATURE_DIM, num_classes)  # kept for the checkpoint layout; features stop before it
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Any-size ``[B, 3, H, W]`` in ``[0, 1]``: resized to 299x299 (bilinear), then :meth:`pool_features`."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images [B, 3, H, W], got {tuple(images.shape)}")
-        x = F.interpolate(images, size=(FID_INPUT_SIZE, FID_INPUT_SIZE), mode="bilinear", align_corners=False)
-        x = 2 * x - 1
+        return self.pool_features(resize_to_input(images))
+
+    def pool_features(self, images: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, 299, 299]`` in ``[0, 1]`` -> ``[B, 2048]``."""
+        if tuple(images.shape[1:]) != (3, FID_INPUT_SIZE, FID_INPUT_SIZE):
+            raise ValueError(f"expected images [B, 3, {FID_INPUT_SIZE}, {FID_INPUT_SIZE}], got {tuple(images.shape)}")
+        x = 2 * images - 1
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
         x = F.max_pool2d(x, kernel_size=3, stride=2)
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))

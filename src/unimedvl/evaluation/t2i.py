@@ -29,6 +29,7 @@ import numpy as np
 
 from ..atomic import write_json, write_text
 from ..tables import TableError, read_rows
+from .biomedclip import clip_score
 from .features import FeatureCache, ImageSource
 from .paper import BIOMEDCLIP, GFID, GFID_MEAN, MODALITIES
 
@@ -182,12 +183,15 @@ def evaluate_t2i(
     if not generated.is_dir():
         raise FileNotFoundError(f"{generated}: folder of generated images not found")
     out.mkdir(parents=True, exist_ok=True)
-    have = {p.id: generated / image_file_name(p.id) for p in prompt_list if (generated / image_file_name(p.id)).is_file()}
+    paths = {p.id: generated / image_file_name(p.id) for p in prompt_list}
+    have = {pid: path for pid, path in paths.items() if path.is_file()}
     missing = [p.id for p in prompt_list if p.id not in have]
     modalities = sorted({p.modality for p in prompt_list}, key=lambda m: (MODALITIES.index(m) if m in MODALITIES else 99, m))
     gen_sources = {pid: ImageSource.from_path(path) for pid, path in have.items()}
     total = (len(prompt_list) + len(have)) * (feature_extractor is not None) + len(have) * (biomedclip is not None)
     bar = tqdm(total=total, desc="features", unit="image", disable=not progress)
+    feature_cache = FeatureCache(out / "feature_cache", feature_extractor) if feature_extractor is not None else None
+    clip_cache = FeatureCache(out / "feature_cache", biomedclip) if biomedclip is not None else None
     per_modality: dict[str, dict] = {}
     cosine: dict[str, float] = {}
     for m in modalities:
@@ -195,19 +199,18 @@ def evaluate_t2i(
         done = [p for p in group if p.id in have]
         row = {"n_prompts": len(group), "n_generated": len(done), "n_reference": len(group), "fid": None, "kid": None,
                "kid_std": None, "biomedclip_cosine": None, "biomedclip_clipscore": None}
-        if feature_extractor is not None:
-            cache = FeatureCache(out / "feature_cache", feature_extractor)
-            real = cache.features([p.reference for p in group], batch_size, bar.update)
-            fake = cache.features([gen_sources[p.id] for p in done], batch_size, bar.update)
+        if feature_cache is not None:
+            real = feature_cache.features([p.reference for p in group], batch_size, bar.update)
+            fake = feature_cache.features([gen_sources[p.id] for p in done], batch_size, bar.update)
             if len(done) >= 2 and len(group) >= 2:
                 row["fid"] = fid_from_features(fake, real)
                 row["kid"], row["kid_std"] = kernel_inception_distance(fake, real, subset_size=kid_subset_size)
-        if biomedclip is not None and done:
-            emb = FeatureCache(out / "feature_cache", biomedclip).features([gen_sources[p.id] for p in done], batch_size, bar.update)
+        if clip_cache is not None and done:
+            emb = clip_cache.features([gen_sources[p.id] for p in done], batch_size, bar.update)
             cos = biomedclip.cosine(emb, [p.prompt for p in done])
             cosine.update({p.id: float(c) for p, c in zip(done, cos)})
             row["biomedclip_cosine"] = float(np.mean(cos))
-            row["biomedclip_clipscore"] = float(np.mean(2.5 * np.maximum(cos, 0.0)))
+            row["biomedclip_clipscore"] = float(np.mean(clip_score(cos)))
         per_modality[m] = row
     bar.close()
     canonical = [m for m in MODALITIES if m in per_modality]
