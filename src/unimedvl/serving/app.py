@@ -28,6 +28,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from .. import __version__
+from .chat import answer_chat
 from .config import ServeConfig
 from .errors import APIError, bad_request
 from .images import ReadOptions, decode_image, image_from_url
@@ -141,32 +142,9 @@ def create_app(pipeline, config: ServeConfig | None = None):
             m.images = [image_from_url(url, opts, config, where) for url, opts, where in m.images]
 
     def answer(req: ChatRequest, token: CancelToken, emit=None) -> dict:
-        conv = pipeline.chat()
-        for m in req.messages[:-1]:
-            if m.role == "system":
-                conv.add_system(m.text)
-            elif m.role == "user":
-                conv.add_user(m.text, m.images)
-            else:
-                conv.add_assistant(m.text)
-            token.check()
-        last = req.messages[-1]
-        stream = pipeline.ask(last.images, last.text, history=conv, max_new_tokens=req.max_tokens, temperature=req.temperature,
-                              top_p=req.top_p, seed=req.seed, stream=True)
-        prompt_tokens = conv.context.rope
-        if emit is not None:
-            emit(_READY)
-        pieces = []
-        for piece in stream:
-            token.check()
-            pieces.append(piece)
-            if emit is not None:
-                emit(piece)
-        result = stream.answer
-        metrics.add_tokens(len(result.token_ids))
-        return {"text": "".join(pieces), "finish_reason": "stop" if result.finished else "length",
-                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(result.token_ids),
-                          "total_tokens": prompt_tokens + len(result.token_ids)}}
+        out = answer_chat(pipeline, req, token, on_start=(lambda: emit(_READY)) if emit else None, on_piece=emit)
+        metrics.add_tokens(out["usage"]["completion_tokens"])
+        return out
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):

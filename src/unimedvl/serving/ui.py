@@ -12,9 +12,11 @@ import os
 import tempfile
 from pathlib import Path
 
+from .chat import answer_chat
 from .config import ServeConfig
 from .errors import APIError
 from .images import ReadOptions, decode_image
+from .schemas import ChatMessage, ChatRequest
 
 NOTICE = ("**Research use only.** Answers and reports are not for clinical use; every generated image is synthetic "
           "(marked in its metadata) and does not show a real patient.")
@@ -51,10 +53,14 @@ def mount_ui(app, pipeline, worker, config: ServeConfig):
     outputs_dir = Path(tempfile.mkdtemp(prefix="unimedvl-ui-"))
 
     def load(file, window, slice_index):
+        """The uploaded file as an image (None without one); problems become messages in the page."""
         if file is None:
             return None
-        path = file if isinstance(file, str) else file.name
-        return decode_image(Path(path).read_bytes(), _options(window, slice_index), config, Path(path).name)
+        path = Path(file if isinstance(file, str) else file.name)
+        try:
+            return decode_image(path.read_bytes(), _options(window, slice_index), config, path.name)
+        except APIError as e:
+            raise gr.Error(e.message) from None
 
     def run(fn):
         try:
@@ -68,40 +74,19 @@ def mount_ui(app, pipeline, worker, config: ServeConfig):
         history = list(history or [])
         if not question or not question.strip():
             raise gr.Error("type a question")
-        try:
-            image = load(file, window, slice_index)
-        except APIError as e:
-            raise gr.Error(e.message) from None
-
-        def work(token):
-            conv = pipeline.chat()
-            first_user = True
-            for turn in history:
-                text = _message_text(turn["content"]) or " "
-                if turn["role"] == "user":
-                    conv.add_user(text, [image] if (image is not None and first_user) else [])
-                    first_user = False
-                else:
-                    conv.add_assistant(text)
-            stream = pipeline.ask([image] if (image is not None and first_user) else [], question, history=conv,
-                                  max_new_tokens=min(512, config.max_new_tokens), temperature=0.1, stream=True)
-            pieces = []
-            for piece in stream:
-                token.check()
-                pieces.append(piece)
-            return "".join(pieces)
-
-        text = run(work)
+        image = load(file, window, slice_index)
+        turns = [ChatMessage(t["role"], _message_text(t["content"]) or " ") for t in history] + [ChatMessage("user", question)]
+        first_user = next(m for m in turns if m.role == "user")
+        first_user.images = [image] if image is not None else []  # the uploaded image belongs to the conversation's start
+        req = ChatRequest(turns, max_tokens=min(512, config.max_new_tokens), temperature=0.1, top_p=1.0, seed=42, stream=False)
+        text = run(lambda token: answer_chat(pipeline, req, token)["text"])
         history += [{"role": "user", "content": question}, {"role": "assistant", "content": text}]
         return history, ""
 
     def report(file, window, slice_index, modality):
         if file is None:
             raise gr.Error("upload an image")
-        try:
-            image = load(file, window, slice_index)
-        except APIError as e:
-            raise gr.Error(e.message) from None
+        image = load(file, window, slice_index)
         r = run(lambda token: pipeline.report(image, modality or None, max_new_tokens=min(512, config.max_new_tokens)))
         return r.findings or "", r.impression or "", r.text
 
@@ -123,10 +108,7 @@ def mount_ui(app, pipeline, worker, config: ServeConfig):
     def edit(file, window, slice_index, instruction, seed, steps, guidance):
         if file is None or not instruction or not instruction.strip():
             raise gr.Error("upload an image and type an instruction")
-        try:
-            image = load(file, window, slice_index)
-        except APIError as e:
-            raise gr.Error(e.message) from None
+        image = load(file, window, slice_index)
         result = run(lambda token: pipeline.edit([image], instruction, steps=int(steps), cfg_text_scale=float(guidance), seed=int(seed),
                                                  progress=token.check))
         return _save(result), f"**{SYNTHETIC_LABEL}** · seed {int(seed)}", result.analysis or ""
@@ -134,62 +116,65 @@ def mount_ui(app, pipeline, worker, config: ServeConfig):
     windows = ["file default", *WINDOW_PRESETS]
     max_side = config.max_image_side
     sizes = [s for s in (64, 128, 256, 512, 768, 1024) if config.min_image_side <= s <= max_side] or [max_side]
+    def image_inputs(label: str = "Image (PNG, JPEG, DICOM, NIfTI)", elem_id: str | None = None):
+        """An upload with its DICOM window and NIfTI slice options: ``[file, window, slice]``."""
+        return [gr.File(label=label, elem_id=elem_id), gr.Dropdown(windows, value="file default", label="DICOM window"),
+                gr.Number(value=-1, precision=0, label="NIfTI slice (-1: middle)")]
+
+    def sampler_inputs():
+        """``[seed, steps, guidance]`` controls of the generating pages."""
+        return [gr.Number(value=42, precision=0, label="Seed"),
+                gr.Slider(2, config.max_steps, value=min(50, config.max_steps), step=1, label="Steps"),
+                gr.Slider(0.0, 10.0, value=4.0, step=0.5, label="Guidance (text CFG)")]
+
+    def synthetic_output(elem_id: str | None = None):
+        """The visible label and the image under it (a PNG with the synthetic metadata)."""
+        return (gr.Markdown(f"**{SYNTHETIC_LABEL}**", elem_id=f"{elem_id}-label" if elem_id else None),
+                gr.Image(label=SYNTHETIC_LABEL, type="filepath", elem_id=f"{elem_id}-image" if elem_id else None, height=384))
+
     with gr.Blocks(title="UniMedVL", analytics_enabled=False) as ui:
         gr.Markdown(f"# UniMedVL · `{pipeline.name}`\n{NOTICE}", elem_id="notice")
         with gr.Tab("Ask", elem_id="tab-ask"):
             with gr.Row():
                 with gr.Column(scale=1):
-                    ask_file = gr.File(label="Image (PNG, JPEG, DICOM, NIfTI)", elem_id="ask-file")
-                    ask_window = gr.Dropdown(windows, value="file default", label="DICOM window")
-                    ask_slice = gr.Number(value=-1, precision=0, label="NIfTI slice (-1: middle)")
+                    ask_image = image_inputs(elem_id="ask-file")
                 with gr.Column(scale=2):
                     chat = gr.Chatbot(label="Conversation", elem_id="ask-chat")
                     question = gr.Textbox(label="Question", placeholder="What is the main finding?", elem_id="ask-question")
                     ask_button = gr.Button("Ask", variant="primary", elem_id="ask-button")
-            ask_button.click(ask, [ask_file, ask_window, ask_slice, question, chat], [chat, question])
-            question.submit(ask, [ask_file, ask_window, ask_slice, question, chat], [chat, question])
+            ask_button.click(ask, [*ask_image, question, chat], [chat, question])
+            question.submit(ask, [*ask_image, question, chat], [chat, question])
         with gr.Tab("Report", elem_id="tab-report"):
             with gr.Row():
                 with gr.Column():
-                    rep_file = gr.File(label="Image (PNG, JPEG, DICOM, NIfTI)")
-                    rep_window = gr.Dropdown(windows, value="file default", label="DICOM window")
-                    rep_slice = gr.Number(value=-1, precision=0, label="NIfTI slice (-1: middle)")
+                    rep_image = image_inputs()
                     rep_modality = gr.Textbox(label="Modality (optional, e.g. chest X-ray)")
                     rep_button = gr.Button("Write report", variant="primary")
                 with gr.Column():
                     findings = gr.Textbox(label="Findings", lines=6)
                     impression = gr.Textbox(label="Impression", lines=3)
                     raw = gr.Textbox(label="Full text", lines=4)
-            rep_button.click(report, [rep_file, rep_window, rep_slice, rep_modality], [findings, impression, raw])
+            rep_button.click(report, [*rep_image, rep_modality], [findings, impression, raw])
         with gr.Tab("Generate", elem_id="tab-generate"):
             with gr.Row():
                 with gr.Column():
                     gen_modality = gr.Dropdown(["any", *MODALITY_PHRASES], value="any", label="Modality")
                     gen_prompt = gr.Textbox(label="Description", placeholder="focal opacity in the right lower lobe", elem_id="gen-prompt")
-                    gen_seed = gr.Number(value=42, precision=0, label="Seed")
-                    gen_steps = gr.Slider(2, config.max_steps, value=min(50, config.max_steps), step=1, label="Steps")
-                    gen_guidance = gr.Slider(0.0, 10.0, value=4.0, step=0.5, label="Guidance (text CFG)")
+                    gen_sampler = sampler_inputs()
                     gen_size = gr.Dropdown([str(s) for s in sizes], value=str(sizes[-1]), label="Size (px)", elem_id="gen-size")
                     gen_button = gr.Button("Generate", variant="primary", elem_id="gen-button")
                 with gr.Column():
-                    gen_label = gr.Markdown(f"**{SYNTHETIC_LABEL}**", elem_id="gen-label")
-                    gen_image = gr.Image(label=SYNTHETIC_LABEL, type="filepath", elem_id="gen-image", height=384)
-            gen_button.click(generate, [gen_modality, gen_prompt, gen_seed, gen_steps, gen_guidance, gen_size], [gen_image, gen_label])
+                    gen_label, gen_image = synthetic_output("gen")
+            gen_button.click(generate, [gen_modality, gen_prompt, *gen_sampler, gen_size], [gen_image, gen_label])
         with gr.Tab("Edit", elem_id="tab-edit"):
             with gr.Row():
                 with gr.Column():
-                    ed_file = gr.File(label="Input image (PNG, JPEG, DICOM, NIfTI)")
-                    ed_window = gr.Dropdown(windows, value="file default", label="DICOM window")
-                    ed_slice = gr.Number(value=-1, precision=0, label="NIfTI slice (-1: middle)")
+                    ed_image_in = image_inputs("Input image (PNG, JPEG, DICOM, NIfTI)")
                     ed_instruction = gr.Textbox(label="Instruction", placeholder="Translate this T2 slice to FLAIR.")
-                    ed_seed = gr.Number(value=42, precision=0, label="Seed")
-                    ed_steps = gr.Slider(2, config.max_steps, value=min(50, config.max_steps), step=1, label="Steps")
-                    ed_guidance = gr.Slider(0.0, 10.0, value=4.0, step=0.5, label="Guidance (text CFG)")
+                    ed_sampler = sampler_inputs()
                     ed_button = gr.Button("Edit", variant="primary")
                 with gr.Column():
-                    ed_label = gr.Markdown(f"**{SYNTHETIC_LABEL}**")
-                    ed_image = gr.Image(label=SYNTHETIC_LABEL, type="filepath", height=384)
+                    ed_label, ed_image = synthetic_output()
                     ed_analysis = gr.Textbox(label="The model's reading of the input")
-            ed_button.click(edit, [ed_file, ed_window, ed_slice, ed_instruction, ed_seed, ed_steps, ed_guidance],
-                            [ed_image, ed_label, ed_analysis])
+            ed_button.click(edit, [*ed_image_in, ed_instruction, *ed_sampler], [ed_image, ed_label, ed_analysis])
     return gr.mount_gradio_app(app, ui, path="/ui")
