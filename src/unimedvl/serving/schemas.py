@@ -109,9 +109,7 @@ def parse_chat(data: dict, config: ServeConfig, served: str) -> ChatRequest:
     stream = data.get("stream", False)
     if not isinstance(stream, bool):
         raise bad_request("stream: expected true or false", "stream")
-    seed = data.get("seed", 42)
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise bad_request("seed: expected an integer", "seed")
+    seed = _seed(data, nullable=True)
     max_tokens = data.get("max_completion_tokens", data.get("max_tokens"))
     return ChatRequest(
         parsed,
@@ -158,11 +156,7 @@ def parse_image_request(data: dict, config: ServeConfig, served: str, *, edit: b
         if not config.min_image_side <= side <= config.max_image_side:
             raise bad_request(f"size: {width}x{height} is outside {config.min_image_side}..{config.max_image_side} per side "
                               "(max_image_side)", "size", "limit_exceeded")
-    seed = data.get("seed", 42)
-    if isinstance(seed, str) and seed.lstrip("-").isdigit():
-        seed = int(seed)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise bad_request("seed: expected an integer", "seed")
+    seed = _seed(_ints(data, "seed"), nullable=False)
     return ImageRequest(
         prompt=prompt,
         n=_number(_ints(data, "n"), "n", 1, 1, config.max_images_generated, integer=True, hint=" (max_images_generated)"),
@@ -173,9 +167,21 @@ def parse_image_request(data: dict, config: ServeConfig, served: str, *, edit: b
     )
 
 
+def _seed(data: dict, nullable: bool) -> int | None:
+    """``seed`` (default 42); ``null`` means unseeded where ``nullable``."""
+    seed = data.get("seed", 42)
+    if seed is None and nullable:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise bad_request("seed: expected an integer", "seed")
+    return seed
+
+
 def _ints(data: dict, key: str) -> dict:
-    """Form fields arrive as strings: convert integer-looking ones."""
-    value = data.get(key)
+    """Form fields arrive as strings: convert integer-looking ones (an absent key stays absent)."""
+    if key not in data:
+        return {}
+    value = data[key]
     if isinstance(value, str) and value.strip().lstrip("-").isdigit():
         return {key: int(value)}
     return {key: value}
