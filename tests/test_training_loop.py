@@ -54,6 +54,11 @@ def test_three_stages_learn_and_frozen_modules_stay(demo_dataset, tmp_path):
     assert all(torch.equal(v, model.vae_model.state_dict()[k]) for k, v in vae_before.items())
     assert all(torch.equal(p, dict(model.vit_model.named_parameters())[n]) for n, p in vit_after_stage1.items())
     assert (tmp_path / "run" / "checkpoints" / "step-0000036" / "ema.safetensors").is_file()
+    # EMA: a module frozen in the current stage carries its weights (the ViT's stage-1 EMA was replaced on entering
+    # stage 2), a trained one lags behind its weights
+    assert all(torch.equal(trainer.ema[f"vit_model.{n}"], p.detach().float()) for n, p in model.vit_model.named_parameters())
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trained and any(not torch.equal(trainer.ema[n], dict(model.named_parameters())[n].detach().float()) for n in trained)
     assert set(rows[-1]["per_family"]) <= {"understanding", "generation", "interleaved"} and rows[-1]["per_family"]
     # the same rows in TensorBoard
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

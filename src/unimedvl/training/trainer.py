@@ -122,6 +122,7 @@ class Trainer:
                 p.requires_grad_(True)
         else:
             trainable = _set_trainable(self.model, stage.frozen)
+        self._sync_frozen_ema()
         # the fused kernel is several times faster than the per-tensor loop (7x on a 2-core CPU)
         self.optimizer = torch.optim.AdamW(trainable, lr=stage.lr, betas=stage.betas, eps=stage.eps, weight_decay=stage.weight_decay,
                                            fused=True)
@@ -206,10 +207,16 @@ class Trainer:
 
     @torch.no_grad()
     def _update_ema(self, decay: float) -> None:
+        """EMA of the parameters this stage trains; frozen ones cannot change, their EMA was set on entering it."""
         for name, p in self.model.named_parameters():
             if p.requires_grad:
                 self.ema[name].mul_(decay).add_(p.detach().float(), alpha=1 - decay)
-            else:
+
+    @torch.no_grad()
+    def _sync_frozen_ema(self) -> None:
+        """A stage's frozen parameters keep their current weights as their EMA (once per stage, not per step)."""
+        for name, p in self.model.named_parameters():
+            if not p.requires_grad:
                 self.ema[name].copy_(p.detach().float())
 
     # ---- checkpoints ------------------------------------------------------------------------
