@@ -754,7 +754,7 @@ def eval_t2i(
     if feature_weights is None and biomedclip is None:
         _fail("give --feature-weights (FID/KID) and/or --biomedclip (BioMedCLIP score); nothing is downloaded")
     try:
-        prompt_set = load_prompts(prompts)[:limit] if limit is not None else load_prompts(prompts)
+        prompt_set = load_prompts(prompts)[:limit]  # limit None keeps all
         feats = load_feature_extractor(extractor, feature_weights, device) if feature_weights is not None else None
         clip = None
         if biomedclip is not None:
