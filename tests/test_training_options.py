@@ -115,7 +115,7 @@ def test_plan_level_options_are_validated_and_lora_from_the_plan_trains_adapters
     assert with_overrides(parse_plan(doc), lora_rank=4).lora == LoRAConfig(4)  # default targets: the generation expert's attention
     with pytest.raises(PlanError, match="command line: precision must be one of"):
         with_overrides(plan, precision="fp8")
-    plan = dataclasses.replace(plan, stages=tuple(dataclasses.replace(s, steps=1) for s in plan.stages))
+    plan = dataclasses.replace(plan, autoencoder=None, stages=tuple(dataclasses.replace(s, steps=1) for s in plan.stages))
     model = UniMedVL.from_config(UniMedVLConfig.from_preset("tiny"), seed=0)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     trainer = Trainer(plan, demo_dataset, tmp_path / "run", model=model, tokenizer=Tokenizer(BUNDLED_TINY_TOKENIZER), tensorboard=False)

@@ -12,7 +12,8 @@ A model directory holds (ARCHITECTURE 1):
 ``ae.safetensors``           autoencoder ``encoder.*`` / ``decoder.*`` (``module.`` stripped anywhere)
 Qwen2 tokenizer files        ``vocab.json``, ``merges.txt``, ``tokenizer_config.json`` (+ ``tokenizer.json``)
 ``ae_config.json``           ours, optional: autoencoder widths when they are not FLUX's
-``unimedvl_config.json``     ours, optional: BAGEL-level constants when they are not the official ones
+``unimedvl_config.json``     ours, optional: BAGEL-level constants when they are not the official ones,
+                             and the inference image transforms of a model trained at another scale
 ==========================  =================================================================
 
 Key map, official file -> our state dict:
@@ -44,7 +45,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .atomic import atomic_path, write_text
-from .config import AutoencoderConfig, ConfigError, LLMConfig, UniMedVLConfig, ViTConfig
+from .config import AutoencoderConfig, ConfigError, InferenceTransforms, LLMConfig, UniMedVLConfig, ViTConfig
 from .model.unimedvl import UniMedVL
 from .tokenizer import Tokenizer, has_tokenizer
 
@@ -96,6 +97,8 @@ def read_config(directory: str | Path, visual_gen: bool = True) -> UniMedVLConfi
             cfg.latent_patch_size = int(extra.get("latent_patch_size", cfg.latent_patch_size))
             cfg.max_latent_size = int(extra.get("max_latent_size", cfg.max_latent_size))
             cfg.timestep_freq_size = int(extra.get("timestep_freq_size", cfg.timestep_freq_size))
+            if "image_transforms" in extra:
+                cfg.transforms = InferenceTransforms.from_json(extra["image_transforms"], str(directory / EXTRA_CONFIG))
             grid = int(extra.get("vit_max_num_patch_per_side", cfg.vit_grid))
             if grid != cfg.vit_grid:
                 raise CheckpointError(

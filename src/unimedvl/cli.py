@@ -89,7 +89,8 @@ def parity(
 
 # ---- inference ---------------------------------------------------------------------------------
 
-ModelOpt = typer.Option(..., "--model", "-m", help="Checkpoint directory in the official layout (weights, configs, tokenizer).")
+ModelOpt = typer.Option(None, "--model", "-m", help="Checkpoint directory in the official layout (weights, configs, tokenizer); "
+                        "default: $UNIMEDVL_MODEL, else the model `unimedvl demo` trained.")
 DeviceOpt = typer.Option("cpu", "--device", help="torch device, e.g. cpu, cuda, cuda:1.")
 DtypeOpt = typer.Option("bf16", "--dtype", help="bf16 (as the official scripts) or fp32 (faster on CPUs without bfloat16 units).")
 WindowOpt = typer.Option(None, "--window", help="DICOM window: a preset (lung, mediastinum, bone, brain, abdomen) or CENTER,WIDTH; default: the file's own.")
@@ -121,9 +122,26 @@ def _user_errors():
     return (CheckpointError, ConfigError, MedicalImageError, TokenizerError, ValueError, RuntimeError, FileNotFoundError)
 
 
-def _load_pipeline(model: Path, device: str, dtype: str, read_options, visual_gen: bool = True):
+def _resolve_model(model: Optional[Path]) -> Path:
+    """``--model``, else the default model, announced on stderr so nobody mistakes it for real weights."""
+    if model is not None:
+        return model
+    from .default_model import resolve_default_model
+
+    found = resolve_default_model()
+    if found is None:
+        _fail("no --model given and no default model: pass --model DIR (the official UniMedVL weights), "
+              "or run `unimedvl demo` to train the tiny demo model")
+    directory, why = found
+    typer.secho(f"no --model given: using {directory} ({why}); pass --model DIR for the official weights",
+                fg=typer.colors.CYAN, err=True)
+    return directory
+
+
+def _load_pipeline(model: Optional[Path], device: str, dtype: str, read_options, visual_gen: bool = True):
     from .inference import UniMedVLPipeline
 
+    model = _resolve_model(model)
     try:
         with _status(f"loading {model}"):
             return UniMedVLPipeline.from_pretrained(model, device=device, dtype=dtype, visual_gen=visual_gen, read_options=read_options)
@@ -157,7 +175,7 @@ def _denoise_progress(desc: str):
 def ask(
     images: list[Path] = typer.Argument(None, help="Images (PNG/JPEG/TIFF, DICOM, NIfTI), shown to the model in order."),
     question: str = typer.Option(..., "--question", "-q", help="The question."),
-    model: Path = ModelOpt,
+    model: Optional[Path] = ModelOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     think: bool = typer.Option(False, "--think", help="Reason in <think> tags first; the reasoning is printed separately."),
@@ -195,7 +213,7 @@ def ask(
 @app.command()
 def report(
     image: Path = typer.Argument(..., help="The image to report on."),
-    model: Path = ModelOpt,
+    model: Optional[Path] = ModelOpt,
     modality: Optional[str] = typer.Option(None, "--modality", help='e.g. "chest X-ray"; default: the DICOM/NIfTI modality if any.'),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
@@ -239,11 +257,11 @@ def _check_output(out: Path) -> None:
 def generate(
     prompt: str = typer.Argument(..., help="What to draw, e.g. 'Axial T2-weighted brain MRI, normal study.'"),
     out: Path = typer.Option(..., "--out", "-o", help="Output file: .png (metadata marks it synthetic) or .dcm (DICOM Secondary Capture)."),
-    model: Path = ModelOpt,
+    model: Optional[Path] = ModelOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
-    height: int = typer.Option(1024, "--height"),
-    width: int = typer.Option(1024, "--width"),
+    height: Optional[int] = typer.Option(None, "--height", help="Default: the model's image size (1024 for the official weights)."),
+    width: Optional[int] = typer.Option(None, "--width", help="Default: the model's image size."),
     steps: int = typer.Option(50, "--steps", help="Number of timesteps (steps - 1 model evaluations)."),
     cfg_text_scale: float = typer.Option(3.0, "--cfg-text-scale"),
     cfg_img_scale: float = typer.Option(1.5, "--cfg-img-scale"),
@@ -275,7 +293,7 @@ def edit(
     images: list[Path] = typer.Argument(..., help="Input image(s): PNG/JPEG/TIFF, DICOM or NIfTI."),
     instruction: str = typer.Option(..., "--instruction", "-i", help="e.g. 'Translate this T2 slice to FLAIR.'"),
     out: Path = typer.Option(..., "--out", "-o", help="Output .png or .dcm (marked synthetic)."),
-    model: Path = ModelOpt,
+    model: Optional[Path] = ModelOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     height: Optional[int] = typer.Option(None, "--height", help="Default: the input's size after the generation resize rule."),
@@ -320,7 +338,7 @@ CHAT_HELP = "commands: /image PATH (attach to the next question), /reset (new co
 
 @app.command()
 def chat(
-    model: Path = ModelOpt,
+    model: Optional[Path] = ModelOpt,
     image: list[Path] = typer.Option(None, "--image", help="Image(s) attached to the first question."),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
@@ -424,19 +442,35 @@ def train(
             _fail(f"preset {p.preset!r} has no bundled tokenizer: pass --tokenizer DIR (or --init-from a checkpoint with one)")
         if len(tok) > model.config.llm.vocab_size:
             _fail(f"the tokenizer has {len(tok)} tokens but the model's vocabulary has {model.config.llm.vocab_size} rows")
-        bar = tqdm(total=p.total_steps if max_steps is None else min(max_steps, p.total_steps), desc="training", unit="step",
-                   disable=not dist_ctx.is_main)
+        total = p.total_steps if max_steps is None else min(max_steps, p.total_steps)
+        bar = None
 
         def on_log(row: dict) -> None:
+            nonlocal bar
+            if bar is None:  # opened at the first step: after the autoencoder step's own bar
+                bar = tqdm(total=total, desc="training", unit="step", disable=not dist_ctx.is_main)
             bar.n = row["step"]
             bar.set_postfix(stage=row["stage"], loss=f"{row['loss']:.3f}")
             bar.refresh()
 
+        ae_bar = None
+
+        def on_autoencoder_log(row: dict) -> None:
+            nonlocal ae_bar
+            if ae_bar is None:
+                ae_bar = tqdm(total=p.autoencoder.steps, desc="autoencoder", unit="step", disable=not dist_ctx.is_main)
+            ae_bar.n = row["step"]
+            ae_bar.set_postfix(loss=f"{row['loss']:.3f}")
+            ae_bar.refresh()
+            if row["step"] == p.autoencoder.steps:
+                ae_bar.close()
+
         trainer = Trainer(p, data, out, model=model, tokenizer=tok, device=device, on_log=on_log, dist_ctx=dist_ctx,
-                          tensorboard=tensorboard)
+                          tensorboard=tensorboard, on_autoencoder_log=on_autoencoder_log)
         result = trainer.run(resume=resume, max_steps=max_steps)
-        bar.n = result.global_step
-        bar.close()
+        if bar is not None:
+            bar.n = result.global_step
+            bar.close()
     except (PlanError, ConfigError, CheckpointError, TokenizerError, FileNotFoundError, FileExistsError, ValueError) as e:
         _fail(str(e))
     if dist_ctx.is_main:
@@ -514,32 +548,21 @@ def data_build(
 def data_demo(
     out: Path = typer.Option(..., "--out", "-o", help="Folder for the staged sources, build.yaml and dataset/."),
     workers: int = typer.Option(1, "--workers", "-w"),
-    per_label: int = typer.Option(6, "--per-label", help="Procedural images per label and modality."),
+    per_label: int = typer.Option(12, "--per-label", help="Procedural images per label and modality."),
+    max_side: int = typer.Option(64, "--max-side", help="Longest image side stored (the demo model works at 64 pixels)."),
 ) -> None:
     """Build the embedded demo corpus offline from packaged sample files and procedural images."""
-    from .data.build_config import load_build_config
-    from .data.builder import build
-    from .data.demo import stage_demo
-    import json as _json
+    from .data.demo import build_demo_dataset
 
-    import shutil
-
-    config, have = stage_demo(out, per_label=per_label)
-    missing = [name for name, ok in (("nilearn (MNI152 T1)", have["mni"]), ("scikit-image (fundus, IHC)", have["skimage"])) if not ok]
-    if missing:
-        typer.secho(f"skipped sources whose package is not installed: {', '.join(missing)}", fg=typer.colors.YELLOW, err=True)
-    cfg = load_build_config(config)
-    info = out / "dataset" / "build.json"
-    if info.is_file() and _json.loads(info.read_text()).get("fingerprint") != cfg.fingerprint():
-        typer.echo(f"{out / 'dataset'} was built by another version of the demo: rebuilding it")
-        shutil.rmtree(out / "dataset")
     try:
-        summary = build(cfg, out / "dataset", workers=workers)
+        summary = build_demo_dataset(out, per_label=per_label, max_side=max_side, workers=workers)
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
-    import json as _json
-
-    manifest = _json.loads((out / "dataset" / "manifest.json").read_text())
+    if summary["missing"]:
+        typer.secho(f"skipped sources whose package is not installed: {', '.join(summary['missing'])}", fg=typer.colors.YELLOW, err=True)
+    if summary["rebuilt"]:
+        typer.echo(f"{out / 'dataset'} was built by another version of the demo: rebuilt it")
+    manifest = summary["manifest"]
     families = {f: sum(n for m in mods.values() for n in m.values()) for f, mods in manifest["counts"].items()}
     typer.echo(f"demo dataset: {manifest['num_kept']} records {families} in {out / 'dataset'} "
                f"({summary['shards_built']} shards built, {summary['shards_skipped']} reused); card: {out / 'dataset' / 'README.md'}")
@@ -621,12 +644,49 @@ def data_locate(
         typer.secho(f"{label}\tnot found among the current items of the sources", fg=typer.colors.YELLOW, err=True)
 
 
+# ---- the embedded default ------------------------------------------------------------------
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="Run folder: dataset/, train/, model/, metrics.json, report.html."),
+    preset: str = typer.Option("default", "--preset", help="default (about ten minutes on a 2-core CPU) or smoke (the path, in a minute or two)."),
+    workers: Optional[int] = typer.Option(None, "--workers", "-w", help="Dataset-build processes (default: the preset's)."),
+    register_default: Optional[bool] = typer.Option(None, "--register-default/--no-register-default",
+                                                    help="Make the trained model the default of ask/generate/serve (default: the preset's)."),
+) -> None:
+    """The main job: build the demo corpus, train the tiny model through the curriculum, evaluate it on held-out data."""
+    from .demo import demo_preset, run_demo
+
+    overrides = {k: v for k, v in (("workers", workers), ("register_default", register_default)) if v is not None}
+    try:
+        config = demo_preset(preset, **overrides)
+        metrics = run_demo(out, config, echo=typer.echo)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        _fail(str(e))
+
+    def f(v, digits=3):
+        return "n/a" if v is None else f"{v:.{digits}f}"
+
+    m = metrics
+    typer.echo(f"modality questions: {f(m['modality_accuracy'])} accuracy (untrained {f(m['untrained_modality_accuracy'])}, "
+               f"chance {f(m['chance_modality_accuracy'])}, n={m['modality_questions']})")
+    typer.echo(f"4x super-resolution: PSNR {f(m['sr_psnr'], 2)} dB / SSIM {f(m['sr_ssim'])} (untrained {f(m['untrained_sr_psnr'], 2)} dB, "
+               f"bicubic {f(m['bicubic_sr_psnr'], 2)} dB, n={m['sr_pairs']})")
+    typer.echo(f"text-to-image modality agreement: {f(m['t2i_agreement'])} (untrained {f(m['untrained_t2i_agreement'])}, "
+               f"chance {f(m['chance_t2i_agreement'])})")
+    typer.echo(f"report: {out / 'report.html'}; metrics: {out / 'metrics.json'}; wall time {m['wall_time_s']:.0f} s")
+    if m.get("default_model_pointer"):
+        typer.secho(f"unimedvl ask / generate / edit / chat / serve now use {out / 'model'} when no --model is given "
+                    f"(a tiny demo model; pass --model DIR for the official weights)", fg=typer.colors.GREEN)
+
+
 # ---- serving ---------------------------------------------------------------------------------
 
 
 @app.command()
 def serve(
-    model: Path = ModelOpt,
+    model: Optional[Path] = ModelOpt,
     host: str = typer.Option("127.0.0.1", "--host", help="Listen address; anything but loopback requires --api-key."),
     port: int = typer.Option(8000, "--port"),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="UNIMEDVL_API_KEY", help="Bearer key required on /v1, /metrics and /ui."),
@@ -740,8 +800,8 @@ def eval_t2i(
     biomedclip_tokenizer: Optional[Path] = typer.Option(None, "--biomedclip-tokenizer", help="Folder with BiomedBERT's vocab.txt, if not in --biomedclip."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N prompts (smoke runs)."),
     batch_size: int = typer.Option(32, "--batch-size", help="Images per feature-extraction batch."),
-    height: int = typer.Option(1024, "--height"),
-    width: int = typer.Option(1024, "--width"),
+    height: Optional[int] = typer.Option(None, "--height", help="Default: the model's image size (1024 for the official weights)."),
+    width: Optional[int] = typer.Option(None, "--width", help="Default: the model's image size."),
     steps: int = typer.Option(50, "--steps"),
     seed: int = SeedOpt,
     device: str = DeviceOpt,

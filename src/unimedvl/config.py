@@ -227,6 +227,39 @@ class AutoencoderConfig:
 
 
 @dataclass
+class InferenceTransforms:
+    """The image resize rules used at inference (``ImageTransform`` arguments: max side, min side,
+    stride[, max pixels]) and the default generated size.  The defaults are the official scripts'
+    (ARCHITECTURE 6.1); a model trained at another scale (the demo's 56/64 pixels) records its own
+    in ``unimedvl_config.json`` so that it is asked and drawn at the scale it learned."""
+
+    understanding_vit: tuple[int, ...] = (980, 378, 14, 2_007_040)
+    generation_vit: tuple[int, ...] = (980, 387, 14)
+    generation_vae: tuple[int, ...] = (1024, 32, 16)
+    image_size: int = 1024
+
+    def validate(self) -> None:
+        for name in ("understanding_vit", "generation_vit", "generation_vae"):
+            value = tuple(getattr(self, name))
+            if len(value) not in (3, 4) or any(int(v) <= 0 for v in value) or value[1] > value[0]:
+                raise ConfigError(f"transforms.{name} must be (max_side, min_side, stride[, max_pixels]) with min <= max, got {list(value)}")
+        if self.image_size < 16:
+            raise ConfigError(f"transforms.image_size must be >= 16, got {self.image_size}")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"understanding_vit": list(self.understanding_vit), "generation_vit": list(self.generation_vit),
+                "generation_vae": list(self.generation_vae), "image_size": self.image_size}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any], source: str = "unimedvl_config.json") -> "InferenceTransforms":
+        known = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(d, dict) or set(d) - known:
+            raise ConfigError(f"{source}: image_transforms takes {sorted(known)}, got {d!r}")
+        kw = {k: (int(v) if k == "image_size" else tuple(int(x) for x in v)) for k, v in d.items()}
+        return cls(**kw)
+
+
+@dataclass
 class UniMedVLConfig:
     """The whole model: LLM + ViT + autoencoder + the BAGEL-level constants."""
 
@@ -239,6 +272,7 @@ class UniMedVLConfig:
     # Understanding-only models (the official VQA loader, visual_gen=False) have no generation
     # adapters and no autoencoder.
     visual_gen: bool = True
+    transforms: InferenceTransforms = field(default_factory=InferenceTransforms)
 
     @property
     def vit_grid(self) -> int:
@@ -262,6 +296,7 @@ class UniMedVLConfig:
         self.llm.validate()
         self.vit.validate()
         self.ae.validate()
+        self.transforms.validate()
         if self.llm.hidden_size % 4:
             raise ConfigError("llm.hidden_size must be a multiple of 4 for the 2D sin-cos tables")
         return self
@@ -296,6 +331,7 @@ class UniMedVLConfig:
             "connector_act": "gelu_pytorch_tanh",
             "interpolate_pos": False,
             "visual_gen": self.visual_gen,
+            "image_transforms": self.transforms.to_json(),
         }
 
 

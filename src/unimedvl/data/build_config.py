@@ -11,7 +11,12 @@ log_item_paths: false        # rejection logs name items by hash (paths can hold
 sources:
   - {name: fundus, kind: image_folder, path: fundus/, modality: CFP, license: CC-BY-4.0,
      options: {labels: labels.csv}}
+  - {name: site-b, kind: dicom, path: site_b/, split: test}   # a whole source held out
 ```
+
+A source's ``split`` (default ``auto``: drawn per patient group from ``splits``) puts all of it in
+one split - an external site kept for testing.  A patient present in two sources with different
+fixed splits would span both: keep such sources' patients disjoint.
 
 Relative source paths are resolved against the config file's folder.
 """
@@ -27,7 +32,8 @@ from .adapters.base import BuildContext, SourceConfig
 from .qc import QCConfig
 
 TOP_LEVEL = {"salt", "seed", "splits", "items_per_shard", "max_side", "qc", "sources", "log_item_paths"}
-SOURCE_FIELDS = {"name", "kind", "path", "modality", "license", "options"}
+SOURCE_FIELDS = {"name", "kind", "path", "modality", "license", "options", "split"}
+SOURCE_SPLITS = ("auto", "train", "val", "test")
 
 
 class BuildConfigError(ValueError):
@@ -98,9 +104,13 @@ def parse_build_config(doc: dict, base_dir: Path, where: str = "build config") -
             raise BuildConfigError(f"{w}: duplicate source name {name!r}")
         names.add(name)
         path = Path(_require(s, "path", str, w)).expanduser()
+        split = str(s.get("split", "auto"))
+        if split not in SOURCE_SPLITS:
+            raise BuildConfigError(f"{w}: split must be one of {list(SOURCE_SPLITS)}, got {split!r}")
         sources.append(SourceConfig(
             name=name, kind=_require(s, "kind", str, w), path=path if path.is_absolute() else (base_dir / path),
             modality=str(s.get("modality", "auto")), license=str(s.get("license", "unknown")), options=dict(s.get("options", {}) or {}),
+            split=split,
         ))
     per_shard = int(doc.get("items_per_shard", 64))
     if per_shard < 1:

@@ -4,14 +4,20 @@ installable packages ship, plus procedural stand-ins for the modalities none shi
     unimedvl data demo --out DIR        # DIR/sources/, DIR/build.yaml, DIR/dataset/
 
 Real files: pydicom/pydicom-data DICOMs (CT, MR, CR chest in MONOCHROME1, CR extremity,
-ultrasound including colour, plus a 64-px MR that quality control rejects), the MNI152 T1
-template shipped with nilearn (slices and 4x super-resolution pairs), scikit-image's fundus
+ultrasound including colour, and a 64-px MR), the MNI152 T1
+template shipped with nilearn and the echo-planar brain volume shipped with nibabel (slices,
+modality questions and 4x super-resolution pairs; each volume is one patient group), scikit-image's fundus
 photograph (CFP) and IHC tile (HIS; hematoxylin-only -> IHC staining pairs made by colour
 deconvolution of the tile itself), and where Debian's insighttoolkit5-examples is installed (or
 ``UNIMEDVL_ITK_EXAMPLES_DATA`` names its Data folder) its real T1 and proton-density brain slices
 (4x super-resolution and a T1 -> PD translation pair). Procedural: chest X-ray, OCT, endoscopy, ultrasound and
-dermoscopy images with a label-defining feature, and chest X-ray counterfactual pairs with an
+dermoscopy images with a label-defining feature (with modality questions, and 4x
+super-resolution pairs of the greyscale ones), and chest X-ray counterfactual pairs with an
 explanation. Sources whose package is not installed are skipped and reported.
+
+Images are stored at most ``max_side`` (default 64) pixels long: the scale the demo model works
+at, so a super-resolution pair is a 16-pixel input and its 64-pixel target; quality control's
+minimum side is three quarters of it.
 """
 
 from __future__ import annotations
@@ -25,8 +31,8 @@ from PIL import Image
 from .procedural import GENERATORS, counterfactual_pair
 
 DEMO_DICOMS = [
-    "CT_small.dcm", "693_UNCR.dcm", "MR2_UNCR.dcm", "MR-SIEMENS-DICOM-WithOverlays.dcm", "RG1_UNCR.dcm", "RG3_UNCR.dcm",
-    "US1_UNCR.dcm", "OBXXXX1A.dcm", "examples_ybr_color.dcm", "MR_small.dcm",
+    "CT_small.dcm", "693_UNCR.dcm", "explicit_VR-UN.dcm", "MR2_UNCR.dcm", "MR-SIEMENS-DICOM-WithOverlays.dcm", "examples_overlay.dcm",
+    "emri_small.dcm", "RG1_UNCR.dcm", "RG3_UNCR.dcm", "US1_UNCR.dcm", "OBXXXX1A.dcm", "examples_ybr_color.dcm", "MR_small.dcm",
 ]
 SALT = "unimedvl-demo-corpus"
 # Debian's insighttoolkit5-examples ships real MR slices; used where installed.
@@ -62,6 +68,20 @@ def stage_mni(dst: Path) -> bool:
         return False
     dst.mkdir(parents=True, exist_ok=True)
     shutil.copy(src, dst / "mni152_t1.nii.gz")
+    return True
+
+
+def stage_nibabel(dst: Path) -> bool:
+    """nibabel's example echo-planar brain volume (128 x 96 x 24, first of its two time points)."""
+    try:
+        import nibabel
+    except ImportError:
+        return False
+    src = Path(nibabel.__file__).parent / "tests" / "data" / "example4d.nii.gz"
+    if not src.is_file():
+        return False
+    dst.mkdir(parents=True, exist_ok=True)
+    shutil.copy(src, dst / "epi_brain.nii.gz")
     return True
 
 
@@ -156,13 +176,24 @@ def stage_procedural(root: Path, per_label: int) -> list[str]:
     return made
 
 
-def demo_config(have: dict) -> dict:
+GREYSCALE_PROCEDURAL = ("CXR", "OCT", "Ultrasound")  # these also give super-resolution pairs
+
+
+def demo_config(have: dict, max_side: int = 64) -> dict:
     src = "sources"
     sources = [{"name": "pydicom-samples", "kind": "dicom", "path": f"{src}/dicom", "license": "pydicom / pydicom-data test files (MIT)",
                 "options": {"tasks": ["caption", "modality_vqa", "t2i"]}}]
+    volume_tasks = ["caption", "modality_vqa", "t2i", "sr"]
     if have["mni"]:
         sources.append({"name": "mni152-t1", "kind": "nifti", "path": f"{src}/nifti", "modality": "MRI", "license": "MNI ICBM152 (nilearn)",
-                        "options": {"description": "T1-weighted brain MRI", "slices_per_volume": 6, "tasks": ["caption", "t2i", "sr"]}})
+                        "split": "test",  # the held-out brain volume: the demo's MRI questions and SR are scored on it
+                        "options": {"description": "T1-weighted brain MRI", "slices_per_volume": 8, "tasks": volume_tasks,
+                                    "crop_foreground": True}})
+    if have.get("nibabel"):
+        sources.append({"name": "nibabel-epi", "kind": "nifti", "path": f"{src}/nibabel", "modality": "MRI",
+                        "license": "nibabel test data (MIT)", "split": "train",
+                        "options": {"description": "echo-planar brain MRI", "slices_per_volume": 16, "tasks": volume_tasks,
+                                    "crop_foreground": True}})
     if have["skimage"]:
         sources += [
             {"name": "skimage-fundus", "kind": "image_folder", "path": f"{src}/fundus", "modality": "CFP", "license": "scikit-image data (CC0/BSD)",
@@ -180,14 +211,16 @@ def demo_config(have: dict) -> dict:
              "license": "ITK examples (Apache-2.0)", "options": {"task": "cross_modal"}},
         ]
     for modality in have["procedural"]:
+        tasks = ["caption", "closed_vqa", "open_vqa", "t2i", "modality_vqa"] + (["sr"] if modality in GREYSCALE_PROCEDURAL else [])
         sources.append({"name": f"procedural-{modality.lower()}", "kind": "image_folder", "path": f"{src}/procedural/{modality.lower()}",
-                        "modality": modality, "license": "procedural (generated, not medical data)"})
+                        "modality": modality, "license": "procedural (generated, not medical data)", "options": {"tasks": tasks}})
     sources.append({"name": "procedural-cxr-counterfactual", "kind": "paired_images", "path": f"{src}/procedural/cxr_counterfactual",
                     "modality": "CXR", "license": "procedural (generated, not medical data)", "options": {"task": "counterfactual"}})
-    return {"salt": SALT, "seed": 0, "splits": {"val": 0.0, "test": 0.2}, "items_per_shard": 8, "sources": sources}
+    return {"salt": SALT, "seed": 0, "splits": {"val": 0.0, "test": 0.2}, "items_per_shard": 16, "max_side": max_side,
+            "qc": {"min_side": min(128, max_side * 3 // 4)}, "sources": sources}
 
 
-def stage_demo(out: str | Path, per_label: int = 6) -> tuple[Path, dict]:
+def stage_demo(out: str | Path, per_label: int = 12, max_side: int = 64) -> tuple[Path, dict]:
     """Write the demo sources and ``build.yaml`` under ``out``; returns the config path and what was found."""
     import yaml
 
@@ -196,10 +229,34 @@ def stage_demo(out: str | Path, per_label: int = 6) -> tuple[Path, dict]:
     have = {
         "dicoms": stage_dicoms(src / "dicom"),
         "mni": stage_mni(src / "nifti"),
+        "nibabel": stage_nibabel(src / "nibabel"),
         "skimage": stage_skimage(src / "fundus", src / "ihc_pairs", src / "ihc_tiles"),
         "procedural": stage_procedural(src / "procedural", per_label),
         "itk": stage_itk(src / "itk_slices", src / "itk_pairs"),
     }
     config = out / "build.yaml"
-    config.write_text(yaml.safe_dump(demo_config(have), sort_keys=False))
+    config.write_text(yaml.safe_dump(demo_config(have, max_side), sort_keys=False))
     return config, have
+
+
+def build_demo_dataset(out: str | Path, *, per_label: int = 12, max_side: int = 64, workers: int = 1) -> dict:
+    """Stage the demo sources under ``out`` and build ``out/dataset`` (resumable: complete shards are
+    reused; a dataset built from another demo configuration is rebuilt).  Returns the build summary
+    plus ``manifest`` and ``missing`` (sources skipped because their package is not installed)."""
+    import json
+
+    from .build_config import load_build_config
+    from .builder import build
+
+    out = Path(out)
+    config, have = stage_demo(out, per_label=per_label, max_side=max_side)
+    missing = [name for name, key in (("nilearn (MNI152 T1)", "mni"), ("nibabel (EPI volume)", "nibabel"),
+                                      ("scikit-image (fundus, IHC)", "skimage")) if not have.get(key)]
+    cfg = load_build_config(config)
+    info = out / "dataset" / "build.json"
+    rebuilt = info.is_file() and json.loads(info.read_text()).get("fingerprint") != cfg.fingerprint()
+    if rebuilt:
+        shutil.rmtree(out / "dataset")
+    summary = build(cfg, out / "dataset", workers=workers)
+    manifest = json.loads((out / "dataset" / "manifest.json").read_text())
+    return {**summary, "manifest": manifest, "missing": missing, "rebuilt": rebuilt}

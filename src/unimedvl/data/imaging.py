@@ -81,6 +81,22 @@ def kspace_pair(grey: np.ndarray, factor: int) -> tuple[np.ndarray, np.ndarray]:
     return kspace_downsample(target, factor), target
 
 
+def sr_pair(pixels: np.ndarray, factor: int, degradation: str = "kspace") -> tuple[np.ndarray, np.ndarray]:
+    """A ``factor``x super-resolution pair ``(low, target)`` of 8-bit RGB arrays from ``pixels [H, W, 3]``:
+    the image cropped to a multiple of ``factor`` is the target; the input is its central-k-space
+    crop (``kspace``, greyscale: MRI-like) or its anti-aliased bicubic reduction (``bicubic``)."""
+    from PIL import Image
+
+    h, w = (pixels.shape[0] // factor) * factor, (pixels.shape[1] // factor) * factor
+    hr = pixels[:h, :w]
+    if degradation == "kspace":
+        low, target = kspace_pair(hr.mean(axis=2).round().astype(np.uint8), factor)
+        return as_rgb_u8(low), as_rgb_u8(target)
+    if degradation == "bicubic":
+        return np.asarray(Image.fromarray(hr).resize((w // factor, h // factor), Image.BICUBIC, reducing_gap=2.0)), hr
+    raise ValueError(f"degradation must be kspace or bicubic, got {degradation!r}")
+
+
 def evenly_spaced(values: list, count: int) -> list:
     """``count`` evenly spaced elements of ``values``, first and last included."""
     return [values[round(j * (len(values) - 1) / max(count - 1, 1))] for j in range(count)]

@@ -56,6 +56,7 @@ OPEN_QUESTION = [
     "Which abnormality does this {m} image show?",
 ]
 MODALITY_QUESTION = ["What imaging modality was used to acquire this image?", "Which kind of medical image is this?"]
+MODALITY_ANSWER = "This is a {m} image."
 GENERATION_PROMPT = ["Generate a {m} image showing {label}.", "Synthesize a {m} image with {label}."]
 SR_INSTRUCTION = [
     "Enhance the spatial resolution of this {m} slice by a factor of four.",

@@ -130,7 +130,7 @@ def load_prompts(path: str | Path) -> list[T2IPrompt]:
     return prompts
 
 
-def generate_missing(pipeline, prompts: list[T2IPrompt], generated: str | Path, *, height: int = 1024, width: int = 1024,
+def generate_missing(pipeline, prompts: list[T2IPrompt], generated: str | Path, *, height: int | None = None, width: int | None = None,
                      progress: bool = True, **settings) -> dict:
     """Generate ``GENERATED/<id>.png`` for every prompt without one (EVALUATION.md 5 settings unless
     overridden).  Files are written atomically, so an interrupted run resumes where it stopped."""

@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 
 from ..flow import GuidanceConfig
-from ..image_transforms import GEN_VAE, GEN_VIT, VQA_VIT, normalize_u8, to_uint8_image
+from ..image_transforms import ImageTransform, normalize_u8, to_uint8_image
 from ..medical_io import MedicalImage
 from ..model import KVCache, UniMedVL
 from ..outputs import generation_record, save_dicom_secondary_capture, save_png
@@ -190,6 +190,20 @@ class UniMedVLPipeline:
         self.name = name
         self.read_options = read_options
 
+    def _transform(self, which: str) -> ImageTransform:
+        """The model's inference resize rule ``which`` (``understanding_vit``, ``generation_vit``, ``generation_vae``)."""
+        return ImageTransform(*getattr(self.model.config.transforms, which))
+
+    def generation_size(self, width: int, height: int) -> tuple[int, int]:
+        """``(width, height)`` at which an image of ``width x height`` is encoded and regenerated
+        (the model's generation resize rule: multiples of 16 within its size limits)."""
+        return self._transform("generation_vae").target_size(width, height)
+
+    @property
+    def default_image_size(self) -> int:
+        """The generated side used when none is given: the official 1024, or the scale a model was trained at."""
+        return self.model.config.transforms.image_size
+
     @classmethod
     def from_pretrained(
         cls,
@@ -339,7 +353,7 @@ class UniMedVLPipeline:
         loaded = self._images(images)
         ctx = conv.context
         for pil, _ in loaded:
-            pixels = VQA_VIT(pil, img_num=len(loaded))
+            pixels = self._transform('understanding_vit')(pil, img_num=len(loaded))
             n = (pixels.shape[1] // self.model.config.vit.patch_size) * (pixels.shape[2] // self.model.config.vit.patch_size)
             self._check_room(ctx, 1, f"an image of {n} patches")
             self.engine.add_vit_image(ctx, pixels)
@@ -400,8 +414,8 @@ class UniMedVLPipeline:
         self,
         prompt: str,
         *,
-        height: int = 1024,
-        width: int = 1024,
+        height: int | None = None,
+        width: int | None = None,
         steps: int = 50,
         cfg_text_scale: float = 3.0,
         cfg_img_scale: float = 1.5,
@@ -419,10 +433,12 @@ class UniMedVLPipeline:
         mode); the image-unconditional one equals the conditional one, so ``cfg_img_scale`` only
         rescales text guidance (as in the reference driver).  ``steps`` is the official
         ``num_timesteps``: the schedule's length, ``steps - 1`` model evaluations.  ``think`` first writes a plan that
-        conditions the image.  ``noise [h*w, 64]`` overrides the seeded initial noise."""
+        conditions the image.  ``noise [h*w, 64]`` overrides the seeded initial noise.  ``height`` and
+        ``width`` default to :attr:`default_image_size` (1024 for the official weights)."""
         self._require_generation()
         _require_text(prompt, "prompt")
         sampler = _SamplerSettings.build(steps, cfg_text_scale, cfg_img_scale, cfg_interval, cfg_renorm_type, cfg_renorm_min, timestep_shift)
+        height, width = height or self.default_image_size, width or self.default_image_size
         grid = self.engine.latent_grid(height, width)
         generator = torch.Generator().manual_seed(seed)
         ctx = self.engine.new_context()
@@ -481,8 +497,9 @@ class UniMedVLPipeline:
         loaded = [pil for pil, _ in self._images(images)]
         if not loaded:
             raise ValueError("edit needs at least one input image")
-        vae_images = [GEN_VAE.resize(im) for im in loaded]
-        vit_pixels = [GEN_VIT(im, img_num=len(loaded)) for im in vae_images]
+        gen_vae, gen_vit = self._transform("generation_vae"), self._transform("generation_vit")
+        vae_images = [gen_vae.resize(im) for im in loaded]
+        vit_pixels = [gen_vit(im, img_num=len(loaded)) for im in vae_images]
         out_w, out_h = vae_images[0].size
         height, width = height or out_h, width or out_w
         grid = self.engine.latent_grid(height, width)
@@ -528,7 +545,7 @@ class UniMedVLPipeline:
         if explain:
             ctx_e = ctx.fork()
             self.engine.add_latent_tokens(ctx_e, sample.latents, grid)
-            self.engine.add_vit_image(ctx_e, GEN_VIT(image))
+            self.engine.add_vit_image(ctx_e, gen_vit(image))
             explanation, _ = self._greedy_text(ctx_e, max_explanation_tokens)
         record = generation_record(
             model=self.name, task="image-to-image", prompt=instruction, conditioning_text=final_instruction, seed=seed,

@@ -200,6 +200,9 @@ def create_app(pipeline, config: ServeConfig | None = None):
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
+    side = min(pipeline.default_image_size, config.max_image_side)  # the model's own scale (1024 for the official weights)
+    default_size = f"{side}x{side}"
+
     def image_response(results: list) -> JSONResponse:
         from ..outputs import SYNTHETIC_NOTICE, png_bytes
 
@@ -210,7 +213,7 @@ def create_app(pipeline, config: ServeConfig | None = None):
 
     @app.post("/v1/images/generations")
     async def generations(request: Request):
-        req = parse_image_request(parse_json(await request.body()), config, served)
+        req = parse_image_request(parse_json(await request.body()), config, served, default_size=default_size)
 
         def work(token: CancelToken):
             return [pipeline.generate_image(req.prompt, height=req.height, width=req.width, steps=req.steps, cfg_text_scale=req.guidance,
@@ -224,7 +227,7 @@ def create_app(pipeline, config: ServeConfig | None = None):
     async def edits(request: Request):
         fields, uploads = await _edit_fields(request, config)
         has_size = bool(fields.get("size"))
-        req = parse_image_request(fields, config, served, edit=True, default_size="1024x1024")
+        req = parse_image_request(fields, config, served, edit=True, default_size=default_size)
         options = ReadOptions.parse({k: _maybe_int(fields.get(k)) for k in ("window", "frame", "axis", "slice_index") if fields.get(k) is not None},
                                     "image")
         if not uploads:

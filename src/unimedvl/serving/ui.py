@@ -116,6 +116,8 @@ def mount_ui(app, pipeline, worker, config: ServeConfig):
     windows = ["file default", *WINDOW_PRESETS]
     max_side = config.max_image_side
     sizes = [s for s in (64, 128, 256, 512, 768, 1024) if config.min_image_side <= s <= max_side] or [max_side]
+    default_side = min(sizes, key=lambda s: abs(s - pipeline.default_image_size))  # the model's own scale
+
     def image_inputs(label: str = "Image (PNG, JPEG, DICOM, NIfTI)", elem_id: str | None = None):
         """An upload with its DICOM window and NIfTI slice options: ``[file, window, slice]``."""
         return [gr.File(label=label, elem_id=elem_id), gr.Dropdown(windows, value="file default", label="DICOM window"),
@@ -161,7 +163,7 @@ def mount_ui(app, pipeline, worker, config: ServeConfig):
                     gen_modality = gr.Dropdown(["any", *MODALITY_PHRASES], value="any", label="Modality")
                     gen_prompt = gr.Textbox(label="Description", placeholder="focal opacity in the right lower lobe", elem_id="gen-prompt")
                     gen_sampler = sampler_inputs()
-                    gen_size = gr.Dropdown([str(s) for s in sizes], value=str(sizes[-1]), label="Size (px)", elem_id="gen-size")
+                    gen_size = gr.Dropdown([str(s) for s in sizes], value=str(default_side), label="Size (px)", elem_id="gen-size")
                     gen_button = gr.Button("Generate", variant="primary", elem_id="gen-button")
                 with gr.Column():
                     gen_label, gen_image = synthetic_output("gen")

@@ -13,7 +13,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..config import ConfigError, InferenceTransforms
 from ..data.schema import FAMILIES
+from .autoencoder import AutoencoderPlan
 from .lora import LoRAConfig
 
 PLANS_DIR = Path(__file__).parent / "plans"
@@ -78,6 +80,8 @@ class Plan:
     precision: str = "auto"  # auto: bf16 autocast on GPUs, fp32 on CPUs
     activation_checkpointing: bool = False  # recompute each decoder layer in backward
     lora: LoRAConfig | None = None  # train LoRA adapters instead of the full model
+    autoencoder: AutoencoderPlan | None = None  # train the autoencoder first (no pretrained one at this scale)
+    inference: InferenceTransforms | None = None  # resize rules the exported model is used with (default: official)
 
     @property
     def total_steps(self) -> int:
@@ -149,7 +153,7 @@ def _stage(doc: dict, defaults: dict, where: str) -> StageConfig:
 def parse_plan(doc: dict, where: str = "plan") -> Plan:
     if not isinstance(doc, dict):
         raise PlanError(f"{where}: expected a mapping")
-    extra = set(doc) - {"name", "preset", "seed", "defaults", "stages", "precision", "activation_checkpointing", "lora"}
+    extra = set(doc) - {"name", "preset", "seed", "defaults", "stages", "precision", "activation_checkpointing", "lora", "autoencoder", "inference"}
     if extra:
         raise PlanError(f"{where}: unknown field(s) {sorted(extra)}")
     defaults = doc.get("defaults", {}) or {}
@@ -163,7 +167,47 @@ def parse_plan(doc: dict, where: str = "plan") -> Plan:
     return Plan(str(doc.get("name", "plan")), str(doc.get("preset", "tiny")), int(doc.get("seed", 0)), parsed,
                 precision=_precision(doc.get("precision", "auto"), where),
                 activation_checkpointing=_checkpointing(doc.get("activation_checkpointing", False), where),
-                lora=_lora(doc.get("lora"), where))
+                lora=_lora(doc.get("lora"), where), autoencoder=_autoencoder(doc.get("autoencoder"), where),
+                inference=_inference(doc.get("inference"), where))
+
+
+def _autoencoder(doc, where: str) -> AutoencoderPlan | None:
+    if doc is None:
+        return None
+    fields = {f.name: f for f in dataclasses.fields(AutoencoderPlan)}
+    if not isinstance(doc, dict) or set(doc) - set(fields):
+        raise PlanError(f"{where}: autoencoder takes {sorted(fields)}, got {doc!r}")
+    values = {}
+    for key, value in doc.items():
+        kind = fields[key].type if isinstance(fields[key].type, str) else fields[key].type.__name__
+        try:
+            if kind == "bool":
+                if not isinstance(value, bool):
+                    raise TypeError
+                values[key] = value
+            else:
+                values[key] = int(value) if kind == "int" and float(value) == int(value) else float(value)
+                if kind == "int" and not isinstance(values[key], int):
+                    raise TypeError
+        except (TypeError, ValueError):
+            raise PlanError(f"{where}: autoencoder.{key} must be {kind}, got {value!r}") from None
+    plan = AutoencoderPlan(**values)
+    try:
+        plan.validate(downsample=1, where=f"{where}: autoencoder")
+    except ValueError as e:
+        raise PlanError(str(e)) from None
+    return plan
+
+
+def _inference(doc, where: str) -> InferenceTransforms | None:
+    if doc is None:
+        return None
+    try:
+        transforms = InferenceTransforms.from_json(doc, f"{where}: inference")
+        transforms.validate()
+    except (ConfigError, TypeError, ValueError) as e:
+        raise PlanError(f"{where}: inference: {e}") from None
+    return transforms
 
 
 def _precision(value, where: str) -> str:

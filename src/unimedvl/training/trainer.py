@@ -87,11 +87,17 @@ class Trainer:
         on_log: Callable[[dict], None] | None = None,
         dist_ctx: DistContext = DistContext(),
         tensorboard: bool = True,
+        on_autoencoder_log: Callable[[dict], None] | None = None,
     ):
         self.plan, self.run_dir, self.model, self.tokenizer = plan, Path(run_dir), model.to(device), tokenizer
         self.device = torch.device(device)
         self.lora = lora = plan.lora
         self.dist = dist_ctx
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if plan.inference is not None:
+            self.model.config.transforms = plan.inference  # checkpoints and exports record the scale the model learns at
+        if plan.autoencoder is not None:
+            self._prepare_autoencoder(dataset, on_autoencoder_log)
         self.precision = resolve_precision(plan.precision, self.device)
         self.peak_flops = peak_flops(self.device)
         self._tensorboard = tensorboard
@@ -110,6 +116,23 @@ class Trainer:
         self.optimizer: torch.optim.Optimizer | None = None
         self.stream: BatchStream | None = None
         self._stage_index = -1
+
+    # ---- the autoencoder step ---------------------------------------------------------------
+    def _prepare_autoencoder(self, dataset, on_log) -> None:
+        """The plan's ``autoencoder`` step: trained once into ``RUN/autoencoder`` (rank 0; a finished
+        one is reused), then loaded into the model on every rank before anything is sharded."""
+        from .autoencoder import load_trained_autoencoder, train_autoencoder
+
+        folder = self.run_dir / "autoencoder"
+        ae = self.model.vae_model
+        if self.dist.is_main and load_trained_autoencoder(ae, folder) is None:
+            stage = self.plan.stages[0]
+            ae.float()
+            train_autoencoder(ae, dataset, folder, self.plan.autoencoder, ImageTransform(*stage.vae_transform),
+                              seed=self.plan.seed, on_log=on_log)
+        self.dist.barrier()
+        if load_trained_autoencoder(ae, folder) is None:
+            raise RuntimeError(f"{folder}: the autoencoder step did not finish")
 
     # ---- stages ---------------------------------------------------------------------------
     def _enter_stage(self, index: int, stream_state: dict | None = None, optimizer_state: dict | None = None) -> StageConfig:

@@ -21,6 +21,9 @@ class SourceConfig:
     modality: str = "auto"  # one of MODALITIES, or "auto" where the adapter can tell (DICOM)
     license: str = "unknown"
     options: dict = field(default_factory=dict)
+    # "auto": each patient group's split is drawn from the configured fractions; "train", "val" or
+    # "test" puts the whole source there (an external site or a held-out volume kept for testing)
+    split: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -88,7 +91,9 @@ class Adapter:
         return stable_hash(self.ctx.salt, key, length=16)
 
     def split_for(self, group: str) -> str:
-        """By patient group, so no patient spans two splits."""
+        """By patient group, so no patient spans two splits (a source with a fixed ``split`` goes there whole)."""
+        if self.source.split != "auto":
+            return self.source.split
         u = int(stable_hash(str(self.ctx.seed), group, length=12), 16) / 16**12
         if u < self.ctx.test_fraction:
             return "test"

@@ -13,7 +13,8 @@ Example::
         slices_per_volume: 4       # evenly spaced among the usable slices
         min_foreground: 0.15       # skip slices whose foreground covers less than this
         edge_fraction: 0.1         # and the outermost 10% of slices at each end
-        tasks: [caption, t2i, sr]
+        tasks: [caption, t2i, sr]     # also: modality_vqa
+        crop_foreground: false        # crop every slice to the volume's foreground box (5% margin)
 
 Slice selection: foreground = voxels above 10% of the volume's upper percentile.  Intensities are
 scaled per volume between the 0.5th and 99.5th percentiles of its foreground voxels (DATA.md 5.3).
@@ -33,7 +34,24 @@ from ..imaging import as_rgb_u8, evenly_spaced, kspace_pair, limit_size, png_byt
 from ..schema import Record, Rejection
 from .base import Adapter, file_items
 
-TASKS = ("caption", "t2i", "sr")
+TASKS = ("caption", "t2i", "sr", "modality_vqa")
+
+
+def foreground_box(data: np.ndarray, axis: int, margin: float = 0.05) -> tuple[slice, ...]:
+    """Index of the volume cropped, in the two in-plane axes, to the bounding box of its foreground
+    (voxels above a tenth of the 99.5th percentile) over all slices, with ``margin`` of each side."""
+    hi = np.percentile(data, 99.5)
+    fg = data > 0.1 * hi if hi > 0 else data > data.min()
+    box = [slice(None)] * 3
+    if not fg.any():
+        return tuple(box)
+    for a in range(3):
+        if a == axis:
+            continue
+        occupied = np.flatnonzero(fg.any(axis=tuple(b for b in range(3) if b != a)))
+        pad = int(round(margin * data.shape[a]))
+        box[a] = slice(max(0, int(occupied[0]) - pad), min(data.shape[a], int(occupied[-1]) + 1 + pad))
+    return tuple(box)
 
 
 def select_slices(data: np.ndarray, axis: int, count: int, min_foreground: float, edge_fraction: float) -> tuple[list[int], float, float]:
@@ -57,7 +75,7 @@ def select_slices(data: np.ndarray, axis: int, count: int, min_foreground: float
 class NiftiAdapter(Adapter):
     kind = "nifti"
     options = {"description": "", "axis": "axial", "slices_per_volume": 4, "min_foreground": 0.15, "edge_fraction": 0.1,
-               "tasks": ["caption", "t2i"], "sr_factor": 4, "volume": 0}
+               "tasks": ["caption", "t2i"], "sr_factor": 4, "volume": 0, "crop_foreground": False}
 
     def __init__(self, source, ctx):
         super().__init__(source, ctx)
@@ -75,6 +93,8 @@ class NiftiAdapter(Adapter):
             yield self.reject(item, "unreadable", str(e), paths=[path])
             return
         axis = NIFTI_AXES[self.opt["axis"]]
+        if self.opt["crop_foreground"]:  # same field of view for volumes with more or less background
+            data = data[foreground_box(data, axis)]
         slices, lo, hi = select_slices(data, axis, int(self.opt["slices_per_volume"]), self.opt["min_foreground"], self.opt["edge_fraction"])
         if not slices:
             yield self.reject(item, "no_usable_slice", f"no slice covers {self.opt['min_foreground']:.0%} foreground")
@@ -94,6 +114,10 @@ class NiftiAdapter(Adapter):
             if "caption" in tasks:
                 yield Record(id=self.record_id(key, "caption"), family="understanding", task="caption", input_images=[png],
                              messages=[{"from": "human", "value": "<image>\nDescribe this image."}, {"from": "gpt", "value": caption}], **base)
+            if "modality_vqa" in tasks:
+                yield Record(id=self.record_id(key, "modality_vqa"), family="understanding", task="vqa", input_images=[png],
+                             messages=[{"from": "human", "value": "<image>\n" + T.pick(T.MODALITY_QUESTION, key)},
+                                       {"from": "gpt", "value": T.fill(T.MODALITY_ANSWER, mod)}], **base)
             if "t2i" in tasks:
                 yield Record(id=self.record_id(key, "t2i"), family="generation", task="t2i", output_images=[png],
                              captions={"caption": caption, "prompt": f"Generate an {self.opt['axis']} slice of a {what}."}, **base)

@@ -18,12 +18,10 @@ from __future__ import annotations
 
 from typing import Iterator
 
-import numpy as np
-from PIL import Image
 
 from .. import templates as T
 from ...medical_io import IMAGE_SUFFIXES
-from ..imaging import as_rgb_u8, kspace_pair, png_bytes
+from ..imaging import png_bytes, sr_pair
 from ..schema import Record, Rejection
 from .base import Adapter, file_items
 
@@ -47,13 +45,8 @@ class SuperResolutionAdapter(Adapter):
             return
         f = int(self.opt["factor"])
         (hr,) = read
-        h, w = (hr.shape[0] // f) * f, (hr.shape[1] // f) * f
-        hr = hr[:h, :w]
-        if self.opt["degradation"] == "kspace":
-            low, target = kspace_pair(hr.mean(axis=2).round().astype(np.uint8), f)
-            lr, hr = as_rgb_u8(low), as_rgb_u8(target)
-        else:
-            lr = np.asarray(Image.fromarray(hr).resize((w // f, h // f), Image.BICUBIC, reducing_gap=2.0))
+        lr, hr = sr_pair(hr, f, self.opt["degradation"])
+        h, w = hr.shape[:2]
         group = self.patient_group(None, item)
         yield Record(
             id=self.record_id(item, "sr"), family="interleaved", task="sr", **self.provenance(group),
