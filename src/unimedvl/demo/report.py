@@ -55,7 +55,7 @@ def _figures(out: Path, scores: dict, bicubic: dict, held) -> dict[str, str]:
             rows.append(trained + [None] * (width - len(trained)) + [None] + untrained[:width] + [None] * (width - len(untrained[:width]))
                         + [None] + real)
             labels.append(m)
-        columns = ["trained"] + [""] * (width - 1) + [""] + ["untrained"] + [""] * (width - 1) + [""] + ["real (held out)"]
+        columns = ["trained"] + [""] * (width - 1) + [""] + ["untrained"] + [""] * (width - 1) + [""] + ["held-out real"]
         save_chart(image_grid(rows, cell=80, row_labels=labels, column_labels=columns), files / "t2i_grid.png")
         written["t2i"] = f"{FILES}/t2i_grid.png"
     pairs = held.sr_pairs[: len(bicubic["pairs"])]
@@ -186,7 +186,7 @@ latent shift {_fmt(ae.get('shift_factor'))}, scale {_fmt(ae.get('scale_factor'))
 body {{ font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }}
 table {{ border-collapse: collapse; margin: 1em 0; }} td, th {{ border: 1px solid #ccc; padding: 4px 8px; text-align: left; vertical-align: top; }}
 th {{ background: #f0f0f0; }} figure {{ display: inline-block; margin: 0.5em; }} figcaption {{ font-size: 0.85em; color: #555; }}
-.note {{ background: #fff6dd; border-left: 4px solid #e0b000; padding: 0.6em 1em; }} img {{ image-rendering: pixelated; }}
+.note {{ background: #fff6dd; border-left: 4px solid #e0b000; padding: 0.6em 1em; }} img {{ image-rendering: pixelated; }} figure img {{ max-width: 100%; height: auto; }}
 </style></head><body>{body}</body></html>
 """
     path = out / "report.html"

@@ -9,6 +9,8 @@ into token-budgeted batches - deterministic for a seed and resumable from a smal
   seeded permutation (a new permutation each pass).  Its whole state is a dict of integers.
 * :func:`pack` fills a micro-batch up to ``tokens_per_batch`` tokens, skipping (and counting)
   samples above ``max_tokens_per_sample``.
+* With the stage's ``augment``, understanding samples read a seeded random variant of their
+  images (:mod:`.augment`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ..image_transforms import ImageTransform
+from .augment import augment_understanding
 from .plan import StageConfig
 from .sequence import PlanItem
 
@@ -157,6 +160,8 @@ class BatchStream:
             family, (shard, row) = self.sampler.next()
             record = self.index.read(shard, row)
             plan = plan_record(record, self.tokenizer, np.random.default_rng([self.seed, 3, before["draws"]]))
+            if self.stage.augment and family == "understanding":
+                plan = augment_understanding(plan, np.random.default_rng([self.seed, 4, before["draws"]]))
             n = estimate_tokens(plan, self.vit, self.vae)
             if n > self.stage.max_tokens_per_sample:
                 self.stats.skipped_too_long += 1

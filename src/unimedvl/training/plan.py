@@ -53,6 +53,7 @@ class StageConfig:
     vit_transform: tuple[int, int, int, int] = (980, 378, 14, 2_007_040)  # max, min, stride, max_pixels
     vae_transform: tuple[int, int, int] = (1024, 512, 16)
     frozen: tuple[str, ...] = ("vae_model",)  # parameter-name prefixes that do not train
+    augment: bool = False  # random crop + intensity jitter of understanding images (training.augment)
     checkpoint_every: int = 1000
     log_every: int = 10
 
@@ -115,6 +116,10 @@ def _coerce(name: str, value, where: str):
             return int(value)
         if kind == "float":
             return float(value)
+        if kind == "bool":
+            if not isinstance(value, bool):
+                raise TypeError
+            return value
         return str(value)
     except (TypeError, ValueError):
         raise PlanError(f"{where}: {name} must be {kind}, got {value!r}") from None
