@@ -58,31 +58,31 @@ def stage_dicoms(dst: Path) -> list[str]:
     return staged
 
 
-def stage_mni(dst: Path) -> bool:
+def stage_package_file(package: str, relative: str, dst: Path, name: str) -> bool:
+    """Copy ``relative`` (a file the installed ``package`` ships) to ``dst/name``; ``False`` if the
+    package or the file is not there."""
+    import importlib
+
     try:
-        import nilearn
+        module = importlib.import_module(package)
     except ImportError:
         return False
-    src = Path(nilearn.__file__).parent / "datasets" / "data" / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
+    src = Path(module.__file__).parent / relative
     if not src.is_file():
         return False
     dst.mkdir(parents=True, exist_ok=True)
-    shutil.copy(src, dst / "mni152_t1.nii.gz")
+    shutil.copy(src, dst / name)
     return True
+
+
+def stage_mni(dst: Path) -> bool:
+    """nilearn's MNI152 T1 template volume."""
+    return stage_package_file("nilearn", "datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz", dst, "mni152_t1.nii.gz")
 
 
 def stage_nibabel(dst: Path) -> bool:
     """nibabel's example echo-planar brain volume (128 x 96 x 24, first of its two time points)."""
-    try:
-        import nibabel
-    except ImportError:
-        return False
-    src = Path(nibabel.__file__).parent / "tests" / "data" / "example4d.nii.gz"
-    if not src.is_file():
-        return False
-    dst.mkdir(parents=True, exist_ok=True)
-    shutil.copy(src, dst / "epi_brain.nii.gz")
-    return True
+    return stage_package_file("nibabel", "tests/data/example4d.nii.gz", dst, "epi_brain.nii.gz")
 
 
 def stage_skimage(fundus_dir: Path, pairs_dir: Path, his_dir: Path) -> bool:
