@@ -100,8 +100,9 @@ class Plan:
 _STAGE_FIELDS = {f.name: f for f in dataclasses.fields(StageConfig)}
 
 
-def _coerce(name: str, value, where: str):
-    f = _STAGE_FIELDS[name]
+def _coerce(name: str, value, where: str, fields: dict = _STAGE_FIELDS, label: str = ""):
+    """``value`` as the type of dataclass field ``name`` (``fields``: a stage's by default)."""
+    f = fields[name]
     kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
     try:
         if kind.startswith("tuple"):
@@ -122,7 +123,7 @@ def _coerce(name: str, value, where: str):
             return value
         return str(value)
     except (TypeError, ValueError):
-        raise PlanError(f"{where}: {name} must be {kind}, got {value!r}") from None
+        raise PlanError(f"{where}: {label}{name} must be {kind}, got {value!r}") from None
 
 
 def _stage(doc: dict, defaults: dict, where: str) -> StageConfig:
@@ -182,21 +183,7 @@ def _autoencoder(doc, where: str) -> AutoencoderPlan | None:
     fields = {f.name: f for f in dataclasses.fields(AutoencoderPlan)}
     if not isinstance(doc, dict) or set(doc) - set(fields):
         raise PlanError(f"{where}: autoencoder takes {sorted(fields)}, got {doc!r}")
-    values = {}
-    for key, value in doc.items():
-        kind = fields[key].type if isinstance(fields[key].type, str) else fields[key].type.__name__
-        try:
-            if kind == "bool":
-                if not isinstance(value, bool):
-                    raise TypeError
-                values[key] = value
-            else:
-                values[key] = int(value) if kind == "int" and float(value) == int(value) else float(value)
-                if kind == "int" and not isinstance(values[key], int):
-                    raise TypeError
-        except (TypeError, ValueError):
-            raise PlanError(f"{where}: autoencoder.{key} must be {kind}, got {value!r}") from None
-    plan = AutoencoderPlan(**values)
+    plan = AutoencoderPlan(**{k: _coerce(k, v, where, fields, "autoencoder.") for k, v in doc.items()})
     try:
         plan.validate(downsample=1, where=f"{where}: autoencoder")
     except ValueError as e:
