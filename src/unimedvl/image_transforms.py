@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .config import InferenceTransforms
+
 DEFAULT_MAX_PIXELS = 14 * 14 * 9 * 1024  # 1,806,336
 MAX_INPUT_PIXELS = 20_000_000  # UniMedVL rejects larger inputs
 
@@ -58,9 +60,11 @@ class ImageTransform:
 
 
 # Transforms of the official scripts (ARCHITECTURE 6.1 table).
-VQA_VIT = ImageTransform(980, 378, 14, 2_007_040)  # UniMedVL VQA script, SFT config
-GEN_VIT = ImageTransform(980, 387, 14)  # UniMedVL image-generation script, ViT side
-GEN_VAE = ImageTransform(1024, 32, 16)  # UniMedVL image-generation script, VAE side
+# The official scripts' inference rules are the defaults of ``InferenceTransforms`` (one place).
+_OFFICIAL = InferenceTransforms()
+VQA_VIT = ImageTransform(*_OFFICIAL.understanding_vit)  # UniMedVL VQA script, SFT config: 980, 378, 14, 2,007,040
+GEN_VIT = ImageTransform(*_OFFICIAL.generation_vit)  # UniMedVL image-generation script, ViT side: 980, 387, 14
+GEN_VAE = ImageTransform(*_OFFICIAL.generation_vae)  # UniMedVL image-generation script, VAE side: 1024, 32, 16
 BAGEL_VIT = ImageTransform(980, 224, 14)
 BAGEL_VAE = ImageTransform(1024, 512, 16)
 
