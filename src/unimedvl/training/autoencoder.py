@@ -191,6 +191,8 @@ def train_autoencoder(
     optimizer = torch.optim.AdamW(ae.parameters(), lr=plan.lr, betas=(0.9, 0.99), weight_decay=0.0)
     start = time.perf_counter()
     rows = []
+    if on_log:  # step 0: lets a progress display open before the first step rather than at the first log
+        on_log({"step": 0, "loss": float("nan"), "l1": float("nan"), "mse": float("nan"), "kl": float("nan"), "lr": 0.0})
     for step in range(plan.steps):
         lr = plan.lr * min(1.0, (step + 1) / max(1, plan.warmup_steps))
         lr *= 0.5 * (1 + math.cos(math.pi * step / plan.steps)) if step >= plan.warmup_steps else 1.0
