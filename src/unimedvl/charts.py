@@ -67,18 +67,19 @@ def save_chart(image: Image.Image, path: str | Path) -> Path:
 
 
 def image_grid(rows: list[list], cell: int = 96, row_labels: list[str] = (), column_labels: list[str] = (),
-               label_width: int = 110) -> Image.Image:
+               label_width: int = 110, background: str = "white") -> Image.Image:
     """Images (uint8 ``[h, w, 3]`` / ``[h, w]`` arrays or PIL images) in labelled rows, each scaled
-    to fit a ``cell x cell`` square (nearest neighbour: pixels stay visible)."""
+    to fit a ``cell x cell`` square: enlarged with nearest neighbour (pixels stay visible), reduced
+    with a smoothing filter; ``None`` leaves a cell empty."""
     import numpy as np
 
     ncols = max((len(r) for r in rows), default=0)
     left = label_width if row_labels else 0
     top = 18 if column_labels else 0
-    img = Image.new("RGB", (left + ncols * cell, top + len(rows) * cell), "white")
+    img = Image.new("RGB", (left + ncols * cell, top + len(rows) * cell), background)
     d = ImageDraw.Draw(img)
     for j, label in enumerate(column_labels):
-        d.text((left + j * cell + 4, 3), str(label)[: cell // 6], fill="black")
+        d.text((left + j * cell + 4, 3), str(label)[: cell // 6], fill="black" if background == "white" else "white")
     for i, row in enumerate(rows):
         if i < len(row_labels):
             d.text((4, top + i * cell + cell // 2 - 6), str(row_labels[i])[: label_width // 6], fill="black")
@@ -87,6 +88,7 @@ def image_grid(rows: list[list], cell: int = 96, row_labels: list[str] = (), col
                 continue
             pil = picture if isinstance(picture, Image.Image) else Image.fromarray(np.asarray(picture))
             scale = cell / max(pil.size)
-            pil = pil.convert("RGB").resize((max(1, round(pil.width * scale)), max(1, round(pil.height * scale))), Image.NEAREST)
+            size = (max(1, round(pil.width * scale)), max(1, round(pil.height * scale)))
+            pil = pil.convert("RGB").resize(size, Image.NEAREST if scale >= 1 else Image.LANCZOS)
             img.paste(pil, (left + j * cell + (cell - pil.width) // 2, top + i * cell + (cell - pil.height) // 2))
     return img

@@ -413,14 +413,12 @@ def train(
     device: str = DeviceOpt,
 ) -> None:
     """Train through a curriculum plan: one process, or N under torchrun (FSDP2; gloo on CPUs)."""
-    from tqdm import tqdm
-
     from .checkpoint import CheckpointError
-    from .config import ConfigError, UniMedVLConfig
-    from .model import UniMedVL
-    from .tokenizer import BUNDLED_TINY_TOKENIZER, Tokenizer, TokenizerError
+    from .config import ConfigError
+    from .tokenizer import TokenizerError
     from .training.distributed import init_from_env
     from .training.plan import PlanError, load_plan, with_overrides
+    from .training.start import TrainingProgress, initial_model
     from .training.trainer import Trainer
 
     dist_ctx = init_from_env()
@@ -428,49 +426,12 @@ def train(
     try:
         p = with_overrides(load_plan(plan), precision=precision, activation_checkpointing=activation_checkpointing,
                            lora_rank=lora_rank, lora_alpha=lora_alpha, lora_targets=tuple(lora_target or ()))
-        if init_from is not None:
-            model = UniMedVL.from_pretrained(init_from, dtype=None, device=device)
-            tok = model.tokenizer
-        else:
-            model = UniMedVL.from_config(UniMedVLConfig.from_preset(p.preset), seed=p.seed)
-            tok = None
-        if tokenizer_dir is not None:
-            tok = Tokenizer(tokenizer_dir)
-        elif tok is None and p.preset == "tiny":
-            tok = Tokenizer(BUNDLED_TINY_TOKENIZER)
-        if tok is None:
-            _fail(f"preset {p.preset!r} has no bundled tokenizer: pass --tokenizer DIR (or --init-from a checkpoint with one)")
-        if len(tok) > model.config.llm.vocab_size:
-            _fail(f"the tokenizer has {len(tok)} tokens but the model's vocabulary has {model.config.llm.vocab_size} rows")
-        total = p.total_steps if max_steps is None else min(max_steps, p.total_steps)
-        bar = None
-
-        def on_log(row: dict) -> None:
-            nonlocal bar
-            if bar is None:  # opened at the first step: after the autoencoder step's own bar
-                bar = tqdm(total=total, desc="training", unit="step", disable=not dist_ctx.is_main)
-            bar.n = row["step"]
-            bar.set_postfix(stage=row["stage"], loss=f"{row['loss']:.3f}")
-            bar.refresh()
-
-        ae_bar = None
-
-        def on_autoencoder_log(row: dict) -> None:
-            nonlocal ae_bar
-            if ae_bar is None:
-                ae_bar = tqdm(total=p.autoencoder.steps, desc="autoencoder", unit="step", disable=not dist_ctx.is_main)
-            ae_bar.n = row["step"]
-            ae_bar.set_postfix(loss=f"{row['loss']:.3f}")
-            ae_bar.refresh()
-            if row["step"] == p.autoencoder.steps:
-                ae_bar.close()
-
-        trainer = Trainer(p, data, out, model=model, tokenizer=tok, device=device, on_log=on_log, dist_ctx=dist_ctx,
-                          tensorboard=tensorboard, on_autoencoder_log=on_autoencoder_log)
+        model, tok = initial_model(p, init_from=init_from, tokenizer_dir=tokenizer_dir, device=device)
+        progress = TrainingProgress(p, max_steps, enabled=dist_ctx.is_main)
+        trainer = Trainer(p, data, out, model=model, tokenizer=tok, device=device, on_log=progress.on_log, dist_ctx=dist_ctx,
+                          tensorboard=tensorboard, on_autoencoder_log=progress.on_autoencoder_log)
         result = trainer.run(resume=resume, max_steps=max_steps)
-        if bar is not None:
-            bar.n = result.global_step
-            bar.close()
+        progress.close(result.global_step)
     except (PlanError, ConfigError, CheckpointError, TokenizerError, FileNotFoundError, FileExistsError, ValueError) as e:
         _fail(str(e))
     if dist_ctx.is_main:

@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image
 
 from ..atomic import write_text
-from ..charts import bar_chart, save_chart
+from ..charts import bar_chart, image_grid, save_chart
 from .imaging import decode_png
 
 THUMB = 96
@@ -32,14 +32,7 @@ def contact_sheets(out: Path, manifest: dict) -> dict[str, Image.Image]:
                 found.setdefault(row["modality"], []).append(decode_png(images[0]))
         if found and all(len(v) >= PER_MODALITY for v in found.values()) and len(found) >= 8:
             break
-    sheets = {}
-    for modality, images in sorted(found.items()):
-        sheet = Image.new("RGB", (THUMB * len(images), THUMB), "black")
-        for i, px in enumerate(images):
-            thumb = Image.fromarray(px)
-            thumb.thumbnail((THUMB, THUMB))
-            sheet.paste(thumb, (i * THUMB + (THUMB - thumb.width) // 2, (THUMB - thumb.height) // 2))
-        sheets[modality] = sheet
+    sheets = {m: image_grid([images], cell=THUMB, background="black") for m, images in sorted(found.items())}
     return sheets
 
 

@@ -10,6 +10,7 @@ procedural items never appear in training):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data import templates as T
+from ..data.curation import iter_kept
 from ..data.imaging import decode_png
 
 MODALITY_QUESTIONS = set(T.MODALITY_QUESTION)
@@ -53,6 +55,12 @@ class HeldOut:
     train_images: dict[str, list[np.ndarray]] = field(default_factory=dict)  # modality -> train images
     test_images: dict[str, list[np.ndarray]] = field(default_factory=dict)  # modality -> held-out real images
 
+    def limited(self, max_questions: int | None, max_sr_pairs: int | None, prompts_per_modality: int | None) -> "HeldOut":
+        """The sets the checks run on: the first ``max_*`` items (``None``: all), ``prompts_per_modality`` prompts each."""
+        return dataclasses.replace(
+            self, questions=self.questions[:max_questions], sr_pairs=self.sr_pairs[:max_sr_pairs],
+            prompts={m: p[:prompts_per_modality] for m, p in self.prompts.items()})
+
 
 def answered_modality(answer: str) -> str | None:
     """The modality an answer names first (whole words, case-insensitive); ``None`` if it names none."""
@@ -65,23 +73,12 @@ def answered_modality(answer: str) -> str | None:
     return best[1] if best else None
 
 
-def _rows(dataset: Path):
-    import pyarrow.parquet as pq
-
-    manifest = json.loads((dataset / "manifest.json").read_text())
-    excluded = set(manifest["excluded"])
-    for shard in manifest["shards"]:
-        for row in pq.read_table(dataset / shard["file"]).to_pylist():
-            if row["id"] not in excluded:
-                yield row
-
-
 def load_heldout(dataset: str | Path, *, images_per_modality: int = 24) -> HeldOut:
     """The held-out sets of ``dataset`` (``test`` split) and the train-split references."""
     dataset = Path(dataset)
     held = HeldOut()
     seen_questions: set[str] = set()
-    for row in _rows(dataset):
+    for row in iter_kept(dataset):
         split, modality, task = row["split"], row["modality"], row["task"]
         messages = json.loads(row["messages"])
         question = messages[0]["value"].replace("<image>", "").strip() if messages else ""

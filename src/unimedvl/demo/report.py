@@ -58,7 +58,7 @@ def _figures(out: Path, scores: dict, bicubic: dict, held) -> dict[str, str]:
         columns = ["trained"] + [""] * (width - 1) + [""] + ["untrained"] + [""] * (width - 1) + [""] + ["held-out real"]
         save_chart(image_grid(rows, cell=80, row_labels=labels, column_labels=columns), files / "t2i_grid.png")
         written["t2i"] = f"{FILES}/t2i_grid.png"
-    pairs = held.sr_pairs[: len(bicubic["pairs"])]
+    pairs = held.sr_pairs
     if pairs:
         picks = list(range(len(pairs)))[:10]
         rows = [[pairs[i].low, bicubic["outputs"][i], un["sr"]["outputs"][i], tr["sr"]["outputs"][i], pairs[i].target] for i in picks]

@@ -39,23 +39,16 @@ def scaled_plan(plan, factor: float):
 
 
 class _Progress:
-    """One tqdm bar per phase (the CLI's view of a long job)."""
+    """One tqdm bar per evaluation phase."""
 
     def __init__(self, enabled: bool = True):
         self.enabled, self.bar = enabled, None
 
-    def start(self, total: int, desc: str, unit: str = "item"):
+    def start(self, total: int, desc: str):
         from tqdm import tqdm
 
         self.close()
-        self.bar = tqdm(total=total, desc=desc, unit=unit, disable=not self.enabled)
-
-    def to(self, n: int, **postfix):
-        if self.bar is not None:
-            self.bar.n = n
-            if postfix:
-                self.bar.set_postfix(**postfix)
-            self.bar.refresh()
+        self.bar = tqdm(total=total, desc=desc, unit="item", disable=not self.enabled)
 
     def tick(self):
         if self.bar is not None:
@@ -67,65 +60,45 @@ class _Progress:
             self.bar = None
 
 
-def train_demo_model(dataset: Path, run_dir: Path, plan, progress: _Progress):
+def train_demo_model(dataset: Path, run_dir: Path, plan, show_progress: bool = True):
     """Run (or resume) ``plan`` on ``dataset`` into ``run_dir``; returns the trainer's result."""
-    from ..config import UniMedVLConfig
-    from ..model import UniMedVL
-    from ..tokenizer import BUNDLED_TINY_TOKENIZER, Tokenizer
+    from ..training.start import TrainingProgress, initial_model
     from ..training.trainer import Trainer
 
     if plan.preset != "tiny":
         raise ValueError(f"the demo trains the tiny preset (bundled tokenizer); plan {plan.name!r} asks for {plan.preset!r}")
-    model = UniMedVL.from_config(UniMedVLConfig.from_preset(plan.preset), seed=plan.seed)
-    started = {"ae": False, "train": False}
-
-    def on_autoencoder_log(row):
-        if not started["ae"]:
-            progress.start(plan.autoencoder.steps, "autoencoder", unit="step")
-            started["ae"] = True
-        progress.to(row["step"], loss=f"{row['loss']:.3f}")
-
-    def on_log(row):
-        if not started["train"]:
-            progress.start(plan.total_steps, "training", unit="step")
-            started["train"] = True
-        progress.to(row["step"], stage=row["stage"], loss=f"{row['loss']:.3f}")
-
-    trainer = Trainer(plan, dataset, run_dir, model=model, tokenizer=Tokenizer(BUNDLED_TINY_TOKENIZER),
-                      on_log=on_log, on_autoencoder_log=on_autoencoder_log, tensorboard=False)
+    model, tokenizer = initial_model(plan)
+    progress = TrainingProgress(plan, enabled=show_progress)
+    trainer = Trainer(plan, dataset, run_dir, model=model, tokenizer=tokenizer, on_log=progress.on_log,
+                      on_autoencoder_log=progress.on_autoencoder_log, tensorboard=False)
     result = trainer.run(resume=True)
-    progress.close()
+    progress.close(result.global_step)
     return result
 
 
 def untrained_pipeline(run_dir: Path, plan):
     """The curriculum's starting point: the preset initialised with the plan's seed, with the trained
     autoencoder and the plan's inference transforms - what every trained weight is compared to."""
-    from ..config import UniMedVLConfig
     from ..inference import UniMedVLPipeline
-    from ..model import UniMedVL
-    from ..tokenizer import BUNDLED_TINY_TOKENIZER, Tokenizer
     from ..training.autoencoder import load_trained_autoencoder
+    from ..training.start import initial_model
 
-    model = UniMedVL.from_config(UniMedVLConfig.from_preset(plan.preset), seed=plan.seed)
+    model, tokenizer = initial_model(plan)
     if plan.autoencoder is not None and load_trained_autoencoder(model.vae_model, run_dir / "autoencoder") is None:
         raise RuntimeError(f"{run_dir / 'autoencoder'}: no finished autoencoder step")
     if plan.inference is not None:
         model.config.transforms = plan.inference
-    return UniMedVLPipeline(model.eval(), Tokenizer(BUNDLED_TINY_TOKENIZER), name="untrained")
+    return UniMedVLPipeline(model.eval(), tokenizer, name="untrained")
 
 
 def evaluate_pipeline(pipe, held, classifier, config, progress: _Progress, label: str, size: int) -> dict:
     from . import checks
 
-    questions = held.questions[: config.max_questions] if config.max_questions else held.questions
-    pairs = held.sr_pairs[: config.max_sr_pairs] if config.max_sr_pairs else held.sr_pairs
-    prompts = {m: p[: config.t2i_per_modality] for m, p in held.prompts.items()}
-    vqa = checks.modality_questions(pipe, questions)
-    progress.start(len(pairs), f"{label}: 4x super-resolution")
-    sr = checks.super_resolution(pipe, pairs, config.sampler, seed=config.seed, on_item=progress.tick)
-    progress.start(sum(len(p) for p in prompts.values()), f"{label}: text-to-image")
-    t2i = checks.text_to_image(pipe, prompts, classifier, config.sampler, size=size, seed=config.seed, on_item=progress.tick)
+    vqa = checks.modality_questions(pipe, held.questions)
+    progress.start(len(held.sr_pairs), f"{label}: 4x super-resolution")
+    sr = checks.super_resolution(pipe, held.sr_pairs, config.sampler, seed=config.seed, on_item=progress.tick)
+    progress.start(sum(len(p) for p in held.prompts.values()), f"{label}: text-to-image")
+    t2i = checks.text_to_image(pipe, held.prompts, classifier, config.sampler, size=size, seed=config.seed, on_item=progress.tick)
     progress.close()
     return {"vqa": vqa, "sr": sr, "t2i": t2i}
 
@@ -162,21 +135,20 @@ def run_demo(out: str | Path, config=None, *, show_progress: bool = True, echo: 
     echo("== Knowledge: autoencoder step, then the three curriculum stages (tiny preset) ==")
     plan = scaled_plan(load_plan(config.plan), config.steps_scale)
     t = time.perf_counter()
-    result = train_demo_model(out / "dataset", out / "train", plan, progress)
+    result = train_demo_model(out / "dataset", out / "train", plan, show_progress)
     timings["training_s"] = time.perf_counter() - t
     model_dir = export_checkpoint(result.checkpoint, out / "model")
     echo(f"trained {result.global_step} steps; model exported to {model_dir}")
 
     echo("== Analysis: held-out checks, trained vs untrained ==")
     t = time.perf_counter()
-    held = load_heldout(out / "dataset")
+    held = load_heldout(out / "dataset").limited(config.max_questions, config.max_sr_pairs, config.t2i_per_modality)
     classifier = ModalityClassifier(held.train_images)
     size = plan.inference.image_size if plan.inference is not None else config.max_side
     trained = UniMedVLPipeline.from_pretrained(model_dir, dtype="fp32")
     scores = {"trained": evaluate_pipeline(trained, held, classifier, config, progress, "trained", size),
               "untrained": evaluate_pipeline(untrained_pipeline(out / "train", plan), held, classifier, config, progress, "untrained", size)}
-    pairs = held.sr_pairs[: config.max_sr_pairs] if config.max_sr_pairs else held.sr_pairs
-    bicubic = checks.bicubic_baseline(pairs)
+    bicubic = checks.bicubic_baseline(held.sr_pairs)
     timings["evaluation_s"] = time.perf_counter() - t
 
     metrics = summarize(held, classifier, scores, bicubic, config, plan, manifest, out)

@@ -131,7 +131,7 @@ class Trainer:
             train_autoencoder(ae, dataset, folder, self.plan.autoencoder, ImageTransform(*stage.vae_transform),
                               seed=self.plan.seed, on_log=on_log)
         self.dist.barrier()
-        if load_trained_autoencoder(ae, folder) is None:
+        if not self.dist.is_main and load_trained_autoencoder(ae, folder) is None:  # rank 0 holds it already
             raise RuntimeError(f"{folder}: the autoencoder step did not finish")
 
     # ---- stages ---------------------------------------------------------------------------
