@@ -36,10 +36,10 @@ REFERENCE_SMALL_FP32 = {  # the reference implementation, replayed on a 2-core C
 
 WRITE_CHECKPOINT = r"""
 import sys, torch
-from unimedvl import UniMedVL, UniMedVLConfig
+from unimedvl import UniMedVL, UniMedVLConfig, save_pretrained
 cfg = UniMedVLConfig.from_preset("small", llm={"vocab_size": int(sys.argv[2])})
 model = UniMedVL.from_config(cfg, seed=0)
-model.save_pretrained(sys.argv[1], dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[sys.argv[3]])
+save_pretrained(model, sys.argv[1], dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[sys.argv[3]])
 """
 
 
@@ -96,7 +96,7 @@ def main() -> None:
     import safetensors.torch  # noqa: F401  (imports before the baseline)
     import transformers  # noqa: F401
 
-    from unimedvl import UniMedVL
+    from unimedvl import load_pretrained
     from unimedvl.image_transforms import VQA_VIT
     from unimedvl.inference.engine import Engine, Sampler
     from unimedvl.flow import GuidanceConfig
@@ -105,7 +105,7 @@ def main() -> None:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     rss_before = status_mb("VmRSS")
     t0 = time.perf_counter()
-    model = UniMedVL.from_pretrained(model_dir, dtype=dtype, device=args.device)
+    model, tokenizer = load_pretrained(model_dir, dtype=dtype, device=args.device)
     load_s = time.perf_counter() - t0
     load_rise = status_mb("VmHWM") - rss_before
     with torch.no_grad():  # touch every weight (memory-mapped weights become resident), as a first forward would
@@ -115,8 +115,8 @@ def main() -> None:
     weights_mb = sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2**20
     cfg = model.config
     vocab = cfg.llm.vocab_size
-    if model.tokenizer is not None:
-        sp = model.tokenizer.special
+    if tokenizer is not None:
+        sp = tokenizer.special
     else:
         sp = SpecialTokens(vocab - 4, vocab - 3, vocab - 2, vocab - 1)
     engine = Engine(model, sp)

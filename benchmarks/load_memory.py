@@ -1,6 +1,6 @@
 """Peak memory while loading a checkpoint, against the size of the loaded weights.
 
-Each measurement runs in a fresh subprocess: RSS just before ``UniMedVL.from_pretrained`` and the
+Each measurement runs in a fresh subprocess: RSS just before ``load_pretrained`` and the
 process's peak RSS after it; the rise is compared with the bytes of the loaded tensors.
 
     python benchmarks/load_memory.py                      # the shared fixture + a `small` random checkpoint
@@ -28,10 +28,10 @@ def status_mb(field):
         if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
 import unimedvl, safetensors.torch, transformers  # imports before the baseline
-from unimedvl import UniMedVL
+from unimedvl import load_pretrained
 dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[sys.argv[2]]
 before = status_mb("VmRSS")
-model = UniMedVL.from_pretrained(sys.argv[1], dtype=dtype)
+model = load_pretrained(sys.argv[1], dtype=dtype)[0]
 peak_load = status_mb("VmHWM")
 with torch.no_grad():  # touch every weight, as a first forward would
     for p in model.parameters():
@@ -66,11 +66,11 @@ def main() -> None:
             results[f"official_tiny_a/{d}"] = measure(fixture, d)
         import torch
 
-        from unimedvl import UniMedVL, UniMedVLConfig
+        from unimedvl import UniMedVL, UniMedVLConfig, save_pretrained
 
         with tempfile.TemporaryDirectory() as tmp:
             model = UniMedVL.from_config(UniMedVLConfig.from_preset("small"))
-            model.save_pretrained(tmp, dtype=torch.bfloat16)  # stored like the official file
+            save_pretrained(model, tmp, dtype=torch.bfloat16)  # stored like the official file
             del model
             for d in dtypes:
                 results[f"small_bf16_file/{d}"] = measure(Path(tmp), d)

@@ -21,7 +21,8 @@ from unimedvl.flow import GuidanceConfig, combine_guidance, euler_step, sampling
 from unimedvl.image_transforms import GEN_VAE, GEN_VIT, VQA_VIT, normalize_u8, to_uint8_image
 from unimedvl.model.patching import latent_to_tokens, patchify, unpatchify
 from unimedvl.model.layers import grid_position_ids
-from unimedvl.packing import PackedBatchBuilder
+from unimedvl.model.packing import PackedBatchBuilder
+from unimedvl.formats.checkpoint import save_pretrained
 from unimedvl.tokenizer import Tokenizer
 
 from conftest import random_model, tiny_config
@@ -56,7 +57,7 @@ def make_fixture(out: Path, tokenizer_dir: Path, seed: int = 11) -> Path:
         vit={"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64},
     )
     model = random_model(cfg, seed=seed, dtype=torch.bfloat16)
-    model.save_pretrained(out, tokenizer=tok)
+    save_pretrained(model, out, tokenizer=tok)
     image = _phantom(200, 150)
     image.save(out / "test_image.png")
 

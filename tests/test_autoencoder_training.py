@@ -10,7 +10,8 @@ import torch
 from unimedvl.config import AutoencoderConfig, UniMedVLConfig
 from unimedvl.image_transforms import ImageTransform, normalize_u8
 from unimedvl.model.autoencoder import Autoencoder
-from unimedvl.training.autoencoder import (AutoencoderPlan, dataset_images, load_trained_autoencoder, reconstruction_psnr,
+from unimedvl.training.plan import AutoencoderPlan
+from unimedvl.training.autoencoder import (dataset_images, load_trained_autoencoder, reconstruction_psnr,
                                            train_autoencoder)
 from unimedvl.training.plan import PlanError, parse_plan
 
@@ -88,7 +89,7 @@ def test_trainer_runs_the_plan_autoencoder_step_once(demo_dataset, tmp_path):
     for (k, a), (_, b) in zip(model.vae_model.state_dict().items(), again.vae_model.state_dict().items()):
         assert torch.equal(a, b), k
     # the checkpoint records the fitted factors and the inference transforms
-    from unimedvl.checkpoint import read_config
+    from unimedvl.formats.checkpoint import read_config
     from unimedvl.training.export import resolve_checkpoint
 
     cfg = read_config(resolve_checkpoint(tmp_path))

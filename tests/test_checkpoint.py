@@ -8,8 +8,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from unimedvl import UniMedVL
-from unimedvl.checkpoint import CheckpointError, official_manifest
+from unimedvl import UniMedVL, load_pretrained, save_pretrained
+from unimedvl.formats.checkpoint import CheckpointError, official_manifest
 from unimedvl.tokenizer import Tokenizer
 
 from conftest import random_model
@@ -32,22 +32,22 @@ def _rewrite(path, edit):
 def test_save_load_round_trip_is_bit_exact(tmp_path, fixture_a, dtype):
     model = random_model(seed=5, dtype=dtype)
     tok = Tokenizer(fixture_a)
-    model.save_pretrained(tmp_path / "ckpt", tokenizer=tok)
-    loaded = UniMedVL.from_pretrained(tmp_path / "ckpt", dtype=None)
+    save_pretrained(model, tmp_path / "ckpt", tokenizer=tok)
+    loaded, loaded_tokenizer = load_pretrained(tmp_path / "ckpt", dtype=None)
     a, b = model.state_dict(), loaded.state_dict()
     assert a.keys() == b.keys()
     for k in a:
         assert a[k].dtype == b[k].dtype == dtype, k
         assert torch.equal(a[k], b[k]), k
-    assert loaded.tokenizer is not None and loaded.tokenizer.special == tok.special
+    assert loaded_tokenizer is not None and loaded_tokenizer.special == tok.special
     assert loaded.config == model.config
     assert not loaded.vit_pos_embed.pos_embed.requires_grad and loaded.llm2vae.weight.requires_grad
 
 
 def test_official_fixture_reloads_and_resaves_identically(tmp_path, fixture_a):
-    model = UniMedVL.from_pretrained(fixture_a, dtype=None)
+    model, tokenizer = load_pretrained(fixture_a, dtype=None)
     assert model.dtype == torch.bfloat16
-    model.save_pretrained(tmp_path / "out")
+    save_pretrained(model, tmp_path / "out", tokenizer=tokenizer)
     for name in ("ema.safetensors", "ae.safetensors"):
         ours, ref = load_file(str(tmp_path / "out" / name)), load_file(str(fixture_a / name))
         assert ours.keys() == ref.keys()
@@ -61,7 +61,7 @@ def test_official_fixture_reloads_and_resaves_identically(tmp_path, fixture_a):
 
 
 def test_fp32_load_widens_bf16_exactly(fixture_a):
-    model = UniMedVL.from_pretrained(fixture_a, dtype=torch.float32)
+    model = load_pretrained(fixture_a, dtype=torch.float32)[0]
     with safe_open(str(fixture_a / "ema.safetensors"), "pt") as f:
         ref = f.get_tensor("language_model.lm_head.weight")
     assert model.language_model.lm_head.weight.dtype == torch.float32
@@ -72,28 +72,28 @@ def test_missing_key_is_named(tmp_path, fixture_a):
     d = _copy_fixture(fixture_a, tmp_path / "m")
     _rewrite(d / "ema.safetensors", lambda t: t.pop("language_model.model.layers.1.mlp_moe_gen.up_proj.weight"))
     with pytest.raises(CheckpointError, match=r"missing keys 1: language_model\.model\.layers\.1\.mlp_moe_gen\.up_proj\.weight"):
-        UniMedVL.from_pretrained(d)
+        load_pretrained(d)[0]
 
 
 def test_mis_shaped_key_is_named_with_both_shapes(tmp_path, fixture_a):
     d = _copy_fixture(fixture_a, tmp_path / "m")
     _rewrite(d / "ema.safetensors", lambda t: t.__setitem__("connector.fc1.bias", torch.zeros(65, dtype=torch.bfloat16)))
     with pytest.raises(CheckpointError, match=r"connector\.fc1\.bias \(checkpoint \[65\], model \[64\]\)"):
-        UniMedVL.from_pretrained(d)
+        load_pretrained(d)[0]
 
 
 def test_extra_key_is_named(tmp_path, fixture_a):
     d = _copy_fixture(fixture_a, tmp_path / "m")
     _rewrite(d / "ema.safetensors", lambda t: t.__setitem__("language_model.model.layers.2.mlp.up_proj.weight", torch.zeros(2, 2)))
     with pytest.raises(CheckpointError, match=r"unexpected keys 1: language_model\.model\.layers\.2\.mlp\.up_proj\.weight"):
-        UniMedVL.from_pretrained(d)
+        load_pretrained(d)[0]
 
 
 def test_many_missing_keys_are_counted(tmp_path, fixture_a):
     d = _copy_fixture(fixture_a, tmp_path / "m")
     _rewrite(d / "ae.safetensors", lambda t: [t.pop(k) for k in list(t) if k.startswith("decoder.")])
     with pytest.raises(CheckpointError, match=r"missing keys \d+: vae_model\.decoder\..*\(\+\d+ more\)"):
-        UniMedVL.from_pretrained(d)
+        load_pretrained(d)[0]
 
 
 @pytest.mark.parametrize("name", ["llm_config.json", "vit_config.json", "ae.safetensors"])
@@ -101,16 +101,16 @@ def test_missing_file_is_named(tmp_path, fixture_a, name):
     d = _copy_fixture(fixture_a, tmp_path / "m")
     (d / name).unlink()
     with pytest.raises(CheckpointError, match=name.replace(".", r"\.") + " is missing"):
-        UniMedVL.from_pretrained(d)
+        load_pretrained(d)[0]
 
 
 def test_missing_weights_and_wrong_directory(tmp_path, fixture_a):
     d = _copy_fixture(fixture_a, tmp_path / "m")
     (d / "ema.safetensors").unlink()
     with pytest.raises(CheckpointError, match="no weight file found.*ema_bf16.safetensors, ema.safetensors"):
-        UniMedVL.from_pretrained(d)
+        load_pretrained(d)[0]
     with pytest.raises(CheckpointError, match="does not exist"):
-        UniMedVL.from_pretrained(tmp_path / "nowhere")
+        load_pretrained(tmp_path / "nowhere")[0]
 
 
 def test_truncated_weight_file_is_reported(tmp_path, fixture_a):
@@ -118,7 +118,7 @@ def test_truncated_weight_file_is_reported(tmp_path, fixture_a):
     data = (d / "ema.safetensors").read_bytes()
     (d / "ema.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match=r"ema\.safetensors"):
-        UniMedVL.from_pretrained(d)
+        load_pretrained(d)[0]
 
 
 def test_bf16_variant_is_preferred_and_raw_weights_selectable(tmp_path, fixture_a):
@@ -127,13 +127,13 @@ def test_bf16_variant_is_preferred_and_raw_weights_selectable(tmp_path, fixture_
     _rewrite(d / "model.safetensors", lambda t: t.__setitem__("llm2vae.bias", torch.full_like(t["llm2vae.bias"], 0.5)))
     shutil.copy(d / "ema.safetensors", d / "ema_bf16.safetensors")
     _rewrite(d / "ema_bf16.safetensors", lambda t: t.__setitem__("llm2vae.bias", torch.full_like(t["llm2vae.bias"], 0.25)))
-    assert float(UniMedVL.from_pretrained(d).llm2vae.bias.detach()[0]) == 0.25
-    assert float(UniMedVL.from_pretrained(d, weights="model").llm2vae.bias.detach()[0]) == 0.5
+    assert float(load_pretrained(d)[0].llm2vae.bias.detach()[0]) == 0.25
+    assert float(load_pretrained(d, weights="model")[0].llm2vae.bias.detach()[0]) == 0.5
 
 
 def test_conv_patch_embedding_and_module_prefix_and_vae_override(tmp_path, fixture_a):
     d = _copy_fixture(fixture_a, tmp_path / "m")
-    ref = UniMedVL.from_pretrained(fixture_a, dtype=torch.float32)
+    ref = load_pretrained(fixture_a, dtype=torch.float32)[0]
     linear = ref.vit_model.vision_model.embeddings.patch_embedding.weight  # [D, P*P*3]
     conv = linear.reshape(linear.shape[0], 14, 14, 3).permute(0, 3, 1, 2).contiguous().to(torch.bfloat16)
 
@@ -144,7 +144,7 @@ def test_conv_patch_embedding_and_module_prefix_and_vae_override(tmp_path, fixtu
 
     _rewrite(d / "ema.safetensors", edit_main)
     _rewrite(d / "ae.safetensors", lambda t: t.update({"module." + k: t.pop(k) for k in list(t)}))
-    m = UniMedVL.from_pretrained(d, dtype=torch.float32)
+    m = load_pretrained(d, dtype=torch.float32)[0]
     assert torch.equal(m.vit_model.vision_model.embeddings.patch_embedding.weight, linear)
     assert m.vae_model.decoder.conv_out.bias.tolist() == [1.0, 2.0, 3.0]
     torch.testing.assert_close(m.vae_model.encoder.conv_in.weight, ref.vae_model.encoder.conv_in.weight, rtol=0, atol=0)
@@ -153,7 +153,7 @@ def test_conv_patch_embedding_and_module_prefix_and_vae_override(tmp_path, fixtu
 def test_understanding_only_load_needs_no_autoencoder(tmp_path, fixture_a):
     d = _copy_fixture(fixture_a, tmp_path / "m")
     (d / "ae.safetensors").unlink()
-    m = UniMedVL.from_pretrained(d, visual_gen=False)
+    m = load_pretrained(d, visual_gen=False)[0]
     assert not hasattr(m, "vae_model") and not hasattr(m, "llm2vae")
     assert len(m.state_dict()) == 102  # the reference's understanding model: 111 checkpoint keys - 9 generation keys
 
@@ -166,7 +166,7 @@ def test_manifest_matches_official_14b_layout(fixture_a):
 
 
 def test_fixture_config_is_read_with_official_overrides(fixture_a):
-    from unimedvl.checkpoint import read_config
+    from unimedvl.formats.checkpoint import read_config
 
     cfg = read_config(fixture_a)
     assert cfg.vit.num_layers == 2  # json says 3: the official loaders drop one

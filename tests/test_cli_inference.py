@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from unimedvl.cli import app
 from unimedvl.inference.engine import TextStream
-from unimedvl.outputs import read_png_metadata
+from unimedvl.formats.generated import read_png_metadata
 
 runner = CliRunner()
 

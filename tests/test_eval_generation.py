@@ -345,7 +345,7 @@ def test_prompt_files_with_problems_name_file_and_line(tmp_path):
 
 def test_generate_missing_resumes_and_marks_images_synthetic(tmp_path, pipe):
     from unimedvl.evaluation.t2i import T2IPrompt, generate_missing, image_file_name
-    from unimedvl.outputs import read_png_metadata
+    from unimedvl.formats.generated import read_png_metadata
 
     prompts = [T2IPrompt(f"p/{i}", "Frontal chest radiograph.", "CXR", ImageSource.from_bytes(b"", "-")) for i in range(3)]
     gen = tmp_path / "gen"

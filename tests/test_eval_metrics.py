@@ -141,7 +141,7 @@ def test_pixel_and_report_commands_write_results_beside_the_paper(tmp_path):
 def test_counterfactual_check_and_explanations_beside_table_7(tmp_path):
     from unimedvl.evaluation.classification import auroc, f1
     from unimedvl.evaluation.counterfactual import evaluate_counterfactual
-    from unimedvl.tables import TableError
+    from unimedvl.formats.tables import TableError
 
     rows = [("a", "effusion", 0.9, 1), ("b", "effusion", 0.4, 1), ("c", "effusion", 0.3, 0), ("d", "effusion", 0.6, 0),
             ("a", "edema", 0.8, 1), ("b", "edema", 0.2, 0), ("c", "edema", 0.7, 1),

@@ -11,7 +11,7 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 from pydicom.pixels import apply_modality_lut
 
-from unimedvl.medical_io import MedicalImageError, apply_window, read_dicom, read_medical_image, read_nifti
+from unimedvl.formats.medical_io import MedicalImageError, apply_window, read_dicom, read_medical_image, read_nifti
 
 
 def _hu(name):

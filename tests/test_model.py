@@ -6,7 +6,7 @@ import torch
 
 from unimedvl.inference import Engine
 from unimedvl.model.patching import patchify, unpatchify
-from unimedvl.packing import PackedBatchBuilder
+from unimedvl.model.packing import PackedBatchBuilder
 from unimedvl.tokenizer import SpecialTokens
 
 from conftest import random_model

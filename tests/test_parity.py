@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from unimedvl.cli import app
-from unimedvl.parity import replay
+from unimedvl.evaluation.parity import replay
 
 from fixture_factory import make_fixture
 

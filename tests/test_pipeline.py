@@ -12,7 +12,7 @@ from unimedvl import UniMedVLPipeline
 from unimedvl.image_transforms import GEN_VAE, GEN_VIT, normalize_u8
 from unimedvl.inference import PromptTooLongError
 from unimedvl.inference.prompts import parse_report, report_prompt, split_thinking
-from unimedvl.outputs import read_png_metadata
+from unimedvl.formats.generated import read_png_metadata
 
 
 def test_streaming_yields_the_same_text_as_one_call(pipe, image):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from unimedvl import UniMedVL, UniMedVLConfig
+from unimedvl import UniMedVL, UniMedVLConfig, load_pretrained
 from unimedvl.tokenizer import BUNDLED_TINY_TOKENIZER, Tokenizer
 from unimedvl.training.plan import PLANS_DIR, parse_plan
 from unimedvl.training.trainer import Trainer
@@ -104,11 +104,11 @@ def test_export_loads_strictly_and_reproduces_the_trainers_model(demo_dataset, t
     trainer.run(max_steps=4)
     r = CliRunner().invoke(app, ["export", str(tmp_path / "run"), "--out", str(tmp_path / "export")])
     assert r.exit_code == 0, r.output
-    ema = UniMedVL.from_pretrained(tmp_path / "export", dtype=torch.float32)  # strict: every key present and shaped
-    raw = UniMedVL.from_pretrained(tmp_path / "export", dtype=torch.float32, weights="model")
+    ema, ema_tokenizer = load_pretrained(tmp_path / "export", dtype=torch.float32)  # strict: every key present and shaped
+    raw = load_pretrained(tmp_path / "export", dtype=torch.float32, weights="model")[0]
     assert all(torch.equal(raw.state_dict()[k], v) for k, v in trainer.model.state_dict().items())
     assert all(torch.equal(ema.state_dict()[k], v.to(ema.state_dict()[k].dtype)) for k, v in trainer.ema.items())
-    assert ema.tokenizer is not None and len(ema.tokenizer) == len(tok)
+    assert ema_tokenizer is not None and len(ema_tokenizer) == len(tok)
 
     def logits(model):
         eng = Engine(model.eval(), tok.special)
@@ -183,7 +183,7 @@ def test_lora_trains_only_its_adapters_and_exports_merged(demo_dataset, tmp_path
     assert any(not torch.equal(m.lora_b, torch.zeros_like(m.lora_b)) for m in model.modules() if isinstance(m, LoRALinear))
     r = CliRunner().invoke(app, ["export", str(tmp_path / "run"), "--out", str(tmp_path / "export")])
     assert r.exit_code == 0, r.output
-    raw = UniMedVL.from_pretrained(tmp_path / "export", dtype=torch.float32, weights="model")  # strict: official keys only
+    raw = load_pretrained(tmp_path / "export", dtype=torch.float32, weights="model")[0]  # strict: official keys only
 
     def logits(m):
         eng = Engine(m.eval(), tok.special)
@@ -247,6 +247,6 @@ def test_two_fsdp_processes_match_one_process_and_resume_from_sharded_checkpoint
                                                  load_training_weights(tmp_path / "two_resumed", "ema").values()))
 
     out = export_checkpoint(ckpt, tmp_path / "exported")
-    model = UniMedVL.from_pretrained(out, dtype=torch.float32, weights="model")  # strict key check
+    model = load_pretrained(out, dtype=torch.float32, weights="model")[0]  # strict key check
     state = model.state_dict()
     assert all(torch.equal(state[k], wb[k]) for k in wb if k in state and not k.startswith("vae_model"))

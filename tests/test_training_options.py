@@ -14,7 +14,8 @@ from unimedvl.training import DropoutConfig, PlanItem, build_batch, training_los
 from unimedvl.training.flops import attention_flops, linear_flops
 from unimedvl.training.lora import LoRAConfig
 from unimedvl.training.plan import PlanError, parse_plan, with_overrides
-from unimedvl.training.trainer import Trainer, resolve_precision
+from unimedvl.precision import training_compute
+from unimedvl.training.trainer import Trainer
 
 from test_training_loop import demo_plan
 
@@ -89,8 +90,8 @@ def test_bf16_autocast_trains_close_to_fp32_and_keeps_fp32_master_weights(demo_d
     for a, b in zip(rows["fp32"], rows["bf16"]):
         assert b["loss"] == pytest.approx(a["loss"], rel=0.05)
         assert b["loss"] != a["loss"]  # autocast did run in bf16
-    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
-    assert resolve_precision("auto", torch.device("cuda")) == "bf16"
+    assert training_compute("auto", torch.device("cpu")) == "fp32"
+    assert training_compute("auto", torch.device("cuda")) == "bf16"
 
 
 def test_plan_level_options_are_validated_and_lora_from_the_plan_trains_adapters_only(demo_dataset, tmp_path):

@@ -8,10 +8,11 @@ Quick start::
     pipe.generate_image("Chest X-ray of a healthy adult.").save("cxr.png")
 """
 
-__version__ = "0.1.0"
+from .version import __version__
 
 from .config import AutoencoderConfig, LLMConfig, PRESETS, UniMedVLConfig, ViTConfig  # noqa: E402
 from .model import KVCache, PackedBatch, UniMedVL  # noqa: E402
+from .formats.checkpoint import load_pretrained, save_pretrained  # noqa: E402
 from .inference import Answer, Conversation, GeneratedImage, ImageReadOptions, Report, UniMedVLPipeline  # noqa: E402
 
 __all__ = [
@@ -30,4 +31,6 @@ __all__ = [
     "UniMedVLPipeline",
     "ViTConfig",
     "__version__",
+    "load_pretrained",
+    "save_pretrained",
 ]

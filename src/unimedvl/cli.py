@@ -25,9 +25,9 @@ def info(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Parameter counts per component of a preset or a checkpoint directory."""
-    from .checkpoint import CheckpointError, read_config
+    from .formats.checkpoint import CheckpointError, read_config
     from .config import ConfigError, UniMedVLConfig
-    from .summary import parameter_counts
+    from .model.parameters import parameter_counts
 
     try:
         config = read_config(model) if model is not None else UniMedVLConfig.from_preset(preset)
@@ -58,7 +58,7 @@ def info(
 @app.command()
 def manifest(preset: str = typer.Option("unimedvl-14b", help="Preset whose official checkpoint keys to list.")) -> None:
     """Every state-dict key of the official files (ema.safetensors, ae.safetensors) with its shape, as JSON."""
-    from .checkpoint import official_manifest
+    from .formats.checkpoint import official_manifest
     from .config import ConfigError, UniMedVLConfig
 
     try:
@@ -74,8 +74,8 @@ def parity(
     policy: list[str] = typer.Option(None, "--policy", help="Precision policies to replay (default: all recorded)."),
 ) -> None:
     """Replay a reference fixture and compare every recorded output; exit 0 only if all are within tolerance."""
-    from .checkpoint import CheckpointError
-    from .parity import replay
+    from .formats.checkpoint import CheckpointError
+    from .evaluation.parity import replay
 
     try:
         rows = replay(fixture_dir, policies=policy or None, on_row=lambda r: typer.echo(r.format()))
@@ -92,7 +92,7 @@ def parity(
 ModelOpt = typer.Option(None, "--model", "-m", help="Checkpoint directory in the official layout (weights, configs, tokenizer); "
                         "default: $UNIMEDVL_MODEL, else the model `unimedvl demo` trained.")
 DeviceOpt = typer.Option("cpu", "--device", help="torch device, e.g. cpu, cuda, cuda:1.")
-DtypeOpt = typer.Option("bf16", "--dtype", help="bf16 (as the official scripts) or fp32 (faster on CPUs without bfloat16 units).")
+DtypeOpt = typer.Option("auto", "--dtype", help="auto (bf16 on CUDA as the official scripts, fp32 on CPUs), bf16 or fp32.")
 WindowOpt = typer.Option(None, "--window", help="DICOM window: a preset (lung, mediastinum, bone, brain, abdomen) or CENTER,WIDTH; default: the file's own.")
 FrameOpt = typer.Option(0, "--frame", help="DICOM multi-frame: frame index.")
 AxisOpt = typer.Option("axial", "--axis", help="NIfTI: slicing axis (sagittal, coronal, axial).")
@@ -114,9 +114,9 @@ def _read_options(window: Optional[str], frame: int, axis: str, slice_index: Opt
 
 
 def _user_errors():
-    from .checkpoint import CheckpointError
+    from .formats.checkpoint import CheckpointError
     from .config import ConfigError
-    from .medical_io import MedicalImageError
+    from .formats.medical_io import MedicalImageError
     from .tokenizer import TokenizerError
 
     return (CheckpointError, ConfigError, MedicalImageError, TokenizerError, ValueError, RuntimeError, FileNotFoundError)
@@ -126,7 +126,7 @@ def _resolve_model(model: Optional[Path]) -> Path:
     """``--model``, else the default model, announced on stderr so nobody mistakes it for real weights."""
     if model is not None:
         return model
-    from .default_model import resolve_default_model
+    from .inference.default_model import resolve_default_model
 
     found = resolve_default_model()
     if found is None:
@@ -413,7 +413,7 @@ def train(
     device: str = DeviceOpt,
 ) -> None:
     """Train through a curriculum plan: one process, or N under torchrun (FSDP2; gloo on CPUs)."""
-    from .checkpoint import CheckpointError
+    from .formats.checkpoint import CheckpointError
     from .config import ConfigError
     from .tokenizer import TokenizerError
     from .training.distributed import init_from_env
@@ -449,16 +449,14 @@ def export(
     dtype: Optional[str] = typer.Option(None, "--dtype", help="bf16 or fp32 for the stored tensors (default: as trained)."),
 ) -> None:
     """Export a training checkpoint to the official layout (ema/model/ae safetensors, configs, tokenizer)."""
-    import torch
-
-    from .checkpoint import CheckpointError
+    from .formats.checkpoint import CheckpointError
+    from .precision import DTYPES
     from .training.export import export_checkpoint
 
-    dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
-    if dtype is not None and dtype not in dtypes:
-        _fail(f"--dtype must be bf16 or fp32, got {dtype!r}")
+    if dtype is not None and dtype not in DTYPES:
+        _fail(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     try:
-        path = export_checkpoint(checkpoint, out, dtype=dtypes.get(dtype) if dtype else None)
+        path = export_checkpoint(checkpoint, out, dtype=DTYPES[dtype] if dtype else None)
     except (FileNotFoundError, CheckpointError, ValueError) as e:
         _fail(str(e))
     typer.echo(f"exported to {path}")
@@ -739,7 +737,7 @@ def eval_pixels(
 ) -> None:
     """PSNR and SSIM of generated images against their references (interleaved tasks)."""
     from .evaluation.tasks import evaluate_pixels
-    from .medical_io import MedicalImageError
+    from .formats.medical_io import MedicalImageError
 
     try:
         evaluate_pixels(generated, reference, task, out)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ..atomic import write_bytes, write_json, write_jsonl
+from ..formats.atomic import write_bytes, write_json, write_jsonl
 from .adapters import make_adapter
 from .adapters.base import item_hash, make_rejection
 from .build_config import BuildConfig

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..atomic import write_text
-from ..charts import bar_chart, image_grid, save_chart
+from ..formats.atomic import write_text
+from ..formats.charts import bar_chart, image_grid, save_chart
 from .imaging import decode_png
 
 THUMB = 96

@@ -27,7 +27,7 @@ from typing import Callable
 
 from PIL import Image
 
-from ..atomic import write_bytes, write_jsonl
+from ..formats.atomic import write_bytes, write_jsonl
 from .finalize import read_jsonl, write_manifest
 from .schema import Record
 

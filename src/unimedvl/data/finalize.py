@@ -22,7 +22,7 @@ import json
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from ..atomic import write_json, write_jsonl
+from ..formats.atomic import write_json, write_jsonl
 from .builder import shard_paths
 from .schema import SCHEMA_VERSION
 

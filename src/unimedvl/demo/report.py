@@ -9,8 +9,8 @@ import html
 import json
 from pathlib import Path
 
-from ..atomic import write_text
-from ..charts import image_grid, line_chart, save_chart
+from ..formats.atomic import write_text
+from ..formats.charts import image_grid, line_chart, save_chart
 
 FILES = "report_files"
 

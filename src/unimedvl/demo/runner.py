@@ -105,9 +105,9 @@ def evaluate_pipeline(pipe, held, classifier, config, progress: _Progress, label
 
 def run_demo(out: str | Path, config=None, *, show_progress: bool = True, echo: Callable[[str], None] = print) -> dict:
     """The whole demo into ``out``; returns the metrics written to ``out/metrics.json``."""
-    from ..atomic import write_json
+    from ..formats.atomic import write_json
     from ..data.demo import build_demo_dataset
-    from ..default_model import set_default_model
+    from ..inference.default_model import set_default_model
     from ..inference import UniMedVLPipeline
     from ..training.export import export_checkpoint
     from ..training.plan import load_plan
@@ -165,7 +165,7 @@ def run_demo(out: str | Path, config=None, *, show_progress: bool = True, echo: 
 
 def write_details(folder: Path, scores: dict, bicubic: dict) -> None:
     """Per-item results behind the metrics: ``{trained,untrained}_{vqa,sr,t2i}.jsonl`` and ``bicubic_sr.jsonl``."""
-    from ..atomic import write_jsonl
+    from ..formats.atomic import write_jsonl
 
     folder.mkdir(parents=True, exist_ok=True)
     for label, s in scores.items():

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ..tables import TableError, read_rows, require
+from ..formats.tables import TableError, read_rows, require
 from .answers import is_yes_no
 
 BENCHMARKS = ("vqa-rad", "slake", "pathvqa", "omnimedvqa", "gmai-mmbench")

@@ -17,8 +17,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from ..atomic import write_json, write_text
-from ..tables import TableError, read_rows
+from ..formats.atomic import write_json, write_text
+from ..formats.tables import TableError, read_rows
 from .classification import auroc, f1
 from .paper import COUNTERFACTUAL
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from ..atomic import write_bytes
+from ..formats.atomic import write_bytes
 
 
 class FeatureExtractor(Protocol):
@@ -78,8 +78,8 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
 def load_checked(module: torch.nn.Module, state: dict[str, torch.Tensor], path: Path, optional_prefixes: tuple[str, ...] = ()) -> None:
     """Load ``state`` into ``module`` requiring every parameter/buffer (``num_batches_tracked`` and
     keys under ``optional_prefixes`` may be absent) with matching shapes; errors name the keys
-    (:func:`unimedvl.checkpoint.check_keys`)."""
-    from ..checkpoint import CheckpointError, check_keys
+    (:func:`unimedvl.formats.checkpoint.check_keys`)."""
+    from ..formats.checkpoint import CheckpointError, check_keys
 
     def optional(key: str) -> bool:
         return key.endswith("num_batches_tracked") or key.startswith(optional_prefixes)

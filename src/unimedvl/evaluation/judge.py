@@ -91,7 +91,7 @@ class JudgementCache:
     """Verdicts keyed by (judge, question, reference, prediction), appended to a JSONL file."""
 
     def __init__(self, judge: Judge, path: str | Path):
-        from ..tables import read_rows
+        from ..formats.tables import read_rows
 
         self.judge, self.path = judge, Path(path)
         self.verdicts: dict[str, bool | None] = {}

@@ -11,7 +11,7 @@ import json
 import os
 from pathlib import Path
 
-from ..tables import TableError, read_rows, require
+from ..formats.tables import TableError, read_rows, require
 
 
 PredictionFileError = TableError  # "FILE, line N: what is wrong"

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..atomic import write_json, write_text
-from ..tables import TableError, read_rows
+from ..formats.atomic import write_json, write_text
+from ..formats.tables import TableError, read_rows
 from .biomedclip import clip_score
 from .features import FeatureCache, ImageSource
 from .paper import BIOMEDCLIP, GFID, GFID_MEAN, MODALITIES
@@ -270,7 +270,7 @@ def markdown_table(results: dict) -> str:
 
 
 def _charts(results: dict, out: Path) -> None:
-    from ..charts import bar_chart, save_chart
+    from ..formats.charts import bar_chart, save_chart
 
     pm = results["modalities"]
     charts = [("feature_extractor", "fid", GFID, "fid.png", "gFID per modality (lower is better; paper = UniMedVL, Table 2)", "{:.1f}"),

@@ -14,12 +14,12 @@ import json
 import math
 from pathlib import Path
 
-from ..atomic import write_json, write_text
+from ..formats.atomic import write_json, write_text
 from .image_metrics import TASK_MODES, pixel_scores
 from .paper import PIXEL, REPORT
 
 def image_files(folder: Path) -> dict[str, Path]:
-    from ..medical_io import IMAGE_SUFFIXES
+    from ..formats.medical_io import IMAGE_SUFFIXES
 
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: folder not found")
@@ -32,7 +32,7 @@ def _mean(values: list[float]) -> float | None:
 
 
 def evaluate_pixels(generated: str | Path, reference: str | Path, task: str, out: str | Path) -> dict:
-    from ..medical_io import read_medical_image
+    from ..formats.medical_io import read_medical_image
 
     if task not in TASK_MODES:
         raise ValueError(f"unknown task {task!r}; choose one of {list(TASK_MODES)}")
@@ -75,7 +75,7 @@ def _fmt(v, digits: int = 2) -> str:
 
 def read_report_pairs(path: str | Path) -> tuple[list[str], list[str]]:
     """Predictions and references of a JSONL/CSV of ``{"id", "prediction", "reference"}`` rows."""
-    from ..tables import TableError, read_rows
+    from ..formats.tables import TableError, read_rows
 
     path = Path(path)
     rows = read_rows(path)

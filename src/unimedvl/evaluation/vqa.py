@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..atomic import write_json, write_text
+from ..formats.atomic import write_json, write_text
 from . import answers
 from .benchmarks import MCQ_BENCHMARKS, Question
 from .paper import ALIGNED, UNDERSTANDING
@@ -153,7 +153,7 @@ def write_report(out: str | Path, results: dict, rows: list[dict]) -> dict[str, 
     write_json(written["results"], results)
     write_text(written["scored"], "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     write_text(written["markdown"], markdown_table(results))
-    from ..charts import bar_chart, save_chart
+    from ..formats.charts import bar_chart, save_chart
 
     for name, groups in results["breakdowns"].items():
         if len(groups) < 2:

@@ -20,7 +20,7 @@ from ..model import KVCache, UniMedVL
 from ..model.attention import AttentionLayout, Split
 from ..model.unimedvl import ForwardPlan, PackedBatch
 from ..model.patching import latent_to_tokens, unpatchify
-from ..packing import PackedBatchBuilder
+from ..model.packing import PackedBatchBuilder
 from ..tokenizer import SpecialTokens
 
 

@@ -1,5 +1,5 @@
 """Turn what users pass as an image - a path, a PIL image, an array, a :class:`MedicalImage` - into
-an 8-bit RGB PIL image, reading DICOM and NIfTI with the options of :mod:`unimedvl.medical_io`."""
+an 8-bit RGB PIL image, reading DICOM and NIfTI with the options of :mod:`unimedvl.formats.medical_io`."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 
 from ..image_transforms import to_rgb
-from ..medical_io import MedicalImage, MedicalImageError, is_nifti, read_medical_image
+from ..formats.medical_io import MedicalImage, MedicalImageError, is_nifti, read_medical_image
 
 ImageInput = Union[str, Path, Image.Image, np.ndarray, MedicalImage]
 
@@ -55,7 +55,7 @@ def load_image_with_meta(image: ImageInput, options: ImageReadOptions = ImageRea
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8:
             raise MedicalImageError(
-                f"an image array must be uint8 (got {image.dtype}); read 16-bit or float data with unimedvl.medical_io"
+                f"an image array must be uint8 (got {image.dtype}); read 16-bit or float data with unimedvl.formats.medical_io"
             )
         if image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (1, 3, 4)):
             return to_rgb(Image.fromarray(image.squeeze(-1) if image.ndim == 3 and image.shape[2] == 1 else image)), {}

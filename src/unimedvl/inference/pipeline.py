@@ -31,15 +31,15 @@ from PIL import Image
 
 from ..flow import GuidanceConfig
 from ..image_transforms import ImageTransform, normalize_u8, to_uint8_image
-from ..medical_io import MedicalImage
+from ..formats.medical_io import MedicalImage
 from ..model import KVCache, UniMedVL
-from ..outputs import generation_record, save_dicom_secondary_capture, save_png
+from ..formats.checkpoint import CheckpointError, load_pretrained
+from ..formats.generated import generation_record, save_dicom_secondary_capture, save_png
 from ..tokenizer import Tokenizer
 from . import prompts
 from .engine import Engine, Sampler, TextGeneration, TextStream, check_max_new_tokens
 from .inputs import ImageInput, ImageReadOptions, load_image_with_meta
 
-DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
 Progress = Callable[[int, int], None]
 
 
@@ -210,27 +210,18 @@ class UniMedVLPipeline:
         directory: str | Path,
         *,
         device: str | torch.device = "cpu",
-        dtype: str | torch.dtype = "bf16",
+        dtype: str | torch.dtype = "auto",
         visual_gen: bool = True,
         weights: str = "ema",
         read_options: ImageReadOptions = ImageReadOptions(),
     ) -> "UniMedVLPipeline":
-        """Load a checkpoint directory in the official layout.  ``dtype`` ``bf16`` is what the
-        official scripts use; on CPUs without bfloat16 units ``fp32`` is faster.  ``visual_gen=False``
-        loads an understanding-only model (no autoencoder, no generation adapters)."""
-        from ..checkpoint import CheckpointError
-
-        directory = Path(directory)
-        if not directory.is_dir():
-            raise CheckpointError(f"{directory}: no such model directory")
-        if isinstance(dtype, str):
-            if dtype not in DTYPES:
-                raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-            dtype = DTYPES[dtype]
-        model = UniMedVL.from_pretrained(directory, device=device, dtype=dtype, weights=weights, visual_gen=visual_gen)
-        if model.tokenizer is None:
+        """Load a checkpoint directory in the official layout.  ``dtype`` ``auto`` (the default) is
+        bfloat16 on CUDA, as the official scripts run, and float32 on CPUs (:mod:`unimedvl.precision`).
+        ``visual_gen=False`` loads an understanding-only model (no autoencoder, no generation adapters)."""
+        model, tokenizer = load_pretrained(directory, device=device, dtype=dtype, weights=weights, visual_gen=visual_gen)
+        if tokenizer is None:
             raise CheckpointError(f"{directory}: no tokenizer files (vocab.json and merges.txt are needed)")
-        return cls(model, model.tokenizer, name=directory.name, read_options=read_options)
+        return cls(model, tokenizer, name=Path(directory).name, read_options=read_options)
 
     # ---- helpers ------------------------------------------------------------------------------
     @property

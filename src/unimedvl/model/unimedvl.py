@@ -12,7 +12,7 @@ One module, one ``forward``:
 
 With KV caches (one per packed sample) the same forward runs incremental inference; without, it
 is the training forward.  Noise sampling, losses, guidance and sampling loops live elsewhere
-(:mod:`unimedvl.flow`, :mod:`unimedvl.inference`); I/O lives in :mod:`unimedvl.checkpoint`.
+(:mod:`unimedvl.flow`, :mod:`unimedvl.inference`); loading and saving live in :mod:`unimedvl.formats.checkpoint`.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..config import UniMedVLConfig
+from ..precision import resolve_dtype
 from .attention import AttentionLayout, AttentionPlan, KVCache
 from .autoencoder import Autoencoder
 from .layers import PositionTable, RMSNorm, TimestepEmbedder
@@ -101,43 +102,16 @@ class UniMedVL(nn.Module):
     # ---- construction -----------------------------------------------------------------------
     @classmethod
     def from_config(
-        cls, config: UniMedVLConfig, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0
+        cls, config: UniMedVLConfig, *, device: str | torch.device = "cpu", dtype: str | torch.dtype = "auto", seed: int = 0
     ) -> "UniMedVL":
-        """A freshly initialised model: built on the meta device, materialised, then initialised."""
+        """A freshly initialised model: built on the meta device, materialised, then initialised (in
+        float32, then cast to ``dtype``: ``auto`` follows :mod:`unimedvl.precision`)."""
         with torch.device("meta"):
             model = cls(config)
         model.to_empty(device=device)
         generator = torch.Generator(device="cpu").manual_seed(seed)
         model.init_weights(generator)
-        model.tokenizer = None
-        return model.to(dtype)
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        directory,
-        *,
-        device: str | torch.device = "cpu",
-        dtype: torch.dtype | None = torch.bfloat16,
-        weights: str = "ema",
-        visual_gen: bool = True,
-    ) -> "UniMedVL":
-        """Load a checkpoint directory in the official layout (:mod:`unimedvl.checkpoint`).
-
-        ``dtype`` casts every weight (the official scripts use bfloat16; ``None`` keeps the stored
-        dtype); ``weights`` picks ``ema`` (default) or the raw ``model`` weights; ``visual_gen=False``
-        loads an understanding-only model without the autoencoder and generation adapters.
-        The checkpoint's tokenizer, when present, is attached as ``model.tokenizer``.
-        """
-        from ..checkpoint import load_pretrained  # the model module itself does no I/O
-
-        return load_pretrained(directory, device=device, dtype=dtype, weights=weights, visual_gen=visual_gen)
-
-    def save_pretrained(self, directory, *, weights: str = "ema", dtype: torch.dtype | None = None, tokenizer=None):
-        """Write the official layout (see :func:`unimedvl.checkpoint.save_pretrained`)."""
-        from ..checkpoint import save_pretrained
-
-        return save_pretrained(self, directory, weights=weights, dtype=dtype, tokenizer=tokenizer)
+        return model.to(resolve_dtype(dtype, device))
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None, std: float = 0.02) -> None:

@@ -204,7 +204,7 @@ def create_app(pipeline, config: ServeConfig | None = None):
     default_size = f"{side}x{side}"
 
     def image_response(results: list) -> JSONResponse:
-        from ..outputs import SYNTHETIC_NOTICE, png_bytes
+        from ..formats.generated import SYNTHETIC_NOTICE, png_bytes
 
         data = [{"b64_json": base64.b64encode(png_bytes(r.image, r.record)).decode(), "revised_prompt": None} for r in results]
         metrics.add_images(len(results))

@@ -87,7 +87,7 @@ def decode_image(data: bytes, options: ReadOptions, config: ServeConfig, where: 
                 return im.convert("RGB")
         except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError, ValueError):
             raise bad_request(f"{where}: not a readable image (PNG, JPEG, TIFF, BMP, DICOM or NIfTI expected)", where, "invalid_image") from None
-    from ..medical_io import MedicalImageError, read_medical_image
+    from ..formats.medical_io import MedicalImageError, read_medical_image
 
     suffix = ".dcm" if kind == "dicom" else (".nii.gz" if data[:2] == b"\x1f\x8b" else ".nii")
     with tempfile.TemporaryDirectory(prefix="unimedvl-upload-") as tmp:

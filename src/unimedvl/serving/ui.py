@@ -47,8 +47,8 @@ def _message_text(content) -> str:
 def mount_ui(app, pipeline, worker, config: ServeConfig):
     import gradio as gr
 
-    from ..medical_io import WINDOW_PRESETS
-    from ..outputs import save_png
+    from ..formats.medical_io import WINDOW_PRESETS
+    from ..formats.generated import save_png
 
     outputs_dir = Path(tempfile.mkdtemp(prefix="unimedvl-ui-"))
 

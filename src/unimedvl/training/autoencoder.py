@@ -27,36 +27,14 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..atomic import write_json, write_text
+from ..formats.atomic import write_json, write_text
 from ..image_transforms import ImageTransform, normalize_u8
 from ..model.autoencoder import Autoencoder
+from .plan import AutoencoderPlan
 
 log = logging.getLogger(__name__)
 
 DONE = "done.json"
-
-
-@dataclass(frozen=True)
-class AutoencoderPlan:
-    steps: int = 300
-    batch_size: int = 16
-    lr: float = 1e-3
-    warmup_steps: int = 20
-    crop: int = 32  # side of the random training windows (a multiple of the downsampling factor)
-    kl_weight: float = 1e-6
-    max_images: int = 4096  # images kept in memory (evenly spread over the train split)
-    log_every: int = 10
-    initial_logvar: float = -8.0  # the posterior's starting log-variance (see _start_with_small_variance)
-    resume_weights: bool = False  # keep the autoencoder's current weights (fine-tune) instead of re-initialising the variance
-
-    def validate(self, downsample: int, where: str = "autoencoder") -> "AutoencoderPlan":
-        if self.steps < 1 or self.batch_size < 1 or self.max_images < 1:
-            raise ValueError(f"{where}: steps, batch_size and max_images must be positive")
-        if self.crop < downsample or self.crop % downsample:
-            raise ValueError(f"{where}: crop={self.crop} must be a positive multiple of the autoencoder's downsampling ({downsample})")
-        if self.lr <= 0 or self.kl_weight < 0:
-            raise ValueError(f"{where}: lr must be positive and kl_weight non-negative")
-        return self
 
 
 @dataclass
@@ -150,7 +128,7 @@ def reconstruction_psnr(ae: Autoencoder, images: list[np.ndarray]) -> float:
 
 def _grid(ae: Autoencoder, images: list[np.ndarray], path: Path, count: int = 8) -> None:
     """Originals (top row) over reconstructions (bottom row)."""
-    from ..charts import image_grid, save_chart
+    from ..formats.charts import image_grid, save_chart
 
     picks = [images[i] for i in np.linspace(0, len(images) - 1, min(count, len(images))).round().astype(int)]
     recons = []
@@ -173,7 +151,7 @@ def train_autoencoder(
 ) -> AutoencoderResult:
     """Train ``ae`` in place on the train-split images of ``dataset``, set its latent factors and
     write ``out/`` (see the module docstring).  Deterministic for a seed."""
-    from ..checkpoint import AE_CONFIG, AE_WEIGHTS, save_safetensors_atomic
+    from ..formats.checkpoint import AE_CONFIG, AE_WEIGHTS, save_safetensors_atomic
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -235,7 +213,7 @@ def load_trained_autoencoder(ae: Autoencoder, directory: str | Path) -> dict | N
     ``None`` (and ``ae`` untouched) when ``directory`` holds no finished run."""
     from safetensors.torch import load_file
 
-    from ..checkpoint import AE_CONFIG, AE_WEIGHTS
+    from ..formats.checkpoint import AE_CONFIG, AE_WEIGHTS
     from ..config import AutoencoderConfig
 
     directory = Path(directory)

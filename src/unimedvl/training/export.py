@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from ..checkpoint import read_config, save_pretrained
+from ..formats.checkpoint import read_config, save_pretrained
 from ..model import UniMedVL
 from ..tokenizer import Tokenizer, has_tokenizer
 from .lora import LoRAConfig, apply_lora, merge_lora
@@ -52,7 +52,7 @@ def load_training_weights(checkpoint: str | Path, which: str = "model") -> dict[
 
 
 def _empty_model(ckpt: Path) -> UniMedVL:
-    model = UniMedVL.from_config(read_config(ckpt))
+    model = UniMedVL.from_config(read_config(ckpt), dtype="fp32")  # the trained weights are cast on export only
     lora = json.loads((ckpt / "state.json").read_text()).get("lora")
     if lora:  # the adapters' keys are part of the trained state
         apply_lora(model, LoRAConfig(lora["rank"], lora["alpha"], tuple(lora["targets"])))

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import ConfigError, InferenceTransforms
+from ..precision import PRECISIONS
 from ..data.schema import FAMILIES
-from .autoencoder import AutoencoderPlan
 from .lora import LoRAConfig
 
 PLANS_DIR = Path(__file__).parent / "plans"
@@ -24,6 +24,32 @@ MIXTURE_KEYS = (*FAMILIES, "text")  # "text": text-only samples (a side stream i
 
 class PlanError(ValueError):
     pass
+
+
+@dataclass(frozen=True)
+class AutoencoderPlan:
+    """A plan's ``autoencoder:`` section: train the image autoencoder before the stages
+    (:mod:`unimedvl.training.autoencoder`)."""
+
+    steps: int = 300
+    batch_size: int = 16
+    lr: float = 1e-3
+    warmup_steps: int = 20
+    crop: int = 32  # side of the random training windows (a multiple of the downsampling factor)
+    kl_weight: float = 1e-6
+    max_images: int = 4096  # images kept in memory (evenly spread over the train split)
+    log_every: int = 10
+    initial_logvar: float = -8.0  # the posterior's starting log-variance (see _start_with_small_variance)
+    resume_weights: bool = False  # keep the autoencoder's current weights (fine-tune) instead of re-initialising the variance
+
+    def validate(self, downsample: int, where: str = "autoencoder") -> "AutoencoderPlan":
+        if self.steps < 1 or self.batch_size < 1 or self.max_images < 1:
+            raise ValueError(f"{where}: steps, batch_size and max_images must be positive")
+        if self.crop < downsample or self.crop % downsample:
+            raise ValueError(f"{where}: crop={self.crop} must be a positive multiple of the autoencoder's downsampling ({downsample})")
+        if self.lr <= 0 or self.kl_weight < 0:
+            raise ValueError(f"{where}: lr must be positive and kl_weight non-negative")
+        return self
 
 
 @dataclass(frozen=True)
@@ -69,7 +95,6 @@ class StageConfig:
         return self.lr
 
 
-PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..charts import line_chart, save_chart
+from ..formats.charts import line_chart, save_chart
 
 def plot_run(run_dir: str | Path) -> list[Path]:
     """``plots/loss.png`` (every stage, boundaries marked) and ``plots/loss_<stage>.png``."""

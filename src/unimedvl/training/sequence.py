@@ -27,7 +27,7 @@ from PIL import Image
 
 from ..image_transforms import ImageTransform, normalize_u8
 from ..model.patching import latent_to_tokens
-from ..packing import PackedBatchBuilder
+from ..model.packing import PackedBatchBuilder
 from .objective import noise_latents, sample_flow_times, velocity_target
 
 

@@ -16,14 +16,14 @@ from pathlib import Path
 def initial_model(plan, *, init_from: str | Path | None = None, tokenizer_dir: str | Path | None = None, device: str = "cpu"):
     """``(model, tokenizer)`` a run of ``plan`` starts from; ``ValueError`` when no tokenizer fits."""
     from ..config import UniMedVLConfig
+    from ..formats.checkpoint import load_pretrained
     from ..model import UniMedVL
     from ..tokenizer import BUNDLED_TINY_TOKENIZER, Tokenizer
 
     if init_from is not None:
-        model = UniMedVL.from_pretrained(init_from, dtype=None, device=device)
-        tokenizer = model.tokenizer
-    else:
-        model = UniMedVL.from_config(UniMedVLConfig.from_preset(plan.preset), seed=plan.seed)
+        model, tokenizer = load_pretrained(init_from, dtype=None, device=device)
+    else:  # float32 master weights (unimedvl.precision)
+        model = UniMedVL.from_config(UniMedVLConfig.from_preset(plan.preset), seed=plan.seed, dtype="fp32")
         tokenizer = None
     if tokenizer_dir is not None:
         tokenizer = Tokenizer(tokenizer_dir)

@@ -34,7 +34,7 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..atomic import write_json, write_text
+from ..formats.atomic import write_json, write_text
 from ..image_transforms import ImageTransform
 from ..model import UniMedVL
 from .data import BatchStream, DatasetIndex, MixtureSampler
@@ -43,18 +43,12 @@ from .distributed import DistContext, like, shard_model
 from .flops import peak_flops, step_flops
 from .lora import apply_lora, lora_parameters
 from .plots import plot_run
+from ..precision import training_compute
 from .sequence import DropoutConfig, build_batch
 from . import training_losses
 
 
 SHARDED_DIR = "sharded"  # torch.distributed.checkpoint folder of an FSDP run's checkpoint
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` -> ``bf16`` on GPUs, ``fp32`` elsewhere."""
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return precision
 
 
 @dataclass
@@ -98,7 +92,7 @@ class Trainer:
             self.model.config.transforms = plan.inference  # checkpoints and exports record the scale the model learns at
         if plan.autoencoder is not None:
             self._prepare_autoencoder(dataset, on_autoencoder_log)
-        self.precision = resolve_precision(plan.precision, self.device)
+        self.precision = training_compute(plan.precision, self.device)
         self.peak_flops = peak_flops(self.device)
         self._tensorboard = tensorboard
         if lora is not None:
@@ -260,7 +254,7 @@ class Trainer:
                 save_file({k: v.detach().contiguous() for k, v in self.model.state_dict().items()}, str(tmp / "model.safetensors"))
                 save_file({k: v.contiguous() for k, v in self.ema.items()}, str(tmp / "ema.safetensors"))
                 torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-            from ..checkpoint import write_config
+            from ..formats.checkpoint import write_config
 
             write_config(self.model.config, tmp, (self.tokenizer.special.bos, self.tokenizer.special.eos))
             self.tokenizer.save(tmp)  # the checkpoint is self-describing: unimedvl export needs nothing else

@@ -108,7 +108,7 @@ class Adapter:
     def read_images(self, item: str, *paths: Path, resize: bool = True) -> list | Rejection:
         """The images at ``paths`` as 8-bit RGB arrays (at most ``max_side`` long when ``resize``),
         or the ``unreadable`` rejection of ``item`` naming what failed."""
-        from ...medical_io import MedicalImageError, read_medical_image
+        from ...formats.medical_io import MedicalImageError, read_medical_image
         from ..imaging import limit_size
 
         images = []
@@ -129,7 +129,7 @@ class Adapter:
 def read_annotations(source: SourceConfig, file_name: str, required) -> list[dict]:
     """The rows of a source's annotation table (CSV, TSV, JSON or JSONL) with the ``required``
     fields; errors name the source, the file and the line."""
-    from ...tables import TableError, read_rows, require
+    from ...formats.tables import TableError, read_rows, require
 
     path = source.path / file_name
     if not path.is_file():

@@ -32,7 +32,7 @@ from typing import Iterator
 
 import numpy as np
 
-from ...medical_io import MedicalImageError, is_dicom, read_dicom, read_dicom_dataset
+from ...formats.medical_io import MedicalImageError, is_dicom, read_dicom, read_dicom_dataset
 from .. import templates as T
 from ..imaging import evenly_spaced, limit_size, png_bytes
 from ..schema import Record, Rejection

@@ -28,7 +28,7 @@ from typing import Iterator
 
 import numpy as np
 
-from ...medical_io import NIFTI_AXES, NIFTI_SUFFIXES, MedicalImageError, load_nifti_volume, nifti_plane, scale_to_u8
+from ...formats.medical_io import NIFTI_AXES, NIFTI_SUFFIXES, MedicalImageError, load_nifti_volume, nifti_plane, scale_to_u8
 from .. import templates as T
 from ..imaging import as_rgb_u8, evenly_spaced, kspace_pair, limit_size, png_bytes
 from ..schema import Record, Rejection

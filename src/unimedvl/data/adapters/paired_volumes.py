@@ -23,7 +23,7 @@ from __future__ import annotations
 from typing import Iterator
 
 
-from ...medical_io import NIFTI_AXES, MedicalImageError, load_nifti_volume, nifti_plane, scale_to_u8
+from ...formats.medical_io import NIFTI_AXES, MedicalImageError, load_nifti_volume, nifti_plane, scale_to_u8
 from .. import templates as T
 from ..imaging import as_rgb_u8, limit_size, png_bytes
 from ..schema import Record, Rejection

@@ -20,7 +20,7 @@ from typing import Iterator
 
 
 from .. import templates as T
-from ...medical_io import IMAGE_SUFFIXES
+from ...formats.medical_io import IMAGE_SUFFIXES
 from ..imaging import png_bytes, sr_pair
 from ..schema import Record, Rejection
 from .base import Adapter, file_items

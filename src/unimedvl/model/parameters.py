@@ -6,8 +6,8 @@ import re
 
 import torch
 
-from .config import UniMedVLConfig
-from .model.unimedvl import UniMedVL
+from ..config import UniMedVLConfig
+from .unimedvl import UniMedVL
 
 # (component, pattern over state-dict keys); the first matching pattern wins.
 COMPONENTS: list[tuple[str, re.Pattern]] = [

@@ -17,12 +17,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .config import UniMedVLConfig
-from .model.attention import AttentionLayout, Split
-from .model.layers import grid_position_ids
-from .model.patching import patchify
-from .model.unimedvl import PackedBatch
-from .tokenizer import SpecialTokens
+from ..config import UniMedVLConfig
+from .attention import AttentionLayout, Split
+from .layers import grid_position_ids
+from .patching import patchify
+from .unimedvl import PackedBatch
+from ..tokenizer import SpecialTokens
 
 
 @dataclass

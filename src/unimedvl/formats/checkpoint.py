@@ -45,9 +45,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .atomic import atomic_path, write_text
-from .config import AutoencoderConfig, ConfigError, InferenceTransforms, LLMConfig, UniMedVLConfig, ViTConfig
-from .model.unimedvl import UniMedVL
-from .tokenizer import Tokenizer, has_tokenizer
+from ..config import AutoencoderConfig, ConfigError, InferenceTransforms, LLMConfig, UniMedVLConfig, ViTConfig
+from ..model.unimedvl import UniMedVL
+from ..precision import resolve_dtype
+from ..tokenizer import Tokenizer, has_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ def read_config(directory: str | Path, visual_gen: bool = True) -> UniMedVLConfi
     """The model config of a checkpoint directory, with the official load-time overrides applied."""
     directory = Path(directory)
     if not directory.is_dir():
-        raise CheckpointError(f"model directory {directory} does not exist")
+        raise CheckpointError(f"{directory}: no such model directory (it does not exist)")
     try:
         llm = LLMConfig.from_official_json(_read_json(directory / LLM_CONFIG), str(directory / LLM_CONFIG))
         vit = ViTConfig.from_official_json(_read_json(directory / VIT_CONFIG), str(directory / VIT_CONFIG))
@@ -222,13 +223,21 @@ def load_pretrained(
     directory: str | Path,
     *,
     device: str | torch.device = "cpu",
-    dtype: torch.dtype | None = torch.bfloat16,
+    dtype: str | torch.dtype | None = "auto",
     weights: str = "ema",
     visual_gen: bool = True,
     load_tokenizer: bool = True,
-) -> UniMedVL:
-    """Load a model directory in the official layout; see :meth:`UniMedVL.from_pretrained`."""
+) -> tuple[UniMedVL, Tokenizer | None]:
+    """Load a model directory in the official layout: ``(model, tokenizer)``.
+
+    ``dtype`` casts every floating-point weight (``auto``: :mod:`unimedvl.precision`'s default for
+    ``device``; ``None`` keeps the stored dtype); ``weights`` picks ``ema`` (default) or the raw
+    ``model`` weights; ``visual_gen=False`` loads an understanding-only model without the
+    autoencoder and generation adapters.  The tokenizer is ``None`` when the directory has no
+    tokenizer files (or ``load_tokenizer`` is false).
+    """
     directory = Path(directory)
+    dtype = resolve_dtype(dtype, device)
     config = read_config(directory, visual_gen=visual_gen)
     weight_path = find_weights(directory, weights)
     if visual_gen and not (directory / AE_WEIGHTS).is_file():
@@ -267,15 +276,14 @@ def load_pretrained(
     model.load_state_dict(state, strict=True, assign=True)
     del state
     model.eval()
-    model.tokenizer = None
+    tokenizer = None
     if load_tokenizer and has_tokenizer(directory):
-        tok = Tokenizer(directory)
-        if len(tok) > config.llm.vocab_size:
+        tokenizer = Tokenizer(directory)
+        if len(tokenizer) > config.llm.vocab_size:
             raise CheckpointError(
-                f"{directory}: the tokenizer has {len(tok)} tokens but the embedding has {config.llm.vocab_size} rows"
+                f"{directory}: the tokenizer has {len(tokenizer)} tokens but the embedding has {config.llm.vocab_size} rows"
             )
-        model.tokenizer = tok
-    return model
+    return model, tokenizer
 
 
 READ_CHUNK_BYTES = 256 * 2**20
@@ -327,7 +335,6 @@ def save_pretrained(
     tokenizer).  ``dtype`` casts the stored tensors (``None``: as they are)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tokenizer = tokenizer or getattr(model, "tokenizer", None)
     sd = model.state_dict()
     if dtype is not None:
         sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}

@@ -26,14 +26,15 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from .flow import combine_guidance
-from .image_transforms import ImageTransform, normalize_u8, to_uint8_image
-from .inference import UniMedVLPipeline
-from .model import UniMedVL
-from .model.layers import grid_position_ids
-from .model.patching import patchify
+from ..flow import combine_guidance
+from ..formats.checkpoint import load_pretrained
+from ..precision import DTYPES
+from ..image_transforms import ImageTransform, normalize_u8, to_uint8_image
+from ..inference import UniMedVLPipeline
+from ..model.layers import grid_position_ids
+from ..model.patching import patchify
 
-POLICY_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+POLICY_DTYPES = {name: DTYPES[name] for name in ("fp32", "bf16")}  # the fixtures' precision policies
 
 
 @dataclass(frozen=True)
@@ -370,11 +371,11 @@ def replay(
     for policy in policies:
         if policy not in POLICY_DTYPES:
             raise ValueError(f"unknown precision policy {policy!r}; known: {sorted(POLICY_DTYPES)}")
-        model = UniMedVL.from_pretrained(fx.dir, dtype=POLICY_DTYPES[policy])
+        model, tokenizer = load_pretrained(fx.dir, dtype=POLICY_DTYPES[policy])
         if policy == policies[0]:
-            for row in check_inputs(fx, model.tokenizer):
+            for row in check_inputs(fx, tokenizer):
                 emit(row)
-        pipe = UniMedVLPipeline(model, model.tokenizer, name=fx.dir.name)
+        pipe = UniMedVLPipeline(model, tokenizer, name=fx.dir.name)
         for exp in fx.experiments(policy):
             for row in EXPERIMENTS[exp](fx, policy, pipe):
                 emit(row)

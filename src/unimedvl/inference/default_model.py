@@ -10,7 +10,7 @@ import os
 import time
 from pathlib import Path
 
-from .atomic import write_json
+from ..formats.atomic import write_json
 
 ENV_MODEL = "UNIMEDVL_MODEL"
 ENV_HOME = "UNIMEDVL_HOME"

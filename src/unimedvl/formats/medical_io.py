@@ -254,7 +254,7 @@ def read_raster(path: str | Path) -> MedicalImage:
     """PNG / TIFF / JPEG.  8-bit images (grey, palette, RGB, with or without alpha) are converted to
     RGB as they are; deeper data (16-bit, 32-bit, float) is scaled from its own min..max to 0..255,
     never clipped at 255."""
-    from .image_transforms import to_rgb
+    from ..image_transforms import to_rgb
 
     path = Path(path)
     try:

@@ -1,0 +1,57 @@
+"""The precision policy: dtype names and the default dtype, decided here and nowhere else.
+
+* Names: ``bf16`` / ``bfloat16`` and ``fp32`` / ``float32`` (:data:`DTYPES`); ``auto`` picks the
+  default below.
+* Inference weights (``load_pretrained``, ``UniMedVL.from_config``, the pipeline, CLI, server):
+  ``auto`` = bfloat16 on CUDA devices, as the official scripts run, and float32 elsewhere - CPUs
+  without bfloat16 units run bf16 matrix products about 4x slower than fp32, and fp32 is exact
+  enough for parity.  Pass ``bf16`` on a CPU to halve the memory of the weights.
+* Training: float32 master weights, optimiser state and EMA always; ``auto`` computes in bf16
+  autocast on CUDA devices and in fp32 elsewhere (:func:`training_compute`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+DTYPES: dict[str, torch.dtype] = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+}
+DTYPE_CHOICES = ("auto", "bf16", "fp32")  # what the CLI and the server offer
+PRECISIONS = ("auto", "fp32", "bf16")  # training compute precisions (plan key ``precision``)
+
+
+def default_dtype(device: str | torch.device) -> torch.dtype:
+    """The dtype ``auto`` means on ``device``: bfloat16 on CUDA, float32 elsewhere."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device = "cpu") -> torch.dtype | None:
+    """A dtype name, ``auto``, a ``torch.dtype`` or ``None`` (keep what is stored) -> ``torch.dtype | None``."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return default_dtype(device)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be auto or one of {sorted(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bf16"``; ``torch.float32`` -> ``"fp32"``."""
+    for name in ("bf16", "fp32"):
+        if DTYPES[name] == dtype:
+            return name
+    return str(dtype).removeprefix("torch.")
+
+
+def training_compute(precision: str, device: str | torch.device) -> str:
+    """A plan's ``precision`` resolved on ``device``: ``auto`` -> ``bf16`` on CUDA, ``fp32`` elsewhere."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "auto":
+        return dtype_name(default_dtype(device))
+    return precision
