@@ -14,7 +14,8 @@ from unimedvl.cli import app
 from unimedvl.data.adapters.base import Adapter, BuildContext, SourceConfig
 from unimedvl.data.build_config import load_build_config
 from unimedvl.data.builder import build
-from unimedvl.data.curation import export_review, import_review, iter_kept
+from unimedvl.data.curation import export_review, import_review
+from unimedvl.data.layout import DatasetLayout
 
 runner = CliRunner()
 SALT = "curation-test-salt"
@@ -70,11 +71,11 @@ def test_train_copy_of_a_held_out_image_is_excluded_as_leakage(dataset):
 def test_scoring_keeps_the_top_fraction_per_modality(dataset, tmp_path):
     scorer_file = tmp_path / "scorer.py"
     scorer_file.write_text("import numpy as np\ndef brightness(image, text):\n    return float(np.asarray(image).mean())\n")
-    before = {r["id"]: r["modality"] for r in iter_kept(dataset, ["id", "modality"])}
+    before = {r["id"]: r["modality"] for r in DatasetLayout(dataset).iter_kept(["id", "modality"])}
     r = runner.invoke(app, ["data", "score", str(dataset), "--scorer", f"{scorer_file}:brightness", "--keep-fraction", "0.5"])
     assert r.exit_code == 0, r.output
     scores = {s["id"]: s["score"] for s in map(json.loads, (dataset / "record_scores.jsonl").read_text().splitlines())}
-    kept = {r["id"] for r in iter_kept(dataset, ["id"])}
+    kept = {r["id"] for r in DatasetLayout(dataset).iter_kept(["id"])}
     for modality in set(before.values()):
         ids = sorted((i for i, m in before.items() if m == modality), key=lambda i: -scores[i])
         n_keep = max(1, round(len(ids) * 0.5))

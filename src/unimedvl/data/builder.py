@@ -2,9 +2,9 @@
 duplicate pass and the manifest.
 
 Plan: every source lists its work items (deterministic order); the concatenated list is cut into
-shards of ``items_per_shard`` items.  Shard ``k`` is processed by one worker and written as
-``shards/{k:05d}.parquet`` plus ``shards/{k:05d}.rejections.jsonl``, each to a temporary name and
-renamed; ``shards/{k:05d}.done.json`` is written last and marks the shard complete.  A restarted
+shards of ``items_per_shard`` items.  Shard ``k`` is processed by one worker and written as its
+Parquet file plus its rejections (:meth:`.layout.DatasetLayout.shard`), each to a temporary name
+and renamed; its ``.done.json`` is written last and marks the shard complete.  A restarted
 build skips complete shards and redoes the rest, so a killed build resumes and yields the same
 bytes.  ``--num-partitions P --partition I`` processes the shards with ``k % P == I``, so a
 scheduler can spread one build over many machines; the build that finds every shard complete
@@ -23,7 +23,9 @@ from ..formats.atomic import write_bytes, write_json, write_jsonl
 from .adapters import make_adapter
 from .adapters.base import item_hash, make_rejection
 from .build_config import BuildConfig
+from .finalize import finalize
 from .imaging import decode_png, perceptual_hash, sha256_pixels
+from .layout import DatasetLayout
 from .qc import check_agreement, check_record
 from .schema import Record, Rejection, arrow_schema
 
@@ -43,11 +45,6 @@ def plan_shards(config: BuildConfig) -> list[ShardPlan]:
         items += [(i, it) for it in _adapter(config, i).items()]
     n = config.items_per_shard
     return [ShardPlan(k, items[k * n : (k + 1) * n]) for k in range((len(items) + n - 1) // n)]
-
-
-def shard_paths(out: Path, index: int) -> dict[str, Path]:
-    stem = out / "shards" / f"{index:05d}"
-    return {"parquet": stem.with_suffix(".parquet"), "rejections": Path(f"{stem}.rejections.jsonl"), "done": Path(f"{stem}.done.json")}
 
 
 def _finish_record(record: Record, item_key: str, config: BuildConfig, source, decoded: dict) -> Record | Rejection:
@@ -115,14 +112,14 @@ def build_shard(config: BuildConfig, plan: ShardPlan, out: Path) -> dict:
             else:
                 done = _finish_record(r, item, config, config.sources[source_index], decoded)
                 (rejections if isinstance(done, Rejection) else records).append(done)
-    paths = shard_paths(out, plan.index)
+    paths = DatasetLayout(out).shard(plan.index)
     table = pa.Table.from_pylist([r.to_row() for r in records], schema=arrow_schema())
     buf = io.BytesIO()
     pq.write_table(table, buf, row_group_size=ROW_GROUP_SIZE, compression="zstd")
-    write_bytes(paths["parquet"], buf.getvalue())
-    write_jsonl(paths["rejections"], [r.to_json() for r in rejections])
+    write_bytes(paths.parquet, buf.getvalue())
+    write_jsonl(paths.rejections, [r.to_json() for r in rejections])
     counts = {"shard": plan.index, "items": len(plan.items), "records": len(records), "rejections": len(rejections)}
-    write_json(paths["done"], counts)
+    write_json(paths.done, counts)
     return counts
 
 
@@ -148,8 +145,9 @@ def build(
     if not 0 <= partition < num_partitions:
         raise ValueError(f"partition {partition} is outside 0..{num_partitions - 1}")
     out = Path(out)
-    (out / "shards").mkdir(parents=True, exist_ok=True)
-    fingerprint_file = out / "build.json"
+    layout = DatasetLayout(out)
+    layout.shards_dir.mkdir(parents=True, exist_ok=True)
+    fingerprint_file = layout.build_info
     fp = config.fingerprint()
     if fingerprint_file.exists():
         previous = json.loads(fingerprint_file.read_text()).get("fingerprint")
@@ -158,14 +156,14 @@ def build(
     else:
         info = {"fingerprint": fp, "sources": [{"name": s.name, "kind": s.kind, "modality": s.modality, "license": s.license} for s in config.sources]}
         write_json(fingerprint_file, info)
-    for stale in (out / "shards").glob(".*.partial"):
+    for stale in layout.stale_partials():
         stale.unlink()  # left by a killed run; never visible under a final name
 
     import pyarrow.parquet  # noqa: F401  (imported once here, inherited by forked workers)
 
     plans = plan_shards(config)
     mine = [p for p in plans if p.index % num_partitions == partition]
-    todo = [p for p in mine if not shard_paths(out, p.index)["done"].exists()]
+    todo = [p for p in mine if not layout.shard(p.index).done.exists()]
     built = 0
     if workers <= 1:
         for plan in todo:
@@ -179,11 +177,9 @@ def build(
                 built += 1
                 if progress:
                     progress(counts, built, len(todo))
-    complete = all(shard_paths(out, p.index)["done"].exists() for p in plans)
+    complete = all(layout.shard(p.index).done.exists() for p in plans)
     summary = {"shards_total": len(plans), "shards_built": built, "shards_skipped": len(mine) - len(todo), "finalized": False}
     if complete:
-        from .finalize import finalize
-
         finalize(out, len(plans))
         summary["finalized"] = True
     return summary

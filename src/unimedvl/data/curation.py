@@ -28,7 +28,8 @@ from typing import Callable
 from PIL import Image
 
 from ..formats.atomic import write_bytes, write_jsonl
-from .finalize import read_jsonl, write_manifest
+from .finalize import write_manifest
+from .layout import DatasetLayout, read_jsonl
 from .schema import Record
 
 Scorer = Callable[[Image.Image, str], float]
@@ -55,26 +56,6 @@ def load_scorer(spec: str) -> Scorer:
     return fn
 
 
-def _manifest(out: Path) -> dict:
-    path = out / "manifest.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{out}: no manifest.json (is the build complete?)")
-    return json.loads(path.read_text())
-
-
-def iter_kept(out: Path, columns: list[str] | None = None):
-    """Kept records of a built dataset, shard by shard (constant memory)."""
-    import pyarrow.parquet as pq
-
-    manifest = _manifest(out)
-    excluded = set(manifest["excluded"])
-    for shard in manifest["shards"]:
-        for batch in pq.ParquetFile(out / shard["file"]).iter_batches(batch_size=64, columns=columns):
-            for row in batch.to_pylist():
-                if row["id"] not in excluded:
-                    yield row
-
-
 def record_text(record: Record) -> str:
     if record.family == "generation":
         return record.captions.get("caption") or next(iter(record.captions.values()), "")
@@ -88,8 +69,9 @@ def score_dataset(out: str | Path, scorer: Scorer, keep_fraction: float = 0.5, p
     if not 0 < keep_fraction <= 1:
         raise ValueError(f"keep_fraction must be in (0, 1], got {keep_fraction}")
     out = Path(out)
+    layout = DatasetLayout(out)
     scores = []
-    for row in iter_kept(out):
+    for row in layout.iter_kept():
         record = Record.from_row(row)
         images = record.output_images or record.input_images
         if not images:
@@ -107,15 +89,16 @@ def score_dataset(out: str | Path, scorer: Scorer, keep_fraction: float = 0.5, p
         for s in items[keep:]:
             excluded.append({"id": s["id"], "source": s["source"], "stage": "qc2", "reason": "low_score",
                              "detail": f"score {s['score']:.4g} below the kept {keep_fraction:.0%} of {s['modality'] if per_modality else 'all'}"})
-    write_jsonl(out / "record_scores.jsonl", scores)
-    write_jsonl(out / "scores.jsonl", excluded)
-    manifest = write_manifest(out, len(_manifest(out)["shards"]))
+    write_jsonl(layout.record_scores, scores)
+    write_jsonl(layout.exclusion("scores"), excluded)
+    manifest = write_manifest(out, len(layout.read_manifest()["shards"]))
     return {"scored": len(scores), "excluded": len(excluded), "kept": manifest["num_kept"]}
 
 
 def stratified_sample(out: Path, n: int, seed: int = 0) -> list[dict]:
+    layout = DatasetLayout(out)
     by_modality: dict[str, list[str]] = defaultdict(list)
-    for row in iter_kept(out, columns=["id", "modality"]):
+    for row in layout.iter_kept(columns=["id", "modality"]):
         by_modality[row["modality"]].append(row["id"])
     total = sum(len(v) for v in by_modality.values())
     rng = random.Random(seed)
@@ -123,7 +106,7 @@ def stratified_sample(out: Path, n: int, seed: int = 0) -> list[dict]:
     for modality, ids in sorted(by_modality.items()):
         k = min(len(ids), max(1, round(n * len(ids) / max(total, 1))))
         chosen.update(rng.sample(sorted(ids), k))
-    return [row for row in iter_kept(out) if row["id"] in chosen]
+    return [row for row in layout.iter_kept() if row["id"] in chosen]
 
 
 def _img_tag(data: bytes) -> str:
@@ -183,11 +166,12 @@ document.getElementById('download').onclick = function() {{
 def import_review(out: str | Path, verdicts_file: str | Path) -> dict:
     """Apply a reviewer's verdicts: rejected records are excluded with the reviewer's comment."""
     out = Path(out)
+    layout = DatasetLayout(out)
     doc = json.loads(Path(verdicts_file).read_text())
     if not isinstance(doc, dict) or not isinstance(doc.get("verdicts"), list):
         raise ValueError(f"{verdicts_file}: expected an object with a 'verdicts' list")
-    known = {row["id"]: row["source"] for row in iter_kept(out, columns=["id", "source"])}
-    previous = {r["id"]: r for r in read_jsonl(out / "review.jsonl")}
+    known = {row["id"]: row["source"] for row in layout.iter_kept(columns=["id", "source"])}
+    previous = {r["id"]: r for r in read_jsonl(layout.exclusion("review"))}
     for i, v in enumerate(doc["verdicts"]):
         if v.get("verdict") not in VERDICTS:
             raise ValueError(f"{verdicts_file}: verdicts[{i}].verdict must be one of {VERDICTS}, got {v.get('verdict')!r}")
@@ -199,6 +183,6 @@ def import_review(out: str | Path, verdicts_file: str | Path) -> dict:
                                  "detail": f"{doc.get('reviewer') or 'reviewer'}: {v.get('comment', '')}".strip()}
         else:
             previous.pop(v["id"], None)
-    write_jsonl(out / "review.jsonl", sorted(previous.values(), key=lambda r: r["id"]))
-    manifest = write_manifest(out, len(_manifest(out)["shards"]))
+    write_jsonl(layout.exclusion("review"), sorted(previous.values(), key=lambda r: r["id"]))
+    manifest = write_manifest(out, len(layout.read_manifest()["shards"]))
     return {"reviewed": len(doc["verdicts"]), "rejected": len(previous), "kept": manifest["num_kept"]}

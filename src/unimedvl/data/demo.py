@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .layout import DatasetLayout
 from .procedural import GENERATORS, counterfactual_pair
 
 DEMO_DICOMS = [
@@ -239,6 +240,11 @@ def stage_demo(out: str | Path, per_label: int = 12, max_side: int = 64) -> tupl
     return config, have
 
 
+def demo_layout(out: str | Path) -> DatasetLayout:
+    """The dataset a demo run in ``out`` builds (``out/dataset``)."""
+    return DatasetLayout(Path(out) / "dataset")
+
+
 def build_demo_dataset(out: str | Path, *, per_label: int = 12, max_side: int = 64, workers: int = 1) -> dict:
     """Stage the demo sources under ``out`` and build ``out/dataset`` (resumable: complete shards are
     reused; a dataset built from another demo configuration is rebuilt).  Returns the build summary
@@ -253,10 +259,10 @@ def build_demo_dataset(out: str | Path, *, per_label: int = 12, max_side: int = 
     missing = [name for name, key in (("nilearn (MNI152 T1)", "mni"), ("nibabel (EPI volume)", "nibabel"),
                                       ("scikit-image (fundus, IHC)", "skimage")) if not have.get(key)]
     cfg = load_build_config(config)
-    info = out / "dataset" / "build.json"
-    rebuilt = info.is_file() and json.loads(info.read_text()).get("fingerprint") != cfg.fingerprint()
+    dataset = demo_layout(out)
+    rebuilt = dataset.build_info.is_file() and json.loads(dataset.build_info.read_text()).get("fingerprint") != cfg.fingerprint()
     if rebuilt:
-        shutil.rmtree(out / "dataset")
-    summary = build(cfg, out / "dataset", workers=workers)
-    manifest = json.loads((out / "dataset" / "manifest.json").read_text())
+        shutil.rmtree(dataset.root)
+    summary = build(cfg, dataset.root, workers=workers)
+    manifest = dataset.read_manifest()
     return {**summary, "manifest": manifest, "missing": missing, "rebuilt": rebuilt}

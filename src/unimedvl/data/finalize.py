@@ -1,8 +1,9 @@
 """After every shard is written: duplicates, leakage, the manifest and the dataset card.
 
 Shards are never rewritten (they stay byte-identical across resumed builds).  Records removed
-after the build are listed, with stage and reason, in exclusion files next to the shards, and the
-manifest's ``excluded`` list (which the training loader skips) is recomputed from all of them:
+after the build are listed, with stage and reason, in exclusion files next to the shards
+(:data:`.layout.EXCLUSIONS`), and the manifest's ``excluded`` list (which the training loader
+skips) is recomputed from all of them:
 
 * ``duplicates.jsonl`` (stage qc1) - a record of the same family and task whose primary image has
   the same pixels (exact) or the same 256-bit difference hash (perceptual) as one from an
@@ -23,11 +24,10 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from ..formats.atomic import write_json, write_jsonl
-from .builder import shard_paths
+from .layout import DatasetLayout, read_jsonl
 from .schema import SCHEMA_VERSION
 
 INDEX_COLUMNS = ["id", "family", "task", "modality", "source", "split", "patient_group", "item_hash", "image_sha256", "image_phash"]
-EXCLUSION_FILES = ("duplicates.jsonl", "leakage.jsonl", "scores.jsonl", "review.jsonl")
 
 
 def _file_sha256(path: Path) -> str:
@@ -43,17 +43,14 @@ def read_index(out: Path, num_shards: int) -> list:
     from disk once, kept columnar: far smaller than the rows as Python dicts)."""
     import pyarrow.parquet as pq
 
-    return [pq.read_table(shard_paths(out, k)["parquet"], columns=INDEX_COLUMNS) for k in range(num_shards)]
+    layout = DatasetLayout(out)
+    return [pq.read_table(layout.shard(k).parquet, columns=INDEX_COLUMNS) for k in range(num_shards)]
 
 
 def _rows(index: list):
     """Every row of :func:`read_index`'s tables as a dict, shard after shard."""
     for table in index:
         yield from table.to_pylist()
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 def find_duplicates(index: list) -> list[dict]:
@@ -89,24 +86,25 @@ def find_leakage(index: list, excluded: set[str]) -> list[dict]:
 def write_manifest(out: Path, num_shards: int, index: list | None = None) -> dict:
     """Recompute ``manifest.json`` and the card from the shards and every exclusion file;
     ``index`` is :func:`read_index` of the shards where the caller has already read it."""
+    layout = DatasetLayout(out)
     if index is None:
         index = read_index(out, num_shards)
-    build_info = json.loads((out / "build.json").read_text())
+    build_info = json.loads(layout.build_info.read_text())
     reasons: dict[str, tuple[str, str]] = {}
-    for name in EXCLUSION_FILES:
-        for r in read_jsonl(out / name):
+    for path in layout.exclusions():
+        for r in read_jsonl(path):
             reasons.setdefault(r["id"], (r["stage"], r["reason"]))
     kept, splits, rejections = Counter(), Counter(), Counter()
     shards = []
     for k, table in enumerate(index):
-        path = shard_paths(out, k)
-        shards.append({"file": f"shards/{path['parquet'].name}", "rows": table.num_rows, "sha256": _file_sha256(path["parquet"])})
+        path = layout.shard(k)
+        shards.append({"file": layout.relative(path.parquet), "rows": table.num_rows, "sha256": _file_sha256(path.parquet)})
         for row in table.to_pylist():
             if row["id"] in reasons:
                 continue
             kept[(row["family"], row["modality"], row["source"])] += 1
             splits[(row["family"], row["split"])] += 1
-        for r in read_jsonl(path["rejections"]):
+        for r in read_jsonl(path.rejections):
             rejections[(r["stage"], r["reason"])] += 1
     for stage_reason in reasons.values():
         rejections[stage_reason] += 1
@@ -125,7 +123,7 @@ def write_manifest(out: Path, num_shards: int, index: list | None = None) -> dic
         "rejections": {f"{stage}/{reason}": n for (stage, reason), n in sorted(rejections.items())},
         "sources": build_info.get("sources", []),
     }
-    write_json(out / "manifest.json", manifest, indent=1)
+    write_json(layout.manifest, manifest, indent=1)
     from .card import write_card
 
     write_card(out, manifest)
@@ -133,9 +131,10 @@ def write_manifest(out: Path, num_shards: int, index: list | None = None) -> dic
 
 
 def finalize(out: Path, num_shards: int) -> dict:
+    layout = DatasetLayout(out)
     index = read_index(out, num_shards)
     duplicates = find_duplicates(index)
-    write_jsonl(out / "duplicates.jsonl", duplicates)
+    write_jsonl(layout.exclusion("duplicates"), duplicates)
     leakage = find_leakage(index, {d["id"] for d in duplicates})
-    write_jsonl(out / "leakage.jsonl", leakage)
+    write_jsonl(layout.exclusion("leakage"), leakage)
     return write_manifest(out, num_shards, index)

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from ..data import templates as T
-from ..data.curation import iter_kept
 from ..data.imaging import decode_png
+from ..data.layout import DatasetLayout
 
 MODALITY_QUESTIONS = set(T.MODALITY_QUESTION)
 # the names the answers use, matched as whole words (so "CT" is not found inside "OCT")
@@ -75,10 +75,9 @@ def answered_modality(answer: str) -> str | None:
 
 def load_heldout(dataset: str | Path, *, images_per_modality: int = 24) -> HeldOut:
     """The held-out sets of ``dataset`` (``test`` split) and the train-split references."""
-    dataset = Path(dataset)
     held = HeldOut()
     seen_questions: set[str] = set()
-    for row in iter_kept(dataset):
+    for row in DatasetLayout(dataset).iter_kept():
         split, modality, task = row["split"], row["modality"], row["task"]
         messages = json.loads(row["messages"])
         question = messages[0]["value"].replace("<image>", "").strip() if messages else ""

@@ -9,6 +9,7 @@ import html
 import json
 from pathlib import Path
 
+from ..data.demo import demo_layout
 from ..formats.atomic import write_text
 from ..formats.charts import image_grid, line_chart, save_chart
 
@@ -133,8 +134,10 @@ def write_report(out: Path, metrics: dict, scores: dict, bicubic: dict, held, pl
           html.escape(untrained_by_id.get(a["id"], {}).get("answer", "")), html.escape(a["reference"])]
          for a in _exchange_picks(scores["trained"]["vqa"]["answers"]) if f"vqa_{a['id']}" in figures],
     )
-    card = sorted((out / "dataset" / "card").glob("*.png"))
-    card_html = "".join(_img(f"dataset/card/{p.name}", p.stem.replace("_", " ")) for p in card)
+    dataset = demo_layout(out)
+    card = sorted(dataset.card_dir.glob("*.png"))
+    card_html = "".join(_img(p.relative_to(out).as_posix(), p.stem.replace("_", " ")) for p in card)
+    readme = html.escape(dataset.card_readme.relative_to(out).as_posix())
     stage_plots = [f"train/plots/loss_{s.name}.png" for s in plan.stages if (out / "train" / "plots" / f"loss_{s.name}.png").is_file()]
     ae_curve = _autoencoder_curve(out)
     timings = m.get("timings", {})
@@ -167,7 +170,7 @@ The text-to-image check is a k-nearest-neighbour classifier of image statistics 
 
 <h2>Observation: the demo corpus</h2>
 <p>{m['dataset']['records']} records; splits by patient group: {html.escape(json.dumps(m['dataset'].get('splits')))}.
-Full card: <a href="dataset/README.md">dataset/README.md</a>.</p>
+Full card: <a href="{readme}">{readme}</a>.</p>
 {card_html}
 
 <h2>Knowledge: autoencoder step and curriculum</h2>

@@ -106,7 +106,7 @@ def evaluate_pipeline(pipe, held, classifier, config, progress: _Progress, label
 def run_demo(out: str | Path, config=None, *, show_progress: bool = True, echo: Callable[[str], None] = print) -> dict:
     """The whole demo into ``out``; returns the metrics written to ``out/metrics.json``."""
     from ..formats.atomic import write_json
-    from ..data.demo import build_demo_dataset
+    from ..data.demo import build_demo_dataset, demo_layout
     from ..inference.default_model import set_default_model
     from ..inference import UniMedVLPipeline
     from ..training.export import export_checkpoint
@@ -129,20 +129,21 @@ def run_demo(out: str | Path, config=None, *, show_progress: bool = True, echo: 
     summary = build_demo_dataset(out, per_label=config.per_label, max_side=config.max_side, workers=config.workers)
     timings["dataset_s"] = time.perf_counter() - t
     manifest = summary["manifest"]
-    echo(f"{manifest['num_kept']} records in {out / 'dataset'}; card: {out / 'dataset' / 'README.md'}"
+    dataset = demo_layout(out)
+    echo(f"{manifest['num_kept']} records in {dataset.root}; card: {dataset.card_readme}"
          + (f" (skipped, package not installed: {', '.join(summary['missing'])})" if summary["missing"] else ""))
 
     echo("== Knowledge: autoencoder step, then the three curriculum stages (tiny preset) ==")
     plan = scaled_plan(load_plan(config.plan), config.steps_scale)
     t = time.perf_counter()
-    result = train_demo_model(out / "dataset", out / "train", plan, show_progress)
+    result = train_demo_model(dataset.root, out / "train", plan, show_progress)
     timings["training_s"] = time.perf_counter() - t
     model_dir = export_checkpoint(result.checkpoint, out / "model")
     echo(f"trained {result.global_step} steps; model exported to {model_dir}")
 
     echo("== Analysis: held-out checks, trained vs untrained ==")
     t = time.perf_counter()
-    held = load_heldout(out / "dataset").limited(config.max_questions, config.max_sr_pairs, config.t2i_per_modality)
+    held = load_heldout(dataset.root).limited(config.max_questions, config.max_sr_pairs, config.t2i_per_modality)
     classifier = ModalityClassifier(held.train_images)
     size = plan.inference.image_size if plan.inference is not None else config.max_side
     trained = UniMedVLPipeline.from_pretrained(model_dir, dtype="fp32")

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..data.layout import DatasetLayout
 from ..image_transforms import ImageTransform
 from .augment import augment_understanding
 from .plan import StageConfig
@@ -35,13 +36,11 @@ class DatasetIndex:
     def __init__(self, dataset: str | Path, split: str = "train"):
         import pyarrow.parquet as pq
 
-        self.dir = Path(dataset)
-        manifest_path = self.dir / "manifest.json"
-        if not manifest_path.is_file():
-            raise FileNotFoundError(f"{self.dir}: no manifest.json - not a built dataset (unimedvl data build)")
-        manifest = json.loads(manifest_path.read_text())
+        layout = DatasetLayout(dataset)
+        self.dir = layout.root
+        manifest = layout.read_manifest()
         excluded = set(manifest["excluded"])
-        self.shards = [self.dir / s["file"] for s in manifest["shards"]]
+        self.shards = layout.shard_files(manifest)
         self.groups: dict[tuple[str, str], list[tuple[int, int]]] = {}
         for k, path in enumerate(self.shards):
             table = pq.read_table(path, columns=["id", "family", "source", "split"]).to_pylist()
