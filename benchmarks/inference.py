@@ -99,7 +99,8 @@ def main() -> None:
     from unimedvl import load_pretrained
     from unimedvl.image_transforms import VQA_VIT
     from unimedvl.inference.engine import Engine, Sampler
-    from unimedvl.flow import GuidanceConfig
+    from unimedvl.inference.presets import SamplerSettings
+    from unimedvl.inference.sampling import DenoisingQuery, sample_image, velocities
     from unimedvl.tokenizer import SpecialTokens
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
@@ -173,11 +174,11 @@ def main() -> None:
         empty = engine.new_context()
         x = torch.randn(256, cfg.patch_latent_dim, generator=g)
         with torch.no_grad():
-            q_cfg = engine.denoising_query([text_ctx, empty], grid)
-            q_plain = engine.denoising_query([text_ctx], grid)
+            q_cfg = DenoisingQuery(engine, [text_ctx, empty], grid)
+            q_plain = DenoisingQuery(engine, [text_ctx], grid)
             out["step_ms_cfg"], out["baseline_step_ms_cfg_sequential"] = paired_median_ms(
                 lambda: q_cfg(x, 0.8),
-                lambda: (engine.velocities([text_ctx], x, 0.8, grid), engine.velocities([empty], x, 0.8, grid)),
+                lambda: (velocities(engine, [text_ctx], x, 0.8, grid), velocities(engine, [empty], x, 0.8, grid)),
                 args.repeats,
             )
             out["step_ms_nocfg"] = median_ms(lambda: q_plain(x, 0.8), args.repeats)
@@ -185,9 +186,9 @@ def main() -> None:
             def t2i():
                 c = engine.new_context()
                 engine.add_text(c, question)
-                sample = engine.sample_image(
-                    c, engine.new_context(), c, torch.randn(256, cfg.patch_latent_dim, generator=g), grid,
-                    num_timesteps=5, timestep_shift=3.0, guidance=GuidanceConfig(4.0, 1.0, (0.0, 1.0)),
+                sample = sample_image(
+                    engine, c, engine.new_context(), c, torch.randn(256, cfg.patch_latent_dim, generator=g), grid,
+                    SamplerSettings(steps=5, timestep_shift=3.0, cfg_text_scale=4.0, cfg_img_scale=1.0, cfg_interval=(0.0, 1.0)),
                 )
                 engine.decode_latents(sample.latents, grid)
 

@@ -8,6 +8,7 @@ from unimedvl.inference import Engine
 from unimedvl.model.patching import patchify, unpatchify
 from unimedvl.model.packing import PackedBatchBuilder
 from unimedvl.tokenizer import SpecialTokens
+from unimedvl.inference.sampling import velocities
 
 from conftest import random_model
 
@@ -66,7 +67,7 @@ def test_denoising_query_through_cache_equals_full_forward(model):
     engine = Engine(model, SPECIAL)
     ctx = engine.new_context()
     engine.add_text(ctx, text)
-    (v,) = engine.velocities([ctx], x, 0.7, (2, 3))
+    (v,) = velocities(engine, [ctx], x, 0.7, (2, 3))
     torch.testing.assert_close(v, full.velocities, rtol=1e-4, atol=1e-4)
     assert ctx.length == len(text) + 2, "the denoising query must not be written to the cache"
 
@@ -77,8 +78,8 @@ def test_batched_guidance_branches_equal_separate_forwards(model):
     engine.add_text(c1, [9, 10, 11])
     engine.add_vit_image(c2, _pixels(28, 28, 4))
     x = _latents(4, 5)
-    together = engine.velocities([c1, c2, engine.new_context()], x, 0.5, (2, 2))
-    alone = [engine.velocities([c], x, 0.5, (2, 2))[0] for c in (c1, c2, engine.new_context())]
+    together = velocities(engine, [c1, c2, engine.new_context()], x, 0.5, (2, 2))
+    alone = [velocities(engine, [c], x, 0.5, (2, 2))[0] for c in (c1, c2, engine.new_context())]
     for a, b in zip(together, alone):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(together[0], together[1], atol=1e-3), "contexts must change the velocity"
@@ -162,7 +163,7 @@ def test_latent_tokens_use_the_generation_expert_only(model):
     engine.add_text(ctx, [10, 11, 12])
     x = _latents(4, 3)
     before_logits = engine.generate_text(ctx, 3, forced_ids=[5, 6, 7]).logits
-    before_v = engine.velocities([ctx], x, 0.5, (2, 2))[0]
+    before_v = velocities(engine, [ctx], x, 0.5, (2, 2))[0]
     saved = {n: p.detach().clone() for n, p in model.named_parameters() if "_moe_gen" in n}
     try:
         with torch.no_grad():
@@ -172,7 +173,7 @@ def test_latent_tokens_use_the_generation_expert_only(model):
         ctx2 = engine.new_context()
         engine.add_text(ctx2, [10, 11, 12])
         after_logits = engine.generate_text(ctx2, 3, forced_ids=[5, 6, 7]).logits
-        after_v = engine.velocities([ctx2], x, 0.5, (2, 2))[0]
+        after_v = velocities(engine, [ctx2], x, 0.5, (2, 2))[0]
     finally:
         with torch.no_grad():
             for n, p in model.named_parameters():

@@ -209,7 +209,7 @@ def test_a_full_queue_answers_429_and_frees_up(server):
 
 
 def test_context_overflow_found_by_the_model_is_a_400():
-    from unimedvl.inference.pipeline import PromptTooLongError
+    from unimedvl.inference.engine import PromptTooLongError
     from unimedvl.serving.app import _run_model
     from unimedvl.serving.errors import APIError
     from unimedvl.serving.worker import ModelWorker

@@ -24,8 +24,11 @@ from .modality_classifier import ModalityClassifier
 
 @dataclass(frozen=True)
 class SamplerChoice:
-    """Image sampler settings of the demo's checks (fixed before looking at any result)."""
+    """Image sampler settings of the demo's checks (fixed before looking at any result): a sampler
+    preset (``None``: each task's default, as at every other door) and the fields the demo
+    overrides for its tiny model."""
 
+    preset: str | None = None
     steps: int = 20
     cfg_text_scale: float = 3.0
     cfg_img_scale: float = 1.5
@@ -60,7 +63,7 @@ def super_resolution(pipe, pairs: list[SRPair], sampler: SamplerChoice, *, seed:
     rows, outputs = [], []
     for k, pair in enumerate(pairs):
         w, h = pipe.generation_size(pair.target.shape[1], pair.target.shape[0])  # scored at the target's size
-        result = pipe.edit([Image.fromarray(pair.low)], pair.instruction, height=h, width=w, steps=sampler.steps,
+        result = pipe.edit([Image.fromarray(pair.low)], pair.instruction, height=h, width=w, preset=sampler.preset, steps=sampler.steps,
                            cfg_text_scale=sampler.cfg_text_scale, cfg_img_scale=sampler.cfg_img_scale,
                            timestep_shift=sampler.timestep_shift, analyze=False, seed=seed + k)
         output = np.asarray(result.image.convert("RGB"))
@@ -88,7 +91,8 @@ def text_to_image(pipe, prompts: dict[str, list[str]], classifier: ModalityClass
     k = 0
     for modality, texts in sorted(prompts.items()):
         for text in texts:
-            result = pipe.generate_image(text, height=size, width=size, steps=sampler.steps, cfg_text_scale=sampler.cfg_text_scale,
+            result = pipe.generate_image(text, height=size, width=size, preset=sampler.preset, steps=sampler.steps,
+                                         cfg_text_scale=sampler.cfg_text_scale,
                                          cfg_img_scale=sampler.cfg_img_scale, timestep_shift=sampler.timestep_shift, seed=seed + k)
             k += 1
             px = np.asarray(result.image.convert("RGB"))

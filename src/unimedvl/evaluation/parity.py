@@ -31,6 +31,7 @@ from ..formats.checkpoint import load_pretrained
 from ..precision import DTYPES
 from ..image_transforms import ImageTransform, normalize_u8, to_uint8_image
 from ..inference import UniMedVLPipeline
+from ..inference.sampling import velocities
 from ..model.layers import grid_position_ids
 from ..model.patching import patchify
 
@@ -274,7 +275,7 @@ def run_flow_step(fx: Fixture, policy: str, pipe: UniMedVLPipeline) -> Iterator[
     scale = float(info.get("cfg_text_scale", defaults.get("cfg_text_scale", 4.0)))
     renorm_min = float(info.get("cfg_renorm_min", 0.0))
     ctx = _text_context(engine, fx.get("inputs.t2i_text_ids").tolist())
-    v_c, v_u = engine.velocities([ctx, engine.new_context()], fx.get("inputs.flow_step_x_t"), t, grid)
+    v_c, v_u = velocities(engine, [ctx, engine.new_context()], fx.get("inputs.flow_step_x_t"), t, grid)
     yield compare(p + "v_cond", v_c, fx.get(p + "v_cond"), TOLERANCES["velocity"][policy])
     yield compare(p + "v_uncond_text", v_u, fx.get(p + "v_uncond_text"), TOLERANCES["velocity"][policy])
     for renorm in ("global", "text_channel"):

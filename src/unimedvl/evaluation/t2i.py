@@ -29,6 +29,7 @@ import numpy as np
 
 from ..formats.atomic import write_json, write_text
 from ..formats.tables import TableError, read_rows
+from ..inference.presets import EVALUATION_PRESET
 from .biomedclip import clip_score
 from .features import FeatureCache, ImageSource
 from .paper import BIOMEDCLIP, GFID, GFID_MEAN, MODALITIES
@@ -45,8 +46,6 @@ MODALITY_ALIASES = {
     "ultrasound": "Ultrasound", "us": "Ultrasound", "ultra.": "Ultrasound", "sonography": "Ultrasound",
     "endoscopy": "Endoscopy", "endo.": "Endoscopy", "endo": "Endoscopy", "colonoscopy": "Endoscopy",
 }
-T2I_DEFAULTS = dict(steps=50, cfg_text_scale=4.0, cfg_interval=(0.0, 1.0), cfg_renorm_type="text_channel",
-                    timestep_shift=3.0, seed=42)  # EVALUATION.md 5
 
 
 class PromptFileError(TableError):
@@ -131,19 +130,19 @@ def load_prompts(path: str | Path) -> list[T2IPrompt]:
 
 
 def generate_missing(pipeline, prompts: list[T2IPrompt], generated: str | Path, *, height: int | None = None, width: int | None = None,
-                     progress: bool = True, **settings) -> dict:
-    """Generate ``GENERATED/<id>.png`` for every prompt without one (EVALUATION.md 5 settings unless
-    overridden).  Files are written atomically, so an interrupted run resumes where it stopped."""
+                     preset: str = EVALUATION_PRESET, seed: int = 42, progress: bool = True, **overrides) -> dict:
+    """Generate ``GENERATED/<id>.png`` for every prompt without one, with the sampler ``preset``
+    (default ``evaluation``: the protocol of EVALUATION.md 5, seed 42) and any field ``overrides``.
+    Files are written atomically, so an interrupted run resumes where it stopped."""
     from tqdm.auto import tqdm
 
     generated = Path(generated)
     generated.mkdir(parents=True, exist_ok=True)
-    options = {**T2I_DEFAULTS, **settings}
     todo = [p for p in prompts if not (generated / image_file_name(p.id)).is_file()]
     failed = {}
     for p in tqdm(todo, desc="generating", unit="image", disable=not progress):
         try:
-            result = pipeline.generate_image(p.prompt, height=height, width=width, **options)
+            result = pipeline.generate_image(p.prompt, preset=preset, height=height, width=width, seed=seed, **overrides)
         except ValueError as e:  # e.g. a prompt over the context limit: recorded, the run goes on
             failed[p.id] = str(e)
             log.warning("prompt %s not generated: %s", p.id, e)

@@ -1,9 +1,10 @@
-"""KV-cached inference primitives on a :class:`~unimedvl.model.UniMedVL` (ARCHITECTURE 9).
+"""KV-cached contexts and text decoding on a :class:`~unimedvl.model.UniMedVL` (ARCHITECTURE 9).
 
 A *context* is a :class:`~unimedvl.model.KVCache` (keys/values per layer plus the next RoPE
-position).  The engine appends blocks to contexts (text, ViT image, clean VAE image), decodes text
-from a context, and samples images with classifier-free guidance, evaluating all guidance branches
-in **one** packed forward (each branch is a packed sample with its own context).
+position).  The :class:`Engine` appends blocks to contexts (text, ViT image, clean VAE image),
+checks them against the context window, encodes and decodes latents, and decodes text from a
+context (streamed, batched, closed back into the context for the next turn).  Sampling images from
+contexts is :mod:`.sampling`.
 
 This module orchestrates; the network only maps packed tokens to logits and velocities.
 """
@@ -15,13 +16,16 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..flow import GuidanceConfig, combine_guidance, euler_step, sampling_timesteps
 from ..model import KVCache, UniMedVL
 from ..model.attention import AttentionLayout, Split
 from ..model.unimedvl import ForwardPlan, PackedBatch
 from ..model.patching import latent_to_tokens, unpatchify
 from ..model.packing import PackedBatchBuilder
 from ..tokenizer import SpecialTokens
+
+
+class PromptTooLongError(ValueError):
+    """The context would exceed the model's context window."""
 
 
 @dataclass
@@ -115,13 +119,6 @@ class TextStream:
             yield nxt
 
 
-@dataclass
-class ImageSample:
-    latents: torch.Tensor  # [h*w, p*p*C] float32 final latent tokens (t = 0)
-    grid_hw: tuple[int, int]  # latent token grid
-    velocities: list[torch.Tensor]  # guided velocity of every step
-
-
 class Engine:
     def __init__(self, model: UniMedVL, special: SpecialTokens):
         self.model = model
@@ -133,7 +130,25 @@ class Engine:
     def new_context(self) -> KVCache:
         return self.model.new_cache()
 
-    def _builder(self) -> PackedBatchBuilder:
+    @property
+    def context_window(self) -> int:
+        return self.config.llm.max_position_embeddings
+
+    def check_room(self, ctx: KVCache, positions: int, what: str) -> None:
+        """Raise :class:`PromptTooLongError` when ``positions`` more would not fit after ``ctx``."""
+        if ctx.rope + positions > self.context_window:
+            raise PromptTooLongError(
+                f"{what} needs {positions} positions after {ctx.rope} already used, but the context window is "
+                f"{self.context_window}; shorten the text, use fewer images or start a new conversation"
+            )
+
+    def answer_budget(self, ctx: KVCache, max_new_tokens: int) -> int:
+        """``max_new_tokens`` capped by the room left in the context window (at least one position)."""
+        check_max_new_tokens(max_new_tokens)
+        self.check_room(ctx, 1, "the answer")
+        return min(max_new_tokens, self.context_window - ctx.rope)
+
+    def batch_builder(self) -> PackedBatchBuilder:
         return PackedBatchBuilder(self.config, self.special)
 
     @torch.no_grad()
@@ -143,7 +158,7 @@ class Engine:
         return self.model(batch, caches=caches, update_cache=update_cache, plan=plan)
 
     def _update(self, ctx: KVCache, add: Callable[[PackedBatchBuilder], object]):
-        b = self._builder().new_sample(ctx.rope)
+        b = self.batch_builder().new_sample(ctx.rope)
         add(b)
         rope = b.rope
         out = self.forward(b.build(self.model.device), [ctx], update_cache=True)
@@ -153,6 +168,7 @@ class Engine:
     # ---- context updates ------------------------------------------------------------------------
     def add_text(self, ctx: KVCache, content_ids: list[int]) -> None:
         """Append the text item ``<|im_start|> content <|im_end|>`` (causal)."""
+        self.check_room(ctx, len(content_ids) + 2, f"a text of {len(content_ids)} tokens")
         self._update(ctx, lambda b: b.add_text(list(content_ids)))
 
     def add_token_ids(self, ctx: KVCache, ids: list[int]) -> None:
@@ -161,6 +177,8 @@ class Engine:
 
     def add_vit_image(self, ctx: KVCache, pixels: torch.Tensor) -> None:
         """Append a ViT block of ``pixels [3, h, w]`` in [-1, 1] (understanding input)."""
+        p = self.config.vit.patch_size
+        self.check_room(ctx, 1, f"an image of {(pixels.shape[1] // p) * (pixels.shape[2] // p)} patches")
         self._update(ctx, lambda b: b.add_vit_image(pixels))
 
     def add_vae_image(self, ctx: KVCache, pixels: torch.Tensor, posterior_noise: torch.Tensor | None = None) -> torch.Tensor:
@@ -318,97 +336,3 @@ class Engine:
             with torch.no_grad():
                 self._decode_steps(contexts, [self.special.eos] * len(contexts))
         return contexts
-
-    # ---- images -------------------------------------------------------------------------------
-    def denoising_query(self, contexts: list[KVCache], grid_hw: tuple[int, int]) -> "DenoisingQuery":
-        """The packed noisy-block query over ``contexts`` (one branch each), built once and reused
-        by every step while the contexts stay unchanged."""
-        return DenoisingQuery(self, contexts, grid_hw)
-
-    def velocities(self, contexts: list[KVCache], x: torch.Tensor, t: float | torch.Tensor, grid_hw: tuple[int, int]) -> list[torch.Tensor]:
-        """Velocity of the noisy latent block ``x [h*w, p*p*C]`` at time ``t`` under each context.
-
-        All contexts run in one packed forward; the block sits at each context's RoPE position
-        and is not written to any cache.  Returns float32 ``[h*w, p*p*C]`` per context.
-        """
-        return self.denoising_query(contexts, grid_hw)(x, t)
-
-    def sample_image(
-        self,
-        ctx: KVCache,
-        ctx_text_uncond: KVCache | None,
-        ctx_img_uncond: KVCache | None,
-        noise: torch.Tensor,
-        grid_hw: tuple[int, int],
-        *,
-        num_timesteps: int = 50,
-        timestep_shift: float = 3.0,
-        guidance: GuidanceConfig = GuidanceConfig(),
-        progress: Callable[[int, int], None] | None = None,
-    ) -> ImageSample:
-        """Euler integration from ``noise [h*w, p*p*C]`` at ``t = 1`` to ``t = 0`` (ARCHITECTURE 9.4).
-
-        Each step evaluates the guidance branches it needs in one packed forward; the query batches
-        (with and without guidance) are built once for the whole loop.
-        """
-        ts = sampling_timesteps(num_timesteps, timestep_shift)
-        x = noise.to(torch.float32).to(self.model.device)
-        if x.shape[0] != grid_hw[0] * grid_hw[1]:
-            raise ValueError(f"noise has {x.shape[0]} tokens, the {grid_hw[0]}x{grid_hw[1]} latent grid needs {grid_hw[0] * grid_hw[1]}")
-        queries: dict[int, DenoisingQuery] = {}
-        per_step = []
-        for k in range(num_timesteps - 1):
-            text_scale, img_scale = guidance.scales_at(float(ts[k]))
-            branches = [ctx]
-            if text_scale > 1.0:  # as in the reference, image guidance only acts together with text guidance
-                branches.append(ctx_text_uncond)
-                if img_scale > 1.0:
-                    branches.append(ctx_img_uncond)
-            if any(c is None for c in branches):
-                raise ValueError("guidance is on but an unconditional context is missing")
-            # A branch whose context *is* another branch's (text-to-image: c_I equals c) is not run twice.
-            unique = list({id(c): c for c in branches}.values())
-            if len(branches) not in queries:
-                queries[len(branches)] = self.denoising_query(unique, grid_hw)
-            by_id = dict(zip((id(c) for c in unique), queries[len(branches)](x, ts[k])))
-            vs = [by_id[id(c)] for c in branches]
-            v = combine_guidance(
-                vs[0], vs[1] if len(vs) > 1 else None, vs[2] if len(vs) > 2 else None,
-                text_scale, img_scale, guidance.cfg_renorm_type, guidance.cfg_renorm_min,
-            )
-            per_step.append(v)
-            x = euler_step(x, v, ts[k], ts[k + 1])
-            if progress is not None:
-                progress(k + 1, num_timesteps - 1)
-        return ImageSample(x, grid_hw, per_step)
-
-
-class DenoisingQuery:
-    """A noisy latent block queried against several contexts in one packed forward.
-
-    Positions, indices, routing, masks and RoPE tables are computed once; each call only swaps in
-    the latents and the time.  The contexts must not change while the query is in use.
-    """
-
-    def __init__(self, engine: Engine, contexts: list[KVCache], grid_hw: tuple[int, int]):
-        self.engine, self.contexts, self.grid_hw = engine, list(contexts), grid_hw
-        n = grid_hw[0] * grid_hw[1]
-        placeholder = torch.zeros(n, engine.config.patch_latent_dim)
-        b = engine._builder()
-        for ctx in self.contexts:
-            b.new_sample(ctx.rope)
-            b.add_latent_image(placeholder, grid_hw, 0.0, noisy=True)
-        self.batch = b.build(engine.model.device)
-        self.plan = engine.model.plan(self.batch, self.contexts, update_cache=False)
-        self.lengths = [c.length for c in self.contexts]
-        self.num_tokens = n
-
-    @torch.no_grad()
-    def __call__(self, x: torch.Tensor, t: float | torch.Tensor) -> list[torch.Tensor]:
-        if [c.length for c in self.contexts] != self.lengths:
-            raise RuntimeError("a context changed after its denoising query was built")
-        nb = len(self.contexts)
-        self.batch.latents = x.to(self.engine.model.device).repeat(nb, 1)
-        self.batch.latent_timesteps = torch.as_tensor(t, dtype=torch.float32, device=self.batch.latents.device).reshape(1).repeat(nb)
-        out = self.engine.forward(self.batch, self.contexts, update_cache=False, plan=self.plan)
-        return list(out.velocities.float().split(self.num_tokens))

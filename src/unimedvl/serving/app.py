@@ -216,9 +216,8 @@ def create_app(pipeline, config: ServeConfig | None = None):
         req = parse_image_request(parse_json(await request.body()), config, served, default_size=default_size)
 
         def work(token: CancelToken):
-            return [pipeline.generate_image(req.prompt, height=req.height, width=req.width, steps=req.steps, cfg_text_scale=req.guidance,
-                                            cfg_interval=(0.0, 1.0), cfg_renorm_type="text_channel", seed=req.seed + k,
-                                            progress=token.check)
+            return [pipeline.generate_image(req.prompt, preset=req.preset, height=req.height, width=req.width, steps=req.steps,
+                                            cfg_text_scale=req.guidance, seed=req.seed + k, progress=token.check)
                     for k in range(req.n)]
 
         return image_response(await _run_model(worker, work, request))
@@ -241,8 +240,8 @@ def create_app(pipeline, config: ServeConfig | None = None):
 
         def work(token: CancelToken):
             size = {"height": req.height, "width": req.width} if has_size else {}
-            return [pipeline.edit(images, req.prompt, steps=req.steps, cfg_text_scale=req.guidance, cfg_img_scale=req.image_guidance,
-                                  seed=req.seed + k, progress=token.check, **size)
+            return [pipeline.edit(images, req.prompt, preset=req.preset, steps=req.steps, cfg_text_scale=req.guidance,
+                                  cfg_img_scale=req.image_guidance, seed=req.seed + k, progress=token.check, **size)
                     for k in range(req.n)]
 
         return image_response(await _run_model(worker, work, request))
@@ -261,7 +260,7 @@ def create_app(pipeline, config: ServeConfig | None = None):
 
 
 async def _run_model(worker: ModelWorker, work, request, *, token: CancelToken | None = None, watch_client: bool = True):
-    from ..inference.pipeline import PromptTooLongError
+    from ..inference.engine import PromptTooLongError
 
     try:
         return await worker.run(work, is_disconnected=request.is_disconnected if watch_client else None, token=token)

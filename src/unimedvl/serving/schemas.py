@@ -6,6 +6,7 @@ import json
 import re
 from dataclasses import dataclass, field
 
+from ..inference.presets import DEFAULT_PRESET, SAMPLER_PRESETS
 from .config import ServeConfig
 from .errors import APIError, bad_request
 from .images import ReadOptions
@@ -128,9 +129,10 @@ class ImageRequest:
     width: int
     height: int
     seed: int
+    preset: str  # a sampler preset name (unimedvl.inference.presets); the task's default when the request names none
     steps: int
-    guidance: float
-    image_guidance: float | None = None
+    guidance: float | None = None  # overrides the preset's text guidance scale
+    image_guidance: float | None = None  # overrides the preset's image guidance scale (edits)
 
 
 _SIZE = re.compile(r"^(\d+)x(\d+)$")
@@ -157,13 +159,17 @@ def parse_image_request(data: dict, config: ServeConfig, served: str, *, edit: b
             raise bad_request(f"size: {width}x{height} is outside {config.min_image_side}..{config.max_image_side} per side "
                               "(max_image_side)", "size", "limit_exceeded")
     seed = _seed(_ints(data, "seed"), nullable=False)
+    preset = data.get("preset") or DEFAULT_PRESET["image-to-image" if edit else "text-to-image"]
+    if preset not in SAMPLER_PRESETS:
+        raise bad_request(f"preset: unknown sampler preset {preset!r}; known: {', '.join(SAMPLER_PRESETS)}", "preset")
     return ImageRequest(
         prompt=prompt,
         n=_number(_ints(data, "n"), "n", 1, 1, config.max_images_generated, integer=True, hint=" (max_images_generated)"),
-        width=width, height=height, seed=seed,
-        steps=_number(_ints(data, "steps"), "steps", min(50, config.max_steps), 2, config.max_steps, integer=True, hint=" (max_steps)"),
-        guidance=_number(_floats(data, "guidance"), "guidance", 4.0, 0.0, 30.0),
-        image_guidance=_number(_floats(data, "image_guidance"), "image_guidance", 2.0, 0.0, 30.0) if edit else None,
+        width=width, height=height, seed=seed, preset=preset,
+        steps=_number(_ints(data, "steps"), "steps", min(SAMPLER_PRESETS[preset].steps, config.max_steps), 2, config.max_steps,
+                      integer=True, hint=" (max_steps)"),
+        guidance=_number(_floats(data, "guidance"), "guidance", None, 0.0, 30.0),
+        image_guidance=_number(_floats(data, "image_guidance"), "image_guidance", None, 0.0, 30.0) if edit else None,
     )
 
 

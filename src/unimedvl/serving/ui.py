@@ -2,7 +2,7 @@
 worker, so its requests share the API's concurrency limit, queue and timeouts.
 
 Pages: Ask (chat about uploaded images; DICOM window presets, NIfTI slice), Report, Generate
-(modality, seed, steps, guidance) and Edit.  Every generated image is shown under a visible
+(modality, sampler preset, seed, steps, guidance) and Edit.  Every generated image is shown under a visible
 "SYNTHETIC" label and downloads as a PNG carrying the synthetic-image metadata.
 """
 
@@ -12,6 +12,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from ..inference.presets import DEFAULT_PRESET, SAMPLER_PRESETS
 from .chat import answer_chat
 from .config import ServeConfig
 from .errors import APIError
@@ -95,23 +96,23 @@ def mount_ui(app, pipeline, worker, config: ServeConfig):
         os.close(fd)
         return str(save_png(result.image, name, result.record))
 
-    def generate(modality, prompt, seed, steps, guidance, size):
+    def generate(modality, prompt, preset, seed, steps, guidance, size):
         if not prompt or not prompt.strip():
             raise gr.Error("type a description of the image")
         full = prompt if modality in (None, "", "any") else f"{MODALITY_PHRASES[modality]}: {prompt}"
         side = int(size)
-        result = run(lambda token: pipeline.generate_image(full, height=side, width=side, steps=int(steps), cfg_text_scale=float(guidance),
-                                                           cfg_interval=(0.0, 1.0), cfg_renorm_type="text_channel", seed=int(seed),
-                                                           progress=token.check))
-        return _save(result), f"**{SYNTHETIC_LABEL}** · seed {int(seed)} · {int(steps)} steps · guidance {float(guidance):g}"
+        result = run(lambda token: pipeline.generate_image(full, preset=preset, height=side, width=side, steps=int(steps),
+                                                           cfg_text_scale=float(guidance), seed=int(seed), progress=token.check))
+        return _save(result), (f"**{SYNTHETIC_LABEL}** · seed {int(seed)} · {preset} · {int(steps)} steps · "
+                               f"guidance {float(guidance):g}")
 
-    def edit(file, window, slice_index, instruction, seed, steps, guidance):
+    def edit(file, window, slice_index, instruction, preset, seed, steps, guidance):
         if file is None or not instruction or not instruction.strip():
             raise gr.Error("upload an image and type an instruction")
         image = load(file, window, slice_index)
-        result = run(lambda token: pipeline.edit([image], instruction, steps=int(steps), cfg_text_scale=float(guidance), seed=int(seed),
-                                                 progress=token.check))
-        return _save(result), f"**{SYNTHETIC_LABEL}** · seed {int(seed)}", result.analysis or ""
+        result = run(lambda token: pipeline.edit([image], instruction, preset=preset, steps=int(steps), cfg_text_scale=float(guidance),
+                                                 seed=int(seed), progress=token.check))
+        return _save(result), f"**{SYNTHETIC_LABEL}** · seed {int(seed)} · {preset}", result.analysis or ""
 
     windows = ["file default", *WINDOW_PRESETS]
     max_side = config.max_image_side
@@ -123,11 +124,22 @@ def mount_ui(app, pipeline, worker, config: ServeConfig):
         return [gr.File(label=label, elem_id=elem_id), gr.Dropdown(windows, value="file default", label="DICOM window"),
                 gr.Number(value=-1, precision=0, label="NIfTI slice (-1: middle)")]
 
-    def sampler_inputs():
-        """``[seed, steps, guidance]`` controls of the generating pages."""
-        return [gr.Number(value=42, precision=0, label="Seed"),
-                gr.Slider(2, config.max_steps, value=min(50, config.max_steps), step=1, label="Steps"),
-                gr.Slider(0.0, 10.0, value=4.0, step=0.5, label="Guidance (text CFG)")]
+    def preset_values(name: str) -> tuple[int, float]:
+        """What the Steps and Guidance controls show for a preset (steps capped by the server's max_steps)."""
+        settings = SAMPLER_PRESETS[name]
+        return min(settings.steps, config.max_steps), settings.cfg_text_scale
+
+    def sampler_inputs(task: str):
+        """``[preset, seed, steps, guidance]`` controls of a generating page; the task's default preset
+        (the same as the API's and the CLI's) is selected, and choosing a preset loads its values."""
+        default = DEFAULT_PRESET[task]
+        steps_value, guidance_value = preset_values(default)
+        preset = gr.Dropdown(list(SAMPLER_PRESETS), value=default, label="Sampler preset")
+        controls = [preset, gr.Number(value=42, precision=0, label="Seed"),
+                    gr.Slider(2, config.max_steps, value=steps_value, step=1, label="Steps"),
+                    gr.Slider(0.0, 10.0, value=guidance_value, step=0.5, label="Guidance (text CFG)")]
+        preset.change(lambda name: preset_values(name), [preset], [controls[2], controls[3]])
+        return controls
 
     def synthetic_output(elem_id: str | None = None):
         """The visible label and the image under it (a PNG with the synthetic metadata)."""
@@ -162,7 +174,7 @@ def mount_ui(app, pipeline, worker, config: ServeConfig):
                 with gr.Column():
                     gen_modality = gr.Dropdown(["any", *MODALITY_PHRASES], value="any", label="Modality")
                     gen_prompt = gr.Textbox(label="Description", placeholder="focal opacity in the right lower lobe", elem_id="gen-prompt")
-                    gen_sampler = sampler_inputs()
+                    gen_sampler = sampler_inputs("text-to-image")
                     gen_size = gr.Dropdown([str(s) for s in sizes], value=str(default_side), label="Size (px)", elem_id="gen-size")
                     gen_button = gr.Button("Generate", variant="primary", elem_id="gen-button")
                 with gr.Column():
@@ -173,7 +185,7 @@ def mount_ui(app, pipeline, worker, config: ServeConfig):
                 with gr.Column():
                     ed_image_in = image_inputs("Input image (PNG, JPEG, DICOM, NIfTI)")
                     ed_instruction = gr.Textbox(label="Instruction", placeholder="Translate this T2 slice to FLAIR.")
-                    ed_sampler = sampler_inputs()
+                    ed_sampler = sampler_inputs("image-to-image")
                     ed_button = gr.Button("Edit", variant="primary")
                 with gr.Column():
                     ed_label, ed_image = synthetic_output()

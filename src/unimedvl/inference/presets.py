@@ -1,0 +1,127 @@
+"""Sampler presets: the one table of image-sampling settings, each with where its numbers come from.
+
+Every door - :class:`~unimedvl.inference.UniMedVLPipeline`, ``unimedvl generate/edit``, the HTTP
+API, the web UI, the evaluation and the demo - names a preset and overrides single fields; a door
+that names none gets the task's default from :data:`DEFAULT_PRESET`, so the same prompt and seed
+give the same image whichever door it came through.
+
+Fields use the official names (``num_timesteps`` is ``steps``: the schedule's length, ``steps - 1``
+model evaluations).  Guidance is on for ``t`` in ``(lo, hi]`` of ``cfg_interval``; see
+:func:`unimedvl.flow.combine_guidance` for the renorm types.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import TypedDict
+
+from ..flow import RENORM_TYPES, GuidanceConfig
+
+TASKS = ("text-to-image", "image-to-image")
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """Image sampler settings, checked on construction (before any model work starts)."""
+
+    steps: int = 50
+    cfg_text_scale: float = 4.0
+    cfg_img_scale: float = 1.0
+    cfg_interval: tuple[float, float] = (0.0, 1.0)
+    cfg_renorm_type: str = "global"
+    cfg_renorm_min: float = 0.0
+    timestep_shift: float = 3.0
+    name: str = "custom"  # the preset these settings came from (recorded in generated files)
+
+    def __post_init__(self):
+        object.__setattr__(self, "cfg_interval", tuple(float(v) for v in self.cfg_interval))
+        if int(self.steps) != self.steps or self.steps < 2:
+            raise ValueError(f"steps must be >= 2, a whole number (the schedule's length, steps - 1 model evaluations), got {self.steps}")
+        if len(self.cfg_interval) != 2 or not 0.0 <= self.cfg_interval[0] <= self.cfg_interval[1] <= 1.0:
+            raise ValueError(f"cfg_interval must be (lo, hi) with 0 <= lo <= hi <= 1, got {self.cfg_interval}")
+        if self.cfg_renorm_type not in RENORM_TYPES:
+            raise ValueError(f"cfg_renorm_type must be one of {RENORM_TYPES}, got {self.cfg_renorm_type!r}")
+        if self.cfg_text_scale < 0 or self.cfg_img_scale < 0:
+            raise ValueError(f"guidance scales must be >= 0, got text {self.cfg_text_scale}, image {self.cfg_img_scale}")
+        if self.timestep_shift <= 0:
+            raise ValueError(f"timestep_shift must be > 0, got {self.timestep_shift}")
+
+    def with_overrides(self, **overrides) -> "SamplerSettings":
+        """A copy with the given fields replaced; ``None`` values keep the preset's."""
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise TypeError(f"unknown sampler settings {sorted(unknown)}")
+        changes = {k: v for k, v in overrides.items() if v is not None}
+        return dataclasses.replace(self, **changes) if changes else self
+
+    @property
+    def guidance(self) -> GuidanceConfig:
+        return GuidanceConfig(self.cfg_text_scale, self.cfg_img_scale, self.cfg_interval, self.cfg_renorm_type, self.cfg_renorm_min)
+
+    def record(self, height: int, width: int) -> dict:
+        """The settings as recorded in generated files (official names)."""
+        return dict(
+            preset=self.name, num_timesteps=self.steps, cfg_text_scale=self.cfg_text_scale, cfg_img_scale=self.cfg_img_scale,
+            cfg_interval=list(self.cfg_interval), cfg_renorm_type=self.cfg_renorm_type, cfg_renorm_min=self.cfg_renorm_min,
+            timestep_shift=self.timestep_shift, height=height, width=width,
+        )
+
+
+class SamplerOverrides(TypedDict, total=False):
+    """Fields a caller may override on a preset (``None`` keeps the preset's value)."""
+
+    steps: int | None
+    cfg_text_scale: float | None
+    cfg_img_scale: float | None
+    cfg_interval: tuple[float, float] | None
+    cfg_renorm_type: str | None
+    cfg_renorm_min: float | None
+    timestep_shift: float | None
+
+
+# name -> (settings, where the numbers come from).  ARCHITECTURE 9.5 and EVALUATION 5 quote the sources.
+_TABLE: dict[str, tuple[dict, str]] = {
+    "driver": (
+        dict(steps=50, cfg_text_scale=3.0, cfg_img_scale=1.5, cfg_interval=(0.4, 1.0), cfg_renorm_type="global", timestep_shift=3.0),
+        "the defaults of the reference inference driver (BAGEL's InterleaveInferencer), which UniMedVL's scripts call; "
+        "UniMedVL ships no dedicated text-to-image script. For text-to-image the image-unconditional context equals the "
+        "conditional one, so the image scale only rescales text guidance: effective text scale 1 + 1.5 * (3 - 1) = 4.",
+    ),
+    "bagel-t2i": (
+        dict(steps=50, cfg_text_scale=4.0, cfg_img_scale=1.0, cfg_interval=(0.4, 1.0), cfg_renorm_type="global", timestep_shift=3.0),
+        "BAGEL's documented text-to-image setting (image guidance off, as it only rescales text guidance there).",
+    ),
+    "unimedvl-edit": (
+        dict(steps=50, cfg_text_scale=4.0, cfg_img_scale=2.0, cfg_interval=(0.0, 1.0), cfg_renorm_type="text_channel", timestep_shift=3.0),
+        "UniMedVL's image-editing script (interactive_image_generator): virtual staining, super-resolution, "
+        "contrast translation, counterfactuals; the same numbers as BAGEL's documented editing setting.",
+    ),
+    "evaluation": (
+        dict(steps=50, cfg_text_scale=4.0, cfg_img_scale=1.0, cfg_interval=(0.0, 1.0), cfg_renorm_type="text_channel", timestep_shift=3.0),
+        "the generation settings of the public evaluation scripts (EVALUATION.md 5: text scale 4.0, interval [0, 1], "
+        "text_channel renorm, shift 3, 50 steps); image scale 1.0 because a text-to-image prompt has no image to guide by.",
+    ),
+}
+
+SAMPLER_PRESETS: dict[str, SamplerSettings] = {name: SamplerSettings(**values, name=name) for name, (values, _) in _TABLE.items()}
+PRESET_SOURCES: dict[str, str] = {name: source for name, (_, source) in _TABLE.items()}
+
+# The default of each task, the same at every door.
+DEFAULT_PRESET = {"text-to-image": "driver", "image-to-image": "unimedvl-edit"}
+EVALUATION_PRESET = "evaluation"  # `unimedvl eval t2i` reproduces the paper's protocol unless told otherwise
+
+
+def sampler_settings(task: str, preset: str | SamplerSettings | None = None, **overrides) -> SamplerSettings:
+    """The settings for ``task`` (``text-to-image`` or ``image-to-image``): ``preset`` (a name of
+    :data:`SAMPLER_PRESETS`, settings, or ``None`` for the task's default) with ``overrides``
+    (``None`` values ignored) applied."""
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    if preset is None:
+        preset = DEFAULT_PRESET[task]
+    if isinstance(preset, str):
+        if preset not in SAMPLER_PRESETS:
+            raise ValueError(f"unknown sampler preset {preset!r}; known: {', '.join(SAMPLER_PRESETS)}")
+        preset = SAMPLER_PRESETS[preset]
+    return preset.with_overrides(**overrides)

@@ -1,0 +1,133 @@
+"""Image sampling from KV contexts: the guided rectified-flow denoising loop (ARCHITECTURE 9.4).
+
+Plain functions over an :class:`~.engine.Engine`:
+
+* :func:`initial_noise` - the seeded ``[h*w, p*p*C]`` starting latents (drawn on the CPU, as the
+  reference does, so a seed gives the same image on every device);
+* :class:`DenoisingQuery` / :func:`velocities` - a noisy latent block queried against several
+  contexts in **one** packed forward (one guidance branch per context), never written to a cache;
+* :func:`sample_image` - the loop: at each step the branches the guidance needs, their
+  combination (:func:`unimedvl.flow.combine_guidance`) and one Euler step (:func:`unimedvl.flow.euler_step`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..flow import combine_guidance, euler_step, sampling_timesteps
+from ..model import KVCache
+from .engine import Engine
+from .presets import SamplerSettings
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class ImageSample:
+    latents: torch.Tensor  # [h*w, p*p*C] float32 final latent tokens (t = 0)
+    grid_hw: tuple[int, int]  # latent token grid
+    velocities: list[torch.Tensor]  # guided velocity of every step, each [h*w, p*p*C]
+
+
+def initial_noise(engine: Engine, grid_hw: tuple[int, int], generator: torch.Generator | None,
+                  noise: torch.Tensor | None = None) -> torch.Tensor:
+    """``noise`` checked against the grid, or a fresh ``[h*w, p*p*C]`` draw from ``generator``."""
+    n, dim = grid_hw[0] * grid_hw[1], engine.config.patch_latent_dim
+    if noise is None:
+        return torch.randn(n, dim, generator=generator)
+    if tuple(noise.shape) != (n, dim):
+        raise ValueError(f"noise must have shape ({n}, {dim}) for the {grid_hw[0]}x{grid_hw[1]} latent grid, got {tuple(noise.shape)}")
+    return noise
+
+
+class DenoisingQuery:
+    """A noisy latent block queried against several contexts in one packed forward.
+
+    Positions, indices, routing, masks and RoPE tables are computed once; each call only swaps in
+    the latents and the time.  The contexts must not change while the query is in use.
+    """
+
+    def __init__(self, engine: Engine, contexts: list[KVCache], grid_hw: tuple[int, int]):
+        self.engine, self.contexts, self.grid_hw = engine, list(contexts), grid_hw
+        n = grid_hw[0] * grid_hw[1]
+        placeholder = torch.zeros(n, engine.config.patch_latent_dim)  # replaced by x at every call
+        b = engine.batch_builder()
+        for ctx in self.contexts:  # one packed sample per branch, each at its context's next RoPE position
+            b.new_sample(ctx.rope)
+            b.add_latent_image(placeholder, grid_hw, 0.0, noisy=True)
+        self.batch = b.build(engine.model.device)
+        self.plan = engine.model.plan(self.batch, self.contexts, update_cache=False)
+        self.lengths = [c.length for c in self.contexts]
+        self.num_tokens = n
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, t: float | torch.Tensor) -> list[torch.Tensor]:
+        """``x [h*w, p*p*C]`` at time ``t`` -> one float32 velocity ``[h*w, p*p*C]`` per context."""
+        if [c.length for c in self.contexts] != self.lengths:
+            raise RuntimeError("a context changed after its denoising query was built")
+        nb = len(self.contexts)
+        self.batch.latents = x.to(self.engine.model.device).repeat(nb, 1)  # [nb*h*w, p*p*C]: the same block per branch
+        self.batch.latent_timesteps = torch.as_tensor(t, dtype=torch.float32, device=self.batch.latents.device).reshape(1).repeat(nb)
+        out = self.engine.forward(self.batch, self.contexts, update_cache=False, plan=self.plan)
+        return list(out.velocities.float().split(self.num_tokens))
+
+
+def velocities(engine: Engine, contexts: list[KVCache], x: torch.Tensor, t: float | torch.Tensor,
+               grid_hw: tuple[int, int]) -> list[torch.Tensor]:
+    """Velocity of the noisy latent block ``x [h*w, p*p*C]`` at time ``t`` under each context, all
+    in one packed forward; the block sits at each context's RoPE position and is not cached."""
+    return DenoisingQuery(engine, contexts, grid_hw)(x, t)
+
+
+def sample_image(
+    engine: Engine,
+    ctx: KVCache,
+    ctx_text_uncond: KVCache | None,
+    ctx_img_uncond: KVCache | None,
+    noise: torch.Tensor,
+    grid_hw: tuple[int, int],
+    settings: SamplerSettings,
+    progress: Progress | None = None,
+) -> ImageSample:
+    """Euler integration from ``noise [h*w, p*p*C]`` at ``t = 1`` to ``t = 0``.
+
+    ``ctx`` is the conditional context, ``ctx_text_uncond`` the one without the last text item,
+    ``ctx_img_uncond`` the one without images (ARCHITECTURE 9.4).  Each step evaluates the
+    branches its guidance needs in one packed forward; the query batches (with and without
+    guidance) are built once for the whole loop.  ``progress(step, total)`` is called after each
+    step (a cancellation point for the server).
+    """
+    ts = sampling_timesteps(settings.steps, settings.timestep_shift)  # [steps] from 1 to 0
+    guidance = settings.guidance
+    x = noise.to(torch.float32).to(engine.model.device)
+    if x.shape[0] != grid_hw[0] * grid_hw[1]:
+        raise ValueError(f"noise has {x.shape[0]} tokens, the {grid_hw[0]}x{grid_hw[1]} latent grid needs {grid_hw[0] * grid_hw[1]}")
+    queries: dict[int, DenoisingQuery] = {}  # by number of branches: at most two shapes per loop
+    per_step = []
+    for k in range(settings.steps - 1):
+        text_scale, img_scale = guidance.scales_at(float(ts[k]))
+        branches = [ctx]
+        if text_scale > 1.0:  # as in the reference, image guidance only acts together with text guidance
+            branches.append(ctx_text_uncond)
+            if img_scale > 1.0:
+                branches.append(ctx_img_uncond)
+        if any(c is None for c in branches):
+            raise ValueError("guidance is on but an unconditional context is missing")
+        # A branch whose context *is* another branch's (text-to-image: c_I equals c) is not run twice.
+        unique = list({id(c): c for c in branches}.values())
+        if len(branches) not in queries:
+            queries[len(branches)] = DenoisingQuery(engine, unique, grid_hw)
+        by_id = dict(zip((id(c) for c in unique), queries[len(branches)](x, ts[k])))
+        vs = [by_id[id(c)] for c in branches]
+        v = combine_guidance(
+            vs[0], vs[1] if len(vs) > 1 else None, vs[2] if len(vs) > 2 else None,
+            text_scale, img_scale, guidance.cfg_renorm_type, guidance.cfg_renorm_min,
+        )
+        per_step.append(v)
+        x = euler_step(x, v, ts[k], ts[k + 1])
+        if progress is not None:
+            progress(k + 1, settings.steps - 1)
+    return ImageSample(x, grid_hw, per_step)
