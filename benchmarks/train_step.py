@@ -65,10 +65,12 @@ def main() -> None:
     from unimedvl.tokenizer import SpecialTokens
     from unimedvl.training import DropoutConfig, PlanItem, build_batch, training_losses
     from unimedvl.training.flops import peak_flops, step_flops
+    from unimedvl.training.parallelize import apply_activation_checkpointing
 
     cfg = UniMedVLConfig.from_preset(args.preset)
     model = UniMedVL.from_config(cfg, seed=0).to(args.device).train()
-    model.language_model.model.gradient_checkpointing = args.activation_checkpointing
+    if args.activation_checkpointing:  # as the trainer: recompute every decoder and ViT layer in backward
+        apply_activation_checkpointing(model)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if args.device.startswith("cuda") else contextlib.nullcontext()
     for p in model.vae_model.parameters():
         p.requires_grad_(False)

@@ -118,7 +118,8 @@ def test_export_loads_strictly_and_reproduces_the_trainers_model(demo_dataset, t
 
     reference = new_model()
     reference.load_state_dict(trainer.model.state_dict())
-    assert torch.equal(logits(raw), logits(reference))
+    # not bit-exact: the exported weights are assigned file-backed tensors, so BLAS may take another path (seen: 1.5e-7 at |logit| <= 0.56)
+    torch.testing.assert_close(logits(raw), logits(reference), rtol=1e-5, atol=1e-5)
 
 
 def test_sigkill_then_resume_through_the_cli_is_bit_identical(demo_dataset, tmp_path):

@@ -8,10 +8,10 @@ import torch
 
 from conftest import random_model, tiny_config
 from unimedvl.data.imaging import png_bytes
+from unimedvl.flow import noise_latents, sample_flow_times, velocity_target
 from unimedvl.image_transforms import ImageTransform
 from unimedvl.tokenizer import SpecialTokens
-from unimedvl.training import DropoutConfig, build_batch, compute_losses, noise_latents, plan_record, sample_flow_times, training_losses
-from unimedvl.training.objective import velocity_target
+from unimedvl.training import DropoutConfig, build_batch, compute_losses, plan_record, training_losses
 
 SPECIAL = SpecialTokens(2040, 2041, 2042, 2043)
 VIT = ImageTransform(56, 28, 14, 10**6)

@@ -13,6 +13,7 @@ from unimedvl.tokenizer import BUNDLED_TINY_TOKENIZER, SpecialTokens, Tokenizer
 from unimedvl.training import DropoutConfig, PlanItem, build_batch, training_losses
 from unimedvl.training.flops import attention_flops, linear_flops
 from unimedvl.training.lora import LoRAConfig
+from unimedvl.training.parallelize import apply_activation_checkpointing, is_activation_checkpointed, transformer_layers
 from unimedvl.training.plan import PlanError, parse_plan, with_overrides
 from unimedvl.precision import training_compute
 from unimedvl.training.trainer import Trainer
@@ -52,25 +53,40 @@ def test_flop_count_matches_torch_flop_counter():
 
 
 def test_activation_checkpointing_gives_the_same_loss_and_gradients():
+    """Applied from outside the model (composable ``checkpoint`` on every decoder and ViT layer):
+    the parameter names stay, far fewer activations are kept, every layer runs its forward a second
+    time in the backward, and the loss and gradients are those of the plain model."""
     def grads(checkpointing):
         model = UniMedVL.from_config(UniMedVLConfig.from_preset("tiny"), seed=0).train()
         with torch.no_grad():
             model.llm2vae.weight.normal_(0, 0.02, generator=torch.Generator().manual_seed(1))  # non-zero, so every layer receives a flow gradient
-        model.language_model.model.gradient_checkpointing = checkpointing
+        names, keys = [n for n, _ in model.named_parameters()], list(model.state_dict())
+        if checkpointing:
+            apply_activation_checkpointing(model)
+        assert [n for n, _ in model.named_parameters()] == names and list(model.state_dict()) == keys
+        layers = transformer_layers(model)
+        assert len(layers) == model.config.llm.num_layers + model.config.vit.num_layers
+        assert [is_activation_checkpointed(layer) for layer in layers] == [checkpointing] * len(layers)
+        calls = [0] * len(layers)  # forward calls per layer; a recomputation in the backward is one more
+        for i, layer in enumerate(layers):
+            layer.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
         tb = _batch(model)
         saved = []
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
             loss = training_losses(model, tb).total
         kept[checkpointing] = sum(saved)
+        assert calls == [1] * len(layers)
         loss.backward()
+        assert calls == [2 if checkpointing else 1] * len(layers)  # each layer recomputed once, ViT included
         return float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     kept = {}
     loss_a, ga = grads(False)
     loss_b, gb = grads(True)
     assert loss_a == loss_b
-    assert kept[True] < 0.5 * kept[False]  # the decoder layers' activations are recomputed, not kept
-    assert ga.keys() == gb.keys() and any("layers.0." in k for k in ga)
+    assert kept[True] < 0.5 * kept[False]  # the layers' activations are recomputed, not kept
+    assert ga.keys() == gb.keys() and any("language_model.model.layers.0." in k for k in ga)
+    assert any("vision_model.encoder.layers.0." in k for k in ga)
     for k in ga:
         assert torch.allclose(ga[k], gb[k], rtol=1e-5, atol=1e-7), k
 
@@ -83,6 +99,7 @@ def test_bf16_autocast_trains_close_to_fp32_and_keeps_fp32_master_weights(demo_d
         model = UniMedVL.from_config(UniMedVLConfig.from_preset("tiny"), seed=0)
         trainer = Trainer(plan, demo_dataset, tmp_path / precision, model=model, tokenizer=tok, tensorboard=False)
         assert trainer.precision == precision
+        assert not any(is_activation_checkpointed(layer) for layer in transformer_layers(model))  # the plan leaves it off
         trainer.run(max_steps=2, checkpoint_at_end=False)
         rows[precision] = [json.loads(x) for x in (tmp_path / precision / "metrics.jsonl").read_text().splitlines()]
         assert all(p.dtype == torch.float32 for p in model.parameters())
@@ -120,7 +137,7 @@ def test_plan_level_options_are_validated_and_lora_from_the_plan_trains_adapters
     model = UniMedVL.from_config(UniMedVLConfig.from_preset("tiny"), seed=0)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     trainer = Trainer(plan, demo_dataset, tmp_path / "run", model=model, tokenizer=Tokenizer(BUNDLED_TINY_TOKENIZER), tensorboard=False)
-    assert model.language_model.model.gradient_checkpointing
+    assert all(is_activation_checkpointed(layer) for layer in transformer_layers(model))  # the plan turns it on
     wrapped = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
     assert wrapped and all(n.endswith("mlp_moe_gen.down_proj") for n in wrapped)
     trainer.run(max_steps=2, checkpoint_at_end=False)

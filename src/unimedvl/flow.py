@@ -1,7 +1,11 @@
-"""Rectified-flow maths outside the network: schedules, classifier-free guidance, the Euler step.
+"""Rectified-flow maths outside the network: noising and targets for training, schedules,
+classifier-free guidance and the Euler step for sampling.
 
 Convention (ARCHITECTURE 8.1, 9.4): ``x_t = (1 - t) x_0 + t eps``; ``t = 1`` is pure noise, ``t = 0``
 data; the network predicts the velocity ``v = eps - x_0`` and sampling integrates from 1 to 0.
+Training draws ``t`` logit-normal and shifted (:func:`sample_flow_times`), noises the clean latents
+(:func:`noise_latents`) and regresses :func:`velocity_target`; the losses themselves live in
+:mod:`unimedvl.training.objective`.
 """
 
 from __future__ import annotations
@@ -16,6 +20,25 @@ RENORM_TYPES = ("global", "channel", "text_channel")
 def time_shift(t: torch.Tensor, shift: float) -> torch.Tensor:
     """``s t / (1 + (s - 1) t)``: spends more steps near pure noise for ``s > 1``."""
     return shift * t / (1 + (shift - 1) * t)
+
+
+def sample_flow_times(n: int, generator: torch.Generator | None = None, shift: float = 1.0) -> torch.Tensor:
+    """``n`` logit-normal flow times in (0, 1), shifted (training default shift 1.0): ``tau ~ N(0, 1)``,
+    ``t = time_shift(sigmoid(tau), shift)``.  Returns ``[n]`` float32."""
+    tau = torch.randn(n, generator=generator)
+    return time_shift(torch.sigmoid(tau), shift)
+
+
+def noise_latents(x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """``x_t = (1 - t) x0 + t eps``.  ``x0``, ``eps [n, ...]`` (one image's latent tokens ``[n, C]``);
+    a 0-d ``t`` applies to every row, a ``t [n]`` one time per row (broadcast over the trailing dims)."""
+    t = t.to(x0.dtype).reshape(-1, *([1] * (x0.dim() - 1))) if t.dim() else t.to(x0.dtype)
+    return (1 - t) * x0 + t * eps
+
+
+def velocity_target(x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """The velocity the network regresses, ``eps - x0`` (``d x_t / d t``), same shape as ``x0``."""
+    return eps - x0
 
 
 def sampling_timesteps(num_timesteps: int, shift: float) -> torch.Tensor:

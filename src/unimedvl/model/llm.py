@@ -11,6 +11,15 @@ Design:
   (:mod:`unimedvl.model.attention`), with GQA, q/k RMSNorm over the head dimension and RoPE;
 * the same ``forward`` serves training (no caches) and KV-cached inference (a cache per sample).
 
+Per layer, as in Qwen2.5-7B plus BAGEL's QK-norm (ARCHITECTURE 2.1, 5.6): pre-RMSNorm (eps 1e-6),
+q/k/v projections *with* bias and ``o_proj`` without, GQA with 28 query and 4 key/value heads of
+d = 128, RMSNorm on q and k per head, then RoPE (theta 1e6, full head), SwiGLU MLP (H 3584 ->
+I 18944).  The final norm is per expert too (``norm`` / ``norm_moe_gen``); ``lm_head`` is untied.
+
+Precision: everything runs in the dtype of the weights.  The reference's gen-mode detour through
+fp32 for q/k-norm and RoPE (ARCHITECTURE 10.4) is not mirrored; the parity tolerances cover it.
+
+Shapes: ``N`` packed tokens, ``H`` hidden, ``hq``/``hkv`` query/key-value heads, ``d`` head dim.
 Module and parameter names follow the official checkpoint, so its keys load without renaming.
 """
 
@@ -40,8 +49,9 @@ class ExpertRouting:
 
     @classmethod
     def from_gen_mask(cls, gen_mask: torch.Tensor) -> "ExpertRouting":
+        # gen_mask [N] bool, True at VAE latent tokens (ARCHITECTURE 5.5)
         n = gen_mask.numel()
-        n_gen = int(gen_mask.sum())
+        n_gen = int(gen_mask.sum())  # one host sync per forward, not one per layer
         if n_gen == 0:
             return cls(n, None, None)
         gen_index = gen_mask.nonzero().squeeze(1)
@@ -58,18 +68,25 @@ class ExpertRouting:
 
     @property
     def gen_majority(self) -> bool:
-        """Mixed, with at most one understanding token in sixteen."""
+        """Mixed, with at most one understanding token in sixteen.
+
+        The typical case is a denoising query: its two image markers (und) around e.g. 4096
+        latent tokens (gen) for a 1024x1024 image (ARCHITECTURE 9.4).
+        """
         return self.und_index is not None and self.gen_index is not None and self.gen_index.numel() * 16 >= self.num_tokens * 15
 
     def apply_split(self, x: torch.Tensor, und, gen, sizes: list[int]) -> list[torch.Tensor]:
         """Like :meth:`apply` for maps returning ``[N, sum(sizes), ...]`` pieces concatenated on dim 1,
-        returned split; when no gather is needed the maps' pieces are used without concatenating."""
+        returned split; when no gather is needed the maps' pieces are used without concatenating.
+
+        Used for q/k/v: one gather/scatter of ``[N, hq + 2*hkv, d]`` instead of three.
+        """
         if self.all_und or self.all_gen or self.gen_majority:
             parts = list((und if self.all_und else gen)(x))
             if self.gen_majority:
                 fix = und(x.index_select(0, self.und_index))
                 for p, f in zip(parts, fix):
-                    p[self.und_index] = f.to(p.dtype)
+                    p[self.und_index] = f.to(p.dtype)  # index_put needs matching dtypes
             return parts
         return list(self.apply(x, lambda t: torch.cat(und(t), dim=1), lambda t: torch.cat(gen(t), dim=1)).split(sizes, dim=1))
 
@@ -88,9 +105,10 @@ class ExpertRouting:
             out = gen(x)
             out[self.und_index] = und(x.index_select(0, self.und_index)).to(out.dtype)
             return out
-        y_und = und(x.index_select(0, self.und_index))
-        y_gen = gen(x.index_select(0, self.gen_index))
-        out = y_und.new_empty((self.num_tokens, *y_und.shape[1:]))
+        # a balanced mix (training packs, context updates of several kinds): gather, map, scatter
+        y_und = und(x.index_select(0, self.und_index))  # [N_und, ...]
+        y_gen = gen(x.index_select(0, self.gen_index))  # [N_gen, ...]
+        out = y_und.new_empty((self.num_tokens, *y_und.shape[1:]))  # [N, ...]
         out.index_copy_(0, self.und_index, y_und)
         out.index_copy_(0, self.gen_index, y_gen)
         return out
@@ -106,10 +124,11 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate = self.gate_proj(x)
+        gate = self.gate_proj(x)  # [N, H] -> [N, I]
         if torch.is_grad_enabled() and gate.requires_grad:
-            return self.down_proj(F.silu(gate) * self.up_proj(x))
-        # inference: in place, no extra [N, I] temporaries
+            # autograd keeps ``gate`` for silu's backward, so no in-place ops here
+            return self.down_proj(F.silu(gate) * self.up_proj(x))  # [N, I] -> [N, H]
+        # inference: in place, no extra [N, I] temporaries (I = 18944: ~150 MB per 4096 bf16 tokens)
         return self.down_proj(F.silu(gate, inplace=True).mul_(self.up_proj(x)))
 
 
@@ -118,22 +137,25 @@ class MoTAttention(nn.Module):
         super().__init__()
         h, d = cfg.hidden_size, cfg.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
-        self.scale = 1.0 / math.sqrt(d)
+        self.scale = 1.0 / math.sqrt(d)  # 1/sqrt(128), the flash-attention default of the reference
         # One parameter set per expert: un-suffixed (understanding) and ``_moe_gen`` (generation).
         for sfx in ("", "_moe_gen"):
             setattr(self, "q_proj" + sfx, nn.Linear(h, cfg.num_heads * d, bias=True))
             setattr(self, "k_proj" + sfx, nn.Linear(h, cfg.num_kv_heads * d, bias=True))
             setattr(self, "v_proj" + sfx, nn.Linear(h, cfg.num_kv_heads * d, bias=True))
             setattr(self, "o_proj" + sfx, nn.Linear(cfg.num_heads * d, h, bias=False))
+            # QK-norm is BAGEL's addition to Qwen2 (``qk_norm=True`` forced at load, ARCHITECTURE 1.2):
+            # one [d] weight shared by all heads
             setattr(self, "q_norm" + sfx, RMSNorm(d, cfg.rms_norm_eps))
             setattr(self, "k_norm" + sfx, RMSNorm(d, cfg.rms_norm_eps))
 
     def _qkv(self, x: torch.Tensor, gen: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         sfx = "_moe_gen" if gen else ""
         n = x.shape[0]
-        q = getattr(self, "q_proj" + sfx)(x).view(n, self.num_heads, self.head_dim)
-        k = getattr(self, "k_proj" + sfx)(x).view(n, self.num_kv_heads, self.head_dim)
-        v = getattr(self, "v_proj" + sfx)(x).view(n, self.num_kv_heads, self.head_dim)
+        q = getattr(self, "q_proj" + sfx)(x).view(n, self.num_heads, self.head_dim)  # [n, H] -> [n, hq, d]
+        k = getattr(self, "k_proj" + sfx)(x).view(n, self.num_kv_heads, self.head_dim)  # [n, H] -> [n, hkv, d]
+        v = getattr(self, "v_proj" + sfx)(x).view(n, self.num_kv_heads, self.head_dim)  # [n, H] -> [n, hkv, d]
+        # norm over the last dim (d) before RoPE, the reference's order (ARCHITECTURE 5.6 steps 3-4)
         return getattr(self, "q_norm" + sfx)(q), getattr(self, "k_norm" + sfx)(k), v
 
     def forward(self, x, routing: ExpertRouting, cos, sin, plan: AttentionPlan, layer: int) -> torch.Tensor:
@@ -142,10 +164,11 @@ class MoTAttention(nn.Module):
             x, lambda t: self._qkv(t, False), lambda t: self._qkv(t, True),
             [self.num_heads, self.num_kv_heads, self.num_kv_heads],
         )
-        q = apply_rotary(q, cos, sin)
-        k = apply_rotary(k, cos, sin)
-        out = attend(plan, layer, q, k, v, self.scale).reshape(x.shape[0], -1)
-        return routing.apply(out, self.o_proj, self.o_proj_moe_gen)
+        # RoPE is shared by both experts: positions, not experts, decide the rotation
+        q = apply_rotary(q, cos, sin)  # [N, hq, d]
+        k = apply_rotary(k, cos, sin)  # [N, hkv, d]; cached after RoPE (ARCHITECTURE 9.1): never re-rotated
+        out = attend(plan, layer, q, k, v, self.scale).reshape(x.shape[0], -1)  # [N, hq, d] -> [N, hq*d]
+        return routing.apply(out, self.o_proj, self.o_proj_moe_gen)  # [N, hq*d] -> [N, H]
 
 
 class MoTDecoderLayer(nn.Module):
@@ -159,8 +182,10 @@ class MoTDecoderLayer(nn.Module):
             setattr(self, "post_attention_layernorm" + sfx, RMSNorm(h, cfg.rms_norm_eps))
 
     def forward(self, x, routing: ExpertRouting, cos, sin, plan: AttentionPlan, layer: int) -> torch.Tensor:
+        # pre-norm residual block; x stays [N, H] throughout
         a = routing.apply(x, self.input_layernorm, self.input_layernorm_moe_gen)
         x = x + self.self_attn(a, routing, cos, sin, plan, layer)
+        # norm and MLP fused into one routed map: one gather/scatter for both
         m = routing.apply(
             x,
             lambda t: self.mlp(self.post_attention_layernorm(t)),
@@ -173,13 +198,15 @@ class Qwen2MoTModel(nn.Module):
     def __init__(self, cfg: LLMConfig):
         super().__init__()
         self.cfg = cfg
+        # V = 152064 rows: the Qwen2.5 tokenizer's 151665 ids padded up (ARCHITECTURE 4.1); one table
+        # for both experts, since only text-vocabulary tokens (und) are looked up
         self.embed_tokens = uninitialized_embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList([MoTDecoderLayer(cfg) for _ in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.norm_moe_gen = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.gradient_checkpointing = False
 
     def rotary(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        # [N] -> cos, sin [N, d], rounded to ``dtype`` as the reference does (ARCHITECTURE 10.3)
         return rotary_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, dtype)
 
     def forward(
@@ -191,12 +218,13 @@ class Qwen2MoTModel(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """``x [N, H]`` packed input embeddings -> final hidden states ``[N, H]`` (after the per-expert final norm)."""
-        cos, sin = rope if rope is not None else self.rotary(position_ids, x.dtype)
+        # ``rope`` comes precomputed from the forward plan, so denoising steps that reuse one plan
+        # (same positions every step) do not rebuild the tables
+        cos, sin = rope if rope is not None else self.rotary(position_ids, x.dtype)  # [N, d] each
         for i, layer in enumerate(self.layers):
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(layer, x, routing, cos, sin, plan, i, use_reentrant=False)
-            else:
-                x = layer(x, routing, cos, sin, plan, i)
+            # activation checkpointing, when training wants it, is hooked onto each layer from outside
+            # (unimedvl.training.parallelize), like FSDP: the forward stays the same
+            x = layer(x, routing, cos, sin, plan, i)
         return routing.apply(x, self.norm, self.norm_moe_gen)
 
 
@@ -204,4 +232,6 @@ class Qwen2MoTForCausalLM(nn.Module):
     def __init__(self, cfg: LLMConfig):
         super().__init__()
         self.model = Qwen2MoTModel(cfg)
+        # untied from embed_tokens (``tie_word_embeddings=False``, ARCHITECTURE 1.2); applied by the
+        # caller only at the und positions whose logits are wanted
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)

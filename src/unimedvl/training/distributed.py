@@ -1,11 +1,10 @@
-"""Distributed training from outside the model: process group, FSDP2 sharding, full-state gathers.
+"""The process group of a distributed run and what the loop asks of it (rank, world, barriers, means).
 
 ``torchrun --nproc-per-node N -m unimedvl.train ...`` (or ``unimedvl train`` under torchrun) sets
 ``WORLD_SIZE``/``RANK``; :func:`init_from_env` then joins the process group (NCCL on GPUs, gloo on
-CPUs) and :func:`shard_model` applies ``fully_shard`` to every decoder and ViT layer and to the
-root, so each rank holds a shard of every trained weight (the frozen autoencoder, used outside the
-forward to encode training images, stays whole on every rank).  Checkpoints are written with
-``torch.distributed.checkpoint``: each rank saves its own shards, nothing is gathered.
+CPUs) and returns the :class:`DistContext` the trainer carries.  Sharding the model (FSDP2) and
+activation checkpointing are applied from outside the model by :mod:`.parallelize`; sharded
+checkpoints are written by :mod:`.checkpointing`.
 """
 
 from __future__ import annotations
@@ -50,27 +49,3 @@ def init_from_env() -> DistContext:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return DistContext(dist.get_rank(), dist.get_world_size())
-
-
-def shard_model(model, bf16: bool = False) -> None:
-    """``fully_shard`` every decoder and ViT layer, then the root.  ``bf16``: gather parameters in
-    bf16 for compute and reduce gradients in fp32 (the sharded master weights stay fp32)."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
-    for layer in model.language_model.model.layers:
-        fully_shard(layer, mp_policy=policy)
-    for layer in model.vit_model.vision_model.encoder.layers:
-        fully_shard(layer, mp_policy=policy)
-    # the frozen autoencoder encodes training images outside the model's forward: each rank keeps it whole
-    ignored = set(model.vae_model.parameters()) if getattr(model.config, "visual_gen", False) else set()
-    fully_shard(model, ignored_params=ignored, mp_policy=policy)
-
-
-def like(template: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
-    """``full`` laid out like ``template`` (sharded the same way when it is a DTensor)."""
-    if hasattr(template, "device_mesh"):
-        from torch.distributed.tensor import distribute_tensor
-
-        return distribute_tensor(full.to(template.dtype), template.device_mesh, template.placements)
-    return full.to(template.dtype)

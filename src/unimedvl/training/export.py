@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from ..formats.checkpoint import read_config, save_pretrained
 from ..model import UniMedVL
 from ..tokenizer import Tokenizer, has_tokenizer
+from .checkpointing import SHARDED_DIR
 from .lora import LoRAConfig, apply_lora, merge_lora
 
 
@@ -37,8 +38,6 @@ def load_training_weights(checkpoint: str | Path, which: str = "model") -> dict[
         raise ValueError(f"which must be model or ema, got {which!r}")
     if (ckpt / f"{which}.safetensors").is_file():
         return load_file(str(ckpt / f"{which}.safetensors"))
-    from .trainer import SHARDED_DIR
-
     if not (ckpt / SHARDED_DIR / ".metadata").is_file():
         raise FileNotFoundError(f"{ckpt}: no {which}.safetensors and no sharded checkpoint ({SHARDED_DIR}/.metadata)")
     import torch.distributed.checkpoint as dcp

@@ -1,39 +1,29 @@
 """The training objective, outside the network (ARCHITECTURE 8.1-8.2).
 
-* rectified flow: per noisy image ``tau ~ N(0, 1)``, ``t = sigmoid(tau)`` then shifted
-  ``s t / (1 + (s - 1) t)``; ``x_t = (1 - t) x0 + t eps``; the target velocity is ``eps - x0``;
+* rectified flow: the noisy latents and their velocity targets are drawn when the batch is packed
+  (:mod:`.sequence`, with :func:`unimedvl.flow.sample_flow_times`, :func:`~unimedvl.flow.noise_latents`
+  and :func:`~unimedvl.flow.velocity_target`: ``t`` logit-normal and shifted, ``x_t = (1 - t) x0 + t eps``,
+  target ``eps - x0``);
 * MSE on noisy latent tokens: squared error averaged over channels per token, then over tokens;
 * cross-entropy on text tokens that carry loss, summed and divided by their count;
 * ``total = ce_weight * CE + mse_weight * MSE``.
 
-Distributed runs pass the global token counts so that every rank divides by the same number
-(the reference's normalisation); single-process runs need not.
+:func:`training_losses` runs the model's cache-free forward on a packed :class:`~.sequence.TrainingBatch`
+and applies :func:`compute_losses`; the trainer and the benchmarks call it.  Distributed runs pass
+the global token counts so that every rank divides by the same number (the reference's
+normalisation); single-process runs need not.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-from ..flow import time_shift
-
-
-def sample_flow_times(n: int, generator: torch.Generator | None = None, shift: float = 1.0) -> torch.Tensor:
-    """``n`` logit-normal flow times in (0, 1), shifted (training default shift 1.0)."""
-    tau = torch.randn(n, generator=generator)
-    return time_shift(torch.sigmoid(tau), shift)
-
-
-def noise_latents(x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    """``x_t = (1 - t) x0 + t eps``; ``t`` broadcasts over the token dimension (one per image)."""
-    t = t.to(x0.dtype).reshape(-1, *([1] * (x0.dim() - 1))) if t.dim() else t.to(x0.dtype)
-    return (1 - t) * x0 + t * eps
-
-
-def velocity_target(x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    return eps - x0
+if TYPE_CHECKING:
+    from .sequence import TrainingBatch
 
 
 @dataclass
@@ -86,3 +76,28 @@ def compute_losses(
         raise ValueError("the batch has neither text tokens with loss nor noisy latent tokens")
     total = parts[0] if len(parts) == 1 else parts[0] + parts[1]
     return Losses(total, ce, mse, n_ce, n_mse)
+
+
+def training_losses(model, tb: TrainingBatch, *, ce_weight: float = 0.25, mse_weight: float = 1.0, backend: str = "sdpa") -> Losses:
+    """One cache-free forward of a packed training batch and its weighted losses; ``per_family``
+    holds each task family's mean CE and MSE (no extra compute, for logging)."""
+    out = model(tb.batch, attention_backend=backend)
+    # out.velocities [N_lat, p*p*C] for every latent token, clean ones included; the loss takes the noisy rows
+    velocities = out.velocities[tb.noisy_rows] if out.velocities is not None and tb.noisy_rows.numel() else None
+    losses = compute_losses(out.logits, tb.labels if tb.labels.numel() else None, velocities,
+                            tb.targets if tb.targets.numel() else None, ce_weight=ce_weight, mse_weight=mse_weight)
+    with torch.no_grad():
+        families = tb.family_of_sample
+        if losses.ce_tokens and tb.label_sample is not None:
+            per_token = F.cross_entropy(out.logits.float(), tb.labels, reduction="none").cpu()  # [n_ce]
+            for f in set(families):
+                mask = torch.tensor([families[i] == f for i in tb.label_sample.tolist()], dtype=torch.bool)
+                if mask.any():
+                    losses.per_family.setdefault(f, {})["ce"] = float(per_token[mask].mean())
+        if losses.mse_tokens and tb.noisy_sample is not None:
+            per_token = (velocities.float() - tb.targets.float()).pow(2).mean(-1).cpu()  # [n_noisy]
+            for f in set(families):
+                mask = torch.tensor([families[i] == f for i in tb.noisy_sample.tolist()], dtype=torch.bool)
+                if mask.any():
+                    losses.per_family.setdefault(f, {})["mse"] = float(per_token[mask].mean())
+    return losses

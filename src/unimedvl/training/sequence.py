@@ -25,10 +25,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..flow import noise_latents, sample_flow_times, velocity_target
 from ..image_transforms import ImageTransform, normalize_u8
 from ..model.patching import latent_to_tokens
 from ..model.packing import PackedBatchBuilder
-from .objective import noise_latents, sample_flow_times, velocity_target
 
 
 @dataclass(frozen=True)

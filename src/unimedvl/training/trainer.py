@@ -1,22 +1,22 @@
-"""The curriculum training loop (single process; distributed wrapping comes from outside).
+"""The curriculum training loop (the same code for one process and for FSDP ranks).
 
 For each stage of the plan: freeze the stage's modules, build AdamW over the rest, and run its
 steps: micro-batches from the :class:`~unimedvl.training.data.BatchStream` (gradient
-accumulation), the weighted CE + flow loss, gradient clipping, the warm-up/cosine learning rate,
-an EMA of every weight.  Each optimiser step appends a row to ``RUN/metrics.jsonl``; checkpoints
-(every ``checkpoint_every`` steps and at each stage end) are written to a temporary folder and
-renamed, and ``RUN/checkpoints/latest`` names the newest complete one.  ``resume`` restores the
-model, EMA, optimiser, data position and step (single process: safetensors + ``optimizer.pt``;
-under FSDP: one ``torch.distributed.checkpoint`` folder, each rank writing its own shards, no
-full gather); every random draw of a step comes from a
-generator seeded by (plan seed, global step), so a resumed run repeats an uninterrupted one
-bit for bit.
+accumulation), the weighted CE + flow loss (:func:`.objective.training_losses`), gradient
+clipping, the warm-up/cosine learning rate, an EMA of every weight.  Each optimiser step appends a
+row to ``RUN/metrics.jsonl``.  Checkpoints (every ``checkpoint_every`` steps and at each stage end)
+are written atomically by :mod:`.checkpointing`, ``RUN/checkpoints/latest.json`` naming the newest
+complete one.  ``resume`` restores the model, EMA, optimiser, data position and step; every random
+draw of a step comes from a generator seeded by (plan seed, global step), so a resumed run repeats
+an uninterrupted one bit for bit.
 
-``plan.precision`` ``auto`` trains in bf16 autocast on GPUs (FSDP2 gathers bf16 parameters and
-reduces fp32 gradients; master weights, optimiser and EMA stay fp32) and in fp32 on CPUs.
-``plan.activation_checkpointing`` recomputes each decoder layer in backward.  Rows also carry the
-step's model FLOP/s and, where the accelerator's peak is known, MFU (:mod:`.flops`); with
-``tensorboard`` installed the same scalars go to ``RUN/tensorboard``.
+What wraps the model comes from outside it (:mod:`.parallelize`), in this order: LoRA adapters,
+activation checkpointing (``plan.activation_checkpointing``: each decoder and ViT layer is
+recomputed in the backward), then FSDP2 under ``torchrun``.  ``plan.precision`` ``auto`` trains in
+bf16 autocast on GPUs (FSDP2 gathers bf16 parameters and reduces fp32 gradients; master weights,
+optimiser and EMA stay fp32) and in fp32 on CPUs.  Rows also carry the step's model FLOP/s and,
+where the accelerator's peak is known, MFU (:mod:`.flops`); with ``tensorboard`` installed the
+same scalars go to ``RUN/tensorboard``.
 """
 
 from __future__ import annotations
@@ -25,30 +25,28 @@ import contextlib
 import dataclasses
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import load_file, save_file
 
-from ..formats.atomic import write_json, write_text
+from ..formats.atomic import write_text
 from ..image_transforms import ImageTransform
 from ..model import UniMedVL
+from ..precision import training_compute
+from . import checkpointing
+from .checkpointing import CHECKPOINTS_DIR, checkpoint_name
 from .data import BatchStream, DatasetIndex, MixtureSampler
-from .plan import Plan, StageConfig
-from .distributed import DistContext, like, shard_model
+from .distributed import DistContext
 from .flops import peak_flops, step_flops
 from .lora import apply_lora, lora_parameters
+from .objective import training_losses
+from .parallelize import apply_activation_checkpointing, shard_model
+from .plan import Plan, StageConfig
 from .plots import plot_run
-from ..precision import training_compute
 from .sequence import DropoutConfig, build_batch
-from . import training_losses
-
-
-SHARDED_DIR = "sharded"  # torch.distributed.checkpoint folder of an FSDP run's checkpoint
 
 
 @dataclass
@@ -97,13 +95,15 @@ class Trainer:
         self._tensorboard = tensorboard
         if lora is not None:
             apply_lora(self.model, lora)  # only the adapters train; export merges them
-        self.model.language_model.model.gradient_checkpointing = plan.activation_checkpointing
+        # from outside the model, as torchtitan: activation checkpointing first, FSDP2 last
+        if plan.activation_checkpointing:
+            apply_activation_checkpointing(self.model)
         if dist_ctx.enabled:
-            shard_model(self.model, bf16=self.precision == "bf16")  # FSDP2, applied from outside the model
+            shard_model(self.model, bf16=self.precision == "bf16")
         self.index = DatasetIndex(dataset)
         self.on_log = on_log
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "checkpoints").mkdir(exist_ok=True)
+        (self.run_dir / CHECKPOINTS_DIR).mkdir(exist_ok=True)
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.ema = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
         self.global_step = 0
@@ -236,79 +236,24 @@ class Trainer:
             if not p.requires_grad:
                 self.ema[name].copy_(p.detach().float())
 
-    # ---- checkpoints ------------------------------------------------------------------------
-    def save_checkpoint(self) -> Path:
-        ckpt_root = self.run_dir / "checkpoints"
-        final = ckpt_root / f"step-{self.global_step:07d}"
-        tmp = ckpt_root / f".step-{self.global_step:07d}.partial"
-        if self.dist.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-        self.dist.barrier()
-        if self.dist.enabled:  # every rank writes its own shards; nothing is gathered
-            import torch.distributed.checkpoint as dcp
+    # ---- checkpoints: written and read by .checkpointing; the loop adds its own state -----------
+    def _save_checkpoint(self) -> Path:
+        meta = {"stage_index": self._stage_index, "stream": self.stream.state_dict(), "plan": self.plan.name,
+                "lora": None if self.lora is None else dataclasses.asdict(self.lora)}
+        return checkpointing.save_checkpoint(self.run_dir, self.global_step, model=self.model, ema=self.ema,
+                                             optimizer=self.optimizer, tokenizer=self.tokenizer, dist=self.dist, meta=meta)
 
-            dcp.save(self._sharded_state(), checkpoint_id=str(tmp / SHARDED_DIR))
-        if self.dist.is_main:
-            if not self.dist.enabled:
-                save_file({k: v.detach().contiguous() for k, v in self.model.state_dict().items()}, str(tmp / "model.safetensors"))
-                save_file({k: v.contiguous() for k, v in self.ema.items()}, str(tmp / "ema.safetensors"))
-                torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-            from ..formats.checkpoint import write_config
-
-            write_config(self.model.config, tmp, (self.tokenizer.special.bos, self.tokenizer.special.eos))
-            self.tokenizer.save(tmp)  # the checkpoint is self-describing: unimedvl export needs nothing else
-            write_json(tmp / "state.json", {"global_step": self.global_step, "stage_index": self._stage_index,
-                                              "stream": self.stream.state_dict(), "plan": self.plan.name, "world": self.dist.world,
-                                              "format": "sharded" if self.dist.enabled else "safetensors",
-                                              "lora": None if self.lora is None else dataclasses.asdict(self.lora)})
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            write_json(ckpt_root / "latest.json", {"checkpoint": final.name, "global_step": self.global_step})
-        self.dist.barrier()
-        return final
-
-    def _sharded_state(self) -> dict:
-        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
-        return {"model": self.model.state_dict(), "ema": self.ema, "optim": get_optimizer_state_dict(self.model, self.optimizer)}
-
-    def load_checkpoint(self, path: Path) -> None:
-        state = json.loads((path / "state.json").read_text())
-        if state.get("world", 1) != self.dist.world:
-            raise ValueError(f"{path} was written by {state.get('world', 1)} processes; resume with the same number "
-                             "(the global batch and each rank's data stream depend on it)")
+    def _resume_from(self, path: Path) -> None:
+        state = checkpointing.read_state(path, self.dist)
         self.global_step = state["global_step"]
         stage_index, _ = self.plan.stage_at(self.global_step)
+        # a checkpoint at a stage's last step resumes into a fresh next stage (entered by the loop,
+        # with a new optimiser); one mid-stage restores the stage's data position and optimiser
         same_stage = stage_index == state["stage_index"]
         if same_stage:
             self._enter_stage(stage_index, state["stream"], None)
-        if self.dist.enabled:
-            import torch.distributed.checkpoint as dcp
-            from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
-
-            # a stage-end checkpoint resumes into a fresh stage: its optimiser state is not needed
-            target = self._sharded_state() if same_stage else {"model": self.model.state_dict(), "ema": self.ema}
-            dcp.load(target, checkpoint_id=str(path / SHARDED_DIR))
-            self.model.load_state_dict(target["model"])
-            if same_stage:
-                set_optimizer_state_dict(self.model, self.optimizer, target["optim"])
-        else:
-            full = load_file(str(path / "model.safetensors"))
-            current = self.model.state_dict()
-            self.model.load_state_dict({k: like(current[k], full[k]) for k in current})
-            ema = load_file(str(path / "ema.safetensors"))
-            self.ema = {k: like(self.ema[k], ema[k]) for k in self.ema}
-            if same_stage:
-                self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-        # a checkpoint at a stage's last step resumes into a fresh next stage
-
-    def latest_checkpoint(self) -> Path | None:
-        pointer = self.run_dir / "checkpoints" / "latest.json"
-        if not pointer.is_file():
-            return None
-        path = self.run_dir / "checkpoints" / json.loads(pointer.read_text())["checkpoint"]
-        return path if (path / "state.json").is_file() else None
+        self.ema = checkpointing.load_checkpoint(path, model=self.model, ema=self.ema,
+                                                 optimizer=self.optimizer if same_stage else None, dist=self.dist)
 
     def _open_tensorboard(self, purge_step: int | None):
         if not (self._tensorboard and self.dist.is_main):
@@ -327,12 +272,11 @@ class Trainer:
         self.dist.barrier()  # every rank has looked before rank 0 writes anything
         if resume:
             if self.dist.is_main:
-                for stale in (self.run_dir / "checkpoints").glob(".step-*.partial"):
-                    shutil.rmtree(stale, ignore_errors=True)  # a checkpoint the killed run did not finish
+                checkpointing.remove_partial_checkpoints(self.run_dir)  # checkpoints the killed run did not finish
             self.dist.barrier()
-            latest = self.latest_checkpoint()
+            latest = checkpointing.latest_checkpoint(self.run_dir)
             if latest is not None:
-                self.load_checkpoint(latest)
+                self._resume_from(latest)
             if existed and self.dist.is_main:  # drop rows of steps after the checkpoint: they are redone
                 rows = [r for r in self.metrics_path.read_text().splitlines() if r and json.loads(r)["step"] <= self.global_step]
                 write_text(self.metrics_path, "".join(r + "\n" for r in rows))
@@ -355,19 +299,19 @@ class Trainer:
                 if self.on_log and (row["stage_step"] % stage.log_every == 0 or row["stage_step"] == stage.steps):
                     self.on_log(row)
                 if row["stage_step"] % stage.checkpoint_every == 0 or row["stage_step"] == stage.steps:
-                    last_ckpt = self.save_checkpoint()
+                    last_ckpt = self._save_checkpoint()
                 if row["stage_step"] == stage.steps and self.dist.is_main:
                     log.flush()
                     plot_run(self.run_dir)
-        if checkpoint_at_end and self.global_step and (last_ckpt is None or last_ckpt.name != f"step-{self.global_step:07d}"):
-            latest = self.latest_checkpoint()
-            if latest is None or latest.name != f"step-{self.global_step:07d}":
-                last_ckpt = self.save_checkpoint()
+        if checkpoint_at_end and self.global_step and (last_ckpt is None or last_ckpt.name != checkpoint_name(self.global_step)):
+            latest = checkpointing.latest_checkpoint(self.run_dir)
+            if latest is None or latest.name != checkpoint_name(self.global_step):
+                last_ckpt = self._save_checkpoint()
         if writer is not None:
             writer.close()
         if self.dist.is_main:
             plot_run(self.run_dir)
-        return TrainResult(self.global_step, last_ckpt or self.latest_checkpoint(), self.metrics_path)
+        return TrainResult(self.global_step, last_ckpt or checkpointing.latest_checkpoint(self.run_dir), self.metrics_path)
 
 
 def _write_scalars(writer, row: dict) -> None:
