@@ -15,6 +15,17 @@ masking, ARCHITECTURE 10.5).
 Two kernels implement the same rules: ``sdpa`` (torch SDPA, one call per sample, a dense boolean
 mask only when the split structure needs one) and ``flex`` (one flex-attention call over the whole
 packed batch with a block mask; used for training on GPUs, cache-free).
+
+Layouts and names used below:
+
+* packed q/k/v arrive token-major, ``q [N, hq, d]`` and ``k, v [N, hkv, d]`` (N = packed new tokens,
+  hq/hkv = query/key-value heads, d = head dim; 28/4/128 in the LLM, ARCHITECTURE 0); the kernels
+  want heads first, so each sample is transposed to ``[h, n, d]`` and back;
+* GQA is left to the kernels (``enable_gqa``): the 4 kv heads are never repeated to 28 in memory;
+* the KV cache stores ``[hkv, length, d]`` per layer, already heads-first, so a sample's cached keys
+  are SDPA operands without a copy;
+* the reference uses flash-attention varlen kernels (ARCHITECTURE 10.5); SDPA with a bottom-right
+  aligned mask is its drop-in (its own ``is_causal`` is top-left aligned, wrong once a cache exists).
 """
 
 from __future__ import annotations
@@ -31,6 +42,8 @@ _MODES = ("causal", "full", "noise")
 
 @dataclass(frozen=True)
 class Split:
+    """``length`` consecutive tokens of one sample attended under one ``mode`` (a text segment, an image block)."""
+
     length: int
     mode: SplitMode
 
@@ -67,25 +80,32 @@ class AttentionLayout:
         ``None`` when every query may see every key (a single full/noise split)."""
         splits = self.samples[s]
         if len(splits) == 1 and (splits[0].mode != "causal" or splits[0].length == 1):
-            return None  # one block that sees itself and the whole cache (e.g. a decoding step)
+            # one block that sees itself and the whole cache (e.g. a decoding step); passing no mask
+            # also lets SDPA pick its fused flash/efficient kernels
+            return None
         n = sum(sp.length for sp in splits)
+        # per new token: index of its split, [n]
         split_id = torch.repeat_interleave(
             torch.arange(len(splits), device=device), torch.tensor([sp.length for sp in splits], device=device)
         )
-        is_causal = torch.tensor([sp.mode == "causal" for sp in splits], device=device)[split_id]
-        is_noise = torch.tensor([sp.mode == "noise" for sp in splits], device=device)[split_id]
+        is_causal = torch.tensor([sp.mode == "causal" for sp in splits], device=device)[split_id]  # [n]
+        is_noise = torch.tensor([sp.mode == "noise" for sp in splits], device=device)[split_id]  # [n]
         idx = torch.arange(n, device=device)
-        q_split, k_split = split_id[:, None], split_id[None, :]
-        same = q_split == k_split
-        within = same & (~is_causal[:, None] | (idx[None, :] <= idx[:, None]))
-        earlier = (k_split < q_split) & ~is_noise[None, :]
-        new_mask = within | earlier
+        q_split, k_split = split_id[:, None], split_id[None, :]  # [n, 1], [1, n]
+        same = q_split == k_split  # [n, n]
+        within = same & (~is_causal[:, None] | (idx[None, :] <= idx[:, None]))  # ARCHITECTURE 5.3 rules 1-3, inside a split
+        earlier = (k_split < q_split) & ~is_noise[None, :]  # earlier splits, except noisy latents (rule 3)
+        new_mask = within | earlier  # [n, n]
         if cache_len:
+            # bottom-right alignment: the cached context is fully visible to every new token
             new_mask = torch.cat([torch.ones(n, cache_len, dtype=torch.bool, device=device), new_mask], dim=1)
-        return new_mask
+        return new_mask  # [n, cache_len + n]
 
     def token_tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per packed token: sample id, global split id (increasing), split mode code (0 causal, 1 full, 2 noise)."""
+        """Per packed token: sample id, global split id (increasing), split mode code (0 causal, 1 full, 2 noise).
+
+        Three ``[N]`` int32 tables that the flex ``mask_mod`` indexes: it sees only token indices.
+        """
         sample_ids, split_ids, modes = [], [], []
         g = 0
         for s, splits in enumerate(self.samples):
@@ -99,6 +119,10 @@ class AttentionLayout:
 
 class _KVStore:
     """Preallocated key/value buffers ``[kv_heads, capacity, head_dim]`` per layer, shared by forks.
+
+    Forks are why it exists: image generation runs three contexts (conditional, text- and
+    image-unconditional, ARCHITECTURE 9.4) and text generation works on a copy (9.3), mostly
+    sharing one prefix; copying every layer's keys and values per fork would dominate short steps.
 
     ``claimed`` is the longest prefix any cache on this store has committed and ``owner`` the cache
     that committed it; a cache may write past its own length only when those rows are unclaimed or
@@ -174,7 +198,7 @@ class KVCache:
         """Write ``keys/values [kv_heads, n, d]`` after this context and return the views of
         context + new rows.  ``commit`` makes them part of the context (after the last layer,
         :meth:`advance` moves ``length``); otherwise they are scratch rows for one forward."""
-        n = keys.shape[1]
+        n = keys.shape[1]  # new tokens of this sample
         self._ensure_writable(layer, n, keys)
         store = self._store
         end = self.length + n
@@ -182,7 +206,7 @@ class KVCache:
         store.values[layer][:, self.length : end] = values
         if commit:
             store.claimed, store.owner = end, self
-        return store.keys[layer][:, :end], store.values[layer][:, :end]
+        return store.keys[layer][:, :end], store.values[layer][:, :end]  # [kv_heads, length + n, d] views
 
     def advance(self, n: int) -> None:
         """Make the ``n`` rows written with ``commit=True`` in every layer part of the context."""
@@ -221,6 +245,7 @@ class AttentionPlan:
         if backend not in ("sdpa", "flex"):
             raise ValueError(f"attention backend must be 'sdpa' or 'flex', got {backend!r}")
         plan = cls(layout, caches, update_cache, backend, slices=layout.sample_slices())
+        # masks depend only on the layout and the cache lengths, so all L layers share them
         if backend == "flex":
             if any(c is not None for c in caches):
                 raise ValueError("the flex backend serves cache-free (training) forwards; use 'sdpa' with KV caches")
@@ -245,24 +270,32 @@ def attend(plan: AttentionPlan, layer: int, q: torch.Tensor, k: torch.Tensor, v:
     """
     if plan.backend == "flex":
         return _flex_attend(plan, q, k, v, scale)
+    # one SDPA call per sample: each has its own cache length, and its mask stays [n, kv_len + n]
     outs = []
     for s, sl in enumerate(plan.slices):
+        # [n, h, d] -> [h, n, d] for this sample's n tokens
         qs, ks, vs = q[sl].transpose(0, 1), k[sl].transpose(0, 1), v[sl].transpose(0, 1)
         cache = plan.caches[s]
         if cache is not None:
+            # [hkv, n, d] -> [hkv, kv_len + n, d]; a denoising query writes scratch rows (commit=False)
             ks, vs = cache.extend(layer, ks, vs, commit=plan.update_cache)
         out = F.scaled_dot_product_attention(
             qs[None], ks[None], vs[None], attn_mask=plan.masks[s], scale=scale, enable_gqa=ks.shape[0] != qs.shape[0]
-        )
-        outs.append(out[0].transpose(0, 1))
-    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+        )  # [1, hq, n, d]
+        outs.append(out[0].transpose(0, 1))  # [n, hq, d]
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)  # [N, hq, d]
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens: list[int], scale: float) -> torch.Tensor:
-    """Bidirectional attention restricted to consecutive segments (one per image); ``[N, h, d]``."""
+    """Bidirectional attention restricted to consecutive segments (one per image); ``[N, h, d]``.
+
+    The ViT's replacement for the reference's flash varlen call (ARCHITECTURE 6.3, 10.5): one
+    maskless SDPA per image, so images of different sizes never attend to each other.
+    """
     outs, start = [], 0
     for n in seqlens:
         sl = slice(start, start + n)
+        # [n, h, d] -> [1, h, n, d] -> attention -> [n, h, d]
         o = F.scaled_dot_product_attention(q[sl].transpose(0, 1)[None], k[sl].transpose(0, 1)[None], v[sl].transpose(0, 1)[None], scale=scale)
         outs.append(o[0].transpose(0, 1))
         start += n
@@ -273,13 +306,16 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens:
 
 
 def _flex_block_mask(layout: AttentionLayout, device: torch.device):
+    # The same rules as AttentionLayout.sample_mask, as a predicate over global token indices;
+    # flex skips the 128x128 tiles where it is all False (most of a packed batch), which is why
+    # training uses it (the reference offers the same with 128-token blocks, ARCHITECTURE 10.5).
     from torch.nn.attention.flex_attention import create_block_mask
 
     sample_id, split_id, mode = layout.token_tables(device)
     causal, noise = _MODES.index("causal"), _MODES.index("noise")
 
     def mask_mod(b, h, q_idx, kv_idx):
-        same_sample = sample_id[q_idx] == sample_id[kv_idx]
+        same_sample = sample_id[q_idx] == sample_id[kv_idx]  # document mask (rule 4)
         same_split = split_id[q_idx] == split_id[kv_idx]
         within = same_split & ((mode[q_idx] != causal) | (kv_idx <= q_idx))
         earlier = (split_id[kv_idx] < split_id[q_idx]) & (mode[kv_idx] != noise)
@@ -292,8 +328,9 @@ def _flex_block_mask(layout: AttentionLayout, device: torch.device):
 def _flex_attend(plan: AttentionPlan, q, k, v, scale):
     from torch.nn.attention.flex_attention import flex_attention
 
+    # the whole packed batch as one "sequence": [N, h, d] -> [1, h, N, d]
     out = flex_attention(
         q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
         block_mask=plan.block_mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1],
     )
-    return out[0].transpose(0, 1)
+    return out[0].transpose(0, 1)  # [N, hq, d]

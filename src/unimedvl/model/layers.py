@@ -22,8 +22,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
+        xf = x.float()  # squares and their mean in fp32: bf16 would lose precision summing H of them
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        # round to the input dtype *before* the weight, like Qwen2: weight * normed.to(dtype)
         return self.weight * xf.to(x.dtype)
 
 
@@ -50,16 +51,16 @@ def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: 
     reference does (ARCHITECTURE 10.3); the 64 angles of a 128-wide head are duplicated ``[a, a]``.
     """
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
-    angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]
-    angles = torch.cat([angles, angles], dim=-1)
+    angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]  # [N] x [d/2] -> [N, d/2]
+    angles = torch.cat([angles, angles], dim=-1)  # [N, d]: rotate-half pairs dim i with i + d/2
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate-half RoPE on ``x [N, heads, d]`` with ``cos/sin [N, d]``."""
     half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)  # [x1, x2] -> [-x2, x1]
+    return x * cos[:, None, :] + rotated * sin[:, None, :]  # cos/sin broadcast over heads
 
 
 # ---- fixed 2D sin-cos position tables ----------------------------------------------------------
@@ -74,6 +75,8 @@ def sincos_2d_table(grid: int, dim: int) -> torch.Tensor:
     """
     if dim % 4:
         raise ValueError(f"sin-cos table width {dim} must be a multiple of 4")
+    # float64 like the reference's numpy code, then float32: recomputed tables then round to the
+    # same bf16 values as the checkpoint's (ARCHITECTURE 6.4)
     quarter = dim // 4
     omega = 1.0 / 10000 ** (np.arange(quarter, dtype=np.float64) / quarter)
     coords = np.arange(grid, dtype=np.float64)
