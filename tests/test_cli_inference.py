@@ -90,3 +90,23 @@ def test_chat_keeps_the_conversation(fixture_a):
     assert r.exit_code == 0, r.output
     assert r.output.count("model>") == 3
     assert "(attached test_image.png" in r.output and "(new conversation)" in r.output
+
+
+def test_presets_prints_the_sampler_table_with_the_task_defaults():
+    from unimedvl.inference.presets import DEFAULT_PRESET, PRESET_SOURCES, SAMPLER_PRESETS, SamplerSettings
+
+    r = runner.invoke(app, ["presets", "--json"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert list(doc["presets"]) == list(SAMPLER_PRESETS) and doc["defaults"] == DEFAULT_PRESET
+    for name, row in doc["presets"].items():
+        fields = {k: v for k, v in row.items() if k not in ("default_for", "source")}
+        assert SamplerSettings(**fields, name=name) == SAMPLER_PRESETS[name]  # every field, as the presets define it
+        assert row["source"] == PRESET_SOURCES[name]
+        assert row["default_for"] == [task for task, preset in DEFAULT_PRESET.items() if preset == name]
+
+    r = runner.invoke(app, ["presets"])
+    assert r.exit_code == 0, r.output
+    for name in SAMPLER_PRESETS:
+        assert f"{name}: {PRESET_SOURCES[name][:30]}" in r.output
+    assert "--cfg-text-scale" in r.output and "text_channel" in r.output

@@ -254,6 +254,7 @@ def test_rejection_logs_name_items_by_hash_and_locate_maps_them_back(tmp_path):
     from typer.testing import CliRunner
 
     from unimedvl.cli import app
+    from unimedvl.data.locate import locate_items
 
     folder = tmp_path / "src" / "CompressedSamples^CT1"  # a folder named after the patient
     folder.mkdir(parents=True)
@@ -268,9 +269,25 @@ def test_rejection_logs_name_items_by_hash_and_locate_maps_them_back(tmp_path):
         for name in (b"CompressedSamples", b"1CT1", b"broken"):
             assert name not in blob
     labels = sorted({r["item"] for r in rej})
-    result = CliRunner().invoke(app, ["data", "locate", str(tmp_path / "b.yaml"), *labels])
+
+    # the Python API: each label to its file; a label of no current item is reported missing
+    unknown = "h/0000000000000000"
+    found, missing = locate_items(tmp_path / "b.yaml", [*labels, unknown, "other-source/0123456789abcdef"])
+    assert missing == sorted([unknown, "other-source/0123456789abcdef"])
+    assert set(found) == set(labels)
+    assert {p.name for p in found.values()} == {"1CT1_CompressedSamples.dcm", "1CT1_broken.dcm"}
+    assert all(p.is_file() and p.parent == folder for p in found.values())
+    assert locate_items(load_build_config(tmp_path / "b.yaml"), labels) == (found, [])  # a loaded config works alike
+    with pytest.raises(BuildConfigError, match="no such build config"):
+        locate_items(tmp_path / "none.yaml", labels)
+
+    # the command prints found labels on stdout, missing ones on stderr
+    result = CliRunner().invoke(app, ["data", "locate", str(tmp_path / "b.yaml"), *labels, unknown])
     assert result.exit_code == 0, result.output
-    assert "1CT1_CompressedSamples.dcm" in result.output and "1CT1_broken.dcm" in result.output
+    assert result.stdout.splitlines() == [f"{label}\t{path}" for label, path in found.items()]
+    assert f"{unknown}\tnot found" in result.stderr
+    result = CliRunner().invoke(app, ["data", "locate", str(tmp_path / "none.yaml"), *labels])
+    assert result.exit_code == 2 and "no such build config" in result.output
 
 
 def test_an_output_folder_is_never_mixed_between_configs(built, tmp_path):

@@ -1,0 +1,5 @@
+"""``python -m unimedvl.cli``: the ``unimedvl`` command."""
+
+from . import main
+
+main()

@@ -1,0 +1,139 @@
+"""What the command modules share: the error exit, the shared options, model resolution and
+pipeline loading, progress display.  Heavy modules are imported inside the functions, so that
+``unimedvl --help`` stays fast."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NoReturn, Optional
+
+import typer
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    """Print ``error: message`` in red on stderr and exit with ``code`` (2: a usage or input error)."""
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def echo_results(out: Path) -> None:
+    """Print the results table an evaluation wrote to ``out/results.md``."""
+    typer.echo((out / "results.md").read_text())
+
+
+# ---- shared options --------------------------------------------------------------------------
+
+ModelOpt = typer.Option(None, "--model", "-m", help="Checkpoint directory in the official layout (weights, configs, tokenizer); "
+                        "default: $UNIMEDVL_MODEL, else the model `unimedvl demo` trained.")
+DeviceOpt = typer.Option("cpu", "--device", help="torch device, e.g. cpu, cuda, cuda:1.")
+DtypeOpt = typer.Option("auto", "--dtype", help="auto (bf16 on CUDA as the official scripts, fp32 on CPUs), bf16 or fp32.")
+WindowOpt = typer.Option(None, "--window", help="DICOM window: a preset (lung, mediastinum, bone, brain, abdomen) or CENTER,WIDTH; default: the file's own.")
+FrameOpt = typer.Option(0, "--frame", help="DICOM multi-frame: frame index.")
+AxisOpt = typer.Option("axial", "--axis", help="NIfTI: slicing axis (sagittal, coronal, axial).")
+SliceOpt = typer.Option(None, "--slice", help="NIfTI: slice index along --axis (default: the middle slice).")
+SeedOpt = typer.Option(42, "--seed", help="Seed of every random draw; the same seed gives the same output.")
+MaxNewTokensOpt = typer.Option(512, "--max-new-tokens")
+
+# image sampling: a preset, and single fields overriding it (None: the preset's value)
+PresetOpt = typer.Option(None, "--preset", help="Sampler preset: driver, bagel-t2i, unimedvl-edit or evaluation "
+                         "(default: driver for text-to-image, unimedvl-edit for editing; see unimedvl presets).")
+StepsOpt = typer.Option(None, "--steps", help="Number of timesteps, steps - 1 model evaluations (default: the preset's, 50).")
+CfgTextScaleOpt = typer.Option(None, "--cfg-text-scale", help="Text guidance scale (default: the preset's).")
+CfgImgScaleOpt = typer.Option(None, "--cfg-img-scale", help="Image guidance scale (default: the preset's).")
+CfgIntervalOpt = typer.Option(None, "--cfg-interval", help="Guidance is on for t in (LO, HI] (default: the preset's).")
+CfgRenormTypeOpt = typer.Option(None, "--cfg-renorm-type", help="global, channel or text_channel (default: the preset's).")
+CfgRenormMinOpt = typer.Option(None, "--cfg-renorm-min")
+TimestepShiftOpt = typer.Option(None, "--timestep-shift")
+
+
+def sampler_options(preset, steps, cfg_text_scale, cfg_img_scale, cfg_interval, cfg_renorm_type, cfg_renorm_min, timestep_shift) -> dict:
+    """The preset name plus the overrides given on the command line (``None``: the preset's value),
+    as keyword arguments of ``generate_image`` / ``edit``."""
+    return dict(preset=preset, steps=steps, cfg_text_scale=cfg_text_scale, cfg_img_scale=cfg_img_scale,
+                cfg_interval=tuple(cfg_interval) if cfg_interval is not None else None, cfg_renorm_type=cfg_renorm_type,
+                cfg_renorm_min=cfg_renorm_min, timestep_shift=timestep_shift)
+
+
+# ---- inputs ----------------------------------------------------------------------------------
+
+
+def read_options(window: Optional[str] = None, frame: int = 0, axis: str = "axial", slice_index: Optional[int] = None):
+    """The image read options of ``--window/--frame/--axis/--slice`` (``--window`` a preset name or CENTER,WIDTH)."""
+    from ..inference import ImageReadOptions
+
+    parsed = window
+    if window and "," in window:
+        try:
+            center, width = (float(v) for v in window.split(","))
+        except ValueError:
+            fail(f"--window {window!r}: expected a preset name or CENTER,WIDTH (two numbers)")
+        parsed = (center, width)
+    return ImageReadOptions(window=parsed, frame=frame, axis=axis, slice_index=slice_index)
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Errors caused by the user's input (model folder, config, image, tokenizer, values): reported, not traced."""
+    from ..config import ConfigError
+    from ..formats.checkpoint import CheckpointError
+    from ..formats.medical_io import MedicalImageError
+    from ..tokenizer import TokenizerError
+
+    return (CheckpointError, ConfigError, MedicalImageError, TokenizerError, ValueError, RuntimeError, FileNotFoundError)
+
+
+# ---- the model -------------------------------------------------------------------------------
+
+
+def resolve_model(model: Optional[Path]) -> Path:
+    """``--model``, else the default model, announced on stderr so nobody mistakes it for real weights."""
+    if model is not None:
+        return model
+    from ..inference.default_model import resolve_default_model
+
+    found = resolve_default_model()
+    if found is None:
+        fail("no --model given and no default model: pass --model DIR (the official UniMedVL weights), "
+             "or run `unimedvl demo` to train the tiny demo model")
+    directory, why = found
+    typer.secho(f"no --model given: using {directory} ({why}); pass --model DIR for the official weights",
+                fg=typer.colors.CYAN, err=True)
+    return directory
+
+
+def load_pipeline(model: Optional[Path], device: str, dtype: str, read_options, visual_gen: bool = True):
+    """The pipeline of ``--model`` (or the default model), loaded under a status spinner; user errors exit 2."""
+    from ..inference import UniMedVLPipeline
+
+    model = resolve_model(model)
+    try:
+        with status(f"loading {model}"):
+            return UniMedVLPipeline.from_pretrained(model, device=device, dtype=dtype, visual_gen=visual_gen, read_options=read_options)
+    except user_errors() as e:
+        fail(str(e))
+
+
+# ---- progress --------------------------------------------------------------------------------
+
+
+def status(message: str):
+    """A spinner with ``message`` on stderr, as a context manager."""
+    from rich.console import Console
+
+    return Console(stderr=True).status(message)
+
+
+def progress_bar(desc: str, unit: str = "step"):
+    """A tqdm bar fed by ``progress(step, total)`` callbacks (the pipeline's denoising progress):
+    opened at the first call, closed when ``step == total``."""
+    from tqdm import tqdm
+
+    state: dict = {}
+
+    def update(step: int, total: int) -> None:
+        if "bar" not in state:
+            state["bar"] = tqdm(total=total, desc=desc, unit=unit, leave=False)
+        state["bar"].update(step - state["bar"].n)
+        if step == total:
+            state["bar"].close()
+
+    return update

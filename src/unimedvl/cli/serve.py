@@ -1,0 +1,42 @@
+"""``unimedvl serve``: the OpenAI-compatible HTTP API and the web UI."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .common import DeviceOpt, DtypeOpt, ModelOpt, fail, load_pipeline, read_options
+
+
+def serve(
+    model: Optional[Path] = ModelOpt,
+    host: str = typer.Option("127.0.0.1", "--host", help="Listen address; anything but loopback requires --api-key."),
+    port: int = typer.Option(8000, "--port"),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="UNIMEDVL_API_KEY", help="Bearer key required on /v1, /metrics and /ui."),
+    max_concurrency: int = typer.Option(1, "--max-concurrency", help="Requests running on the model at once."),
+    max_queue: int = typer.Option(16, "--max-queue", help="Requests waiting beyond those; more are refused with 429."),
+    timeout: float = typer.Option(300.0, "--timeout", help="Seconds a request may queue and run before it is cancelled (504)."),
+    allow_files: list[Path] = typer.Option([], "--allow-files", help="Folder whose files image_url may name (repeatable); none by default."),
+    max_image_side: int = typer.Option(1024, "--max-image-side", help="Largest generated width/height."),
+    no_ui: bool = typer.Option(False, "--no-ui", help="Serve the API only."),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+) -> None:
+    """Serve the model: OpenAI-compatible HTTP API (/v1/...) and the web UI (/ui)."""
+    import uvicorn
+
+    from ..serving import ServeConfig, create_app
+
+    try:
+        config = ServeConfig(host=host, port=port, api_key=api_key, max_concurrency=max_concurrency, max_queue=max_queue,
+                             request_timeout_s=timeout, allowed_file_roots=tuple(allow_files), max_image_side=max_image_side, ui=not no_ui)
+    except ValueError as e:
+        fail(str(e))
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    pipe = load_pipeline(model, device, dtype, read_options())
+    application = create_app(pipe, config)
+    typer.echo(f"serving {pipe.name} on http://{host}:{port}  (API: /v1, UI: /ui, docs: /docs)" + ("" if api_key else "  [no API key: loopback only]"))
+    uvicorn.run(application, host=host, port=port, log_level="info", access_log=False)  # access lines could carry query strings

@@ -1,0 +1,70 @@
+"""The command line keeps what users had: every command, sub-command, option name and short alias
+recorded in ``cli_surface.json`` (from commit 5e2ab89, before the CLI became a package) is still
+there with its default, and what changed since is listed here - so an unplanned change fails."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from cli_surface import names, surface
+
+RECORDED = json.loads((Path(__file__).parent / "cli_surface.json").read_text())
+
+# names added since the recording: the sampler presets (`--preset` and the `presets` table)
+ADDED = {
+    "presets",
+    "presets --json",
+    "generate --preset",
+    "edit --preset",
+    "eval t2i --preset",
+}
+
+# (command, parameter) -> new default: dtype "auto" (one precision policy); image-sampler fields
+# default to None, which means "the preset's value" (unimedvl.inference.presets)
+_SAMPLER_FIELDS = ("steps", "cfg_text_scale", "cfg_img_scale", "cfg_renorm_type", "cfg_renorm_min", "timestep_shift")
+CHANGED_DEFAULTS = {
+    **{(command, "dtype"): "auto" for command in ("ask", "report", "generate", "edit", "chat", "serve", "eval vqa", "eval t2i")},
+    **{(command, field): None for command in ("generate", "edit") for field in _SAMPLER_FIELDS},
+    ("eval t2i", "steps"): None,
+}
+
+
+def test_every_recorded_name_is_still_there():
+    current = names(surface())
+    missing = sorted(names(RECORDED) - current)
+    assert not missing, f"commands/options that users had are gone: {missing}"
+
+
+def test_no_name_was_added_unplanned():
+    current = names(surface())
+    assert current == names(RECORDED) | ADDED, (
+        f"unplanned additions: {sorted(current - names(RECORDED) - ADDED)}; "
+        f"planned but absent: {sorted(ADDED - current)}"
+    )
+
+
+def test_parameters_keep_their_kind_defaults_and_aliases():
+    current = surface()
+    differences = []
+    for path, command in RECORDED.items():
+        assert current[path]["group"] == command["group"], path
+        for name, recorded in command["params"].items():
+            now = current[path]["params"].get(name)
+            if now is None:
+                differences.append(f"{path}: parameter {name} is gone")
+                continue
+            expected = dict(recorded)
+            if (path, name) in CHANGED_DEFAULTS:
+                expected["default"] = CHANGED_DEFAULTS[path, name]
+            for key, value in expected.items():
+                if json.loads(json.dumps(now[key])) != value:
+                    differences.append(f"{path} {name}.{key}: recorded {value!r}, now {now[key]!r}")
+    assert not differences, "\n".join(differences)
+
+
+def test_the_entry_points_import_the_app():
+    from unimedvl.cli import COMMANDS, GROUPS, app, main
+
+    assert callable(main) and app.registered_commands
+    assert set(COMMANDS) | set(GROUPS) == {path for path in surface() if path and " " not in path}
