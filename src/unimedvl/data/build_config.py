@@ -28,6 +28,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..formats.yaml_config import check_fields, read_yaml
 from .adapters.base import BuildContext, SourceConfig
 from .qc import QCConfig
 
@@ -69,9 +70,7 @@ def _require(d: dict, key: str, kind: type, where: str):
 def parse_build_config(doc: dict, base_dir: Path, where: str = "build config") -> BuildConfig:
     if not isinstance(doc, dict):
         raise BuildConfigError(f"{where}: expected a mapping at the top level")
-    extra = set(doc) - TOP_LEVEL
-    if extra:
-        raise BuildConfigError(f"{where}: unknown field(s) {sorted(extra)}; known: {sorted(TOP_LEVEL)}")
+    check_fields(doc, TOP_LEVEL, where, BuildConfigError)
     salt = _require(doc, "salt", str, where)
     if len(salt) < 8:
         raise BuildConfigError(f"{where}: salt must be at least 8 characters (it keys the patient hashes)")
@@ -96,9 +95,7 @@ def parse_build_config(doc: dict, base_dir: Path, where: str = "build config") -
         w = f"{where}: sources[{i}]"
         if not isinstance(s, dict):
             raise BuildConfigError(f"{w}: expected a mapping")
-        extra = set(s) - SOURCE_FIELDS
-        if extra:
-            raise BuildConfigError(f"{w}: unknown field(s) {sorted(extra)}; known: {sorted(SOURCE_FIELDS)}")
+        check_fields(s, SOURCE_FIELDS, w, BuildConfigError)
         name = _require(s, "name", str, w)
         if name in names:
             raise BuildConfigError(f"{w}: duplicate source name {name!r}")
@@ -119,13 +116,7 @@ def parse_build_config(doc: dict, base_dir: Path, where: str = "build config") -
 
 
 def load_build_config(path: str | Path) -> BuildConfig:
-    import yaml
-
     path = Path(path)
     if not path.is_file():
         raise BuildConfigError(f"{path}: no such build config")
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise BuildConfigError(f"{path}: not valid YAML ({e})") from e
-    return parse_build_config(doc, path.parent, str(path))
+    return parse_build_config(read_yaml(path, BuildConfigError), path.parent, str(path))

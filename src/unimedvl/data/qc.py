@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from ..formats.yaml_config import check_fields
 from .schema import Record
 
 LENGTH_CHECKED_TASKS = {"caption", "report", "t2i"}  # short VQA answers ("yes") are fine
@@ -30,9 +31,7 @@ class QCConfig:
     @classmethod
     def from_dict(cls, d: dict, where: str = "qc") -> "QCConfig":
         known = set(cls.__dataclass_fields__)
-        extra = set(d) - known
-        if extra:
-            raise ValueError(f"{where}: unknown field(s) {sorted(extra)}; known: {sorted(known)}")
+        check_fields(d, known, where)
         return cls(**d)
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from ..config import ConfigError, InferenceTransforms
 from ..precision import PRECISIONS
 from ..data.schema import FAMILIES
+from ..formats.yaml_config import read_yaml
 from .lora import LoRAConfig
 
 PLANS_DIR = Path(__file__).parent / "plans"
@@ -104,7 +105,7 @@ class Plan:
     seed: int
     stages: tuple[StageConfig, ...]
     precision: str = "auto"  # auto: bf16 autocast on GPUs, fp32 on CPUs
-    activation_checkpointing: bool = False  # recompute each decoder layer in backward
+    activation_checkpointing: bool = False  # recompute each decoder and ViT layer in backward (.parallelize)
     lora: LoRAConfig | None = None  # train LoRA adapters instead of the full model
     autoencoder: AutoencoderPlan | None = None  # train the autoencoder first (no pretrained one at this scale)
     inference: InferenceTransforms | None = None  # resize rules the exported model is used with (default: official)
@@ -279,15 +280,9 @@ def with_overrides(plan: Plan, *, precision: str | None = None, activation_check
 
 def load_plan(path_or_name: str | Path) -> Plan:
     """A plan file, or the name of a shipped plan (``unimedvl``, ``demo``)."""
-    import yaml
-
     path = Path(path_or_name)
     if not path.is_file() and (PLANS_DIR / f"{path_or_name}.yaml").is_file():
         path = PLANS_DIR / f"{path_or_name}.yaml"
     if not path.is_file():
         raise PlanError(f"{path_or_name}: no such plan file (shipped plans: {sorted(p.stem for p in PLANS_DIR.glob('*.yaml'))})")
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise PlanError(f"{path}: not valid YAML ({e})") from e
-    return parse_plan(doc, str(path))
+    return parse_plan(read_yaml(path, PlanError), str(path))

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import numpy as np
+
 from ..schema import MODALITIES, Record, Rejection
 
 
@@ -162,6 +164,26 @@ class TableAdapter(Adapter):
 
     def items(self) -> list[str]:
         return sorted(self.rows)
+
+    def read_row_image(self, item: str) -> "RowImage | Rejection":
+        """The one image a row names (its item is the image's path below the source): 8-bit RGB
+        pixels, their PNG bytes, the record provenance of the row's patient group and the size meta."""
+        from ..imaging import png_bytes
+
+        read = self.read_images(item, self.source.path / item)
+        if isinstance(read, Rejection):
+            return read
+        (pixels,) = read
+        group = self.patient_group(self.rows[item].get("patient"), item)
+        return RowImage(pixels, png_bytes(pixels), self.provenance(group), {"width": pixels.shape[1], "height": pixels.shape[0]})
+
+
+@dataclass
+class RowImage:
+    pixels: np.ndarray  # [H, W, 3] uint8
+    png: bytes
+    provenance: dict  # source, license, modality, patient group and split of the row's records
+    size: dict  # {"width", "height"} for the records' meta
 
 
 def item_label(ctx: BuildContext, source: SourceConfig, item: str) -> str:

@@ -58,15 +58,13 @@ class ImageFolderAdapter(TableAdapter):
         if not label:
             yield self.reject(item, "no_label", "empty label in the label file")
             return
-        read = self.read_images(item, self.source.path / item)
-        if isinstance(read, Rejection):
-            yield read
+        image = self.read_row_image(item)
+        if isinstance(image, Rejection):
+            yield image
             return
-        (pixels,) = read
-        png = png_bytes(pixels)
-        group = self.patient_group(row.get("patient"), item)
+        pixels, png = image.pixels, image.png
         mod = self.source.modality
-        base = dict(**self.provenance(group), meta={"width": pixels.shape[1], "height": pixels.shape[0], "label": label})
+        base = dict(**image.provenance, meta={**image.size, "label": label})
         tasks = self.opt["tasks"]
         caption = T.fill(T.pick(T.for_modality(T.CAPTION, T.MODALITY_CAPTION, mod), item), mod, label=label)
         if "caption" in tasks:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from ..imaging import png_bytes
 from ..schema import Record, Rejection
 from .base import TableAdapter
 
@@ -42,14 +41,12 @@ class ReportsAdapter(TableAdapter):
         if not findings and not impression:
             yield self.reject(item, "no_text", "both findings and impression are empty")
             return
-        read = self.read_images(item, self.source.path / item)
-        if isinstance(read, Rejection):
-            yield read
+        image = self.read_row_image(item)
+        if isinstance(image, Rejection):
+            yield image
             return
-        (pixels,) = read
-        png = png_bytes(pixels)
-        group = self.patient_group(row.get("patient"), item)
-        base = dict(**self.provenance(group), meta={"width": pixels.shape[1], "height": pixels.shape[0]})
+        png = image.png
+        base = dict(**image.provenance, meta=image.size)
         report = "\n".join(p for p in (f"Findings: {findings}" if findings else "", f"Impression: {impression}" if impression else "") if p)
         if "report" in self.opt["tasks"]:
             yield Record(id=self.record_id(item, "report"), family="understanding", task="report", input_images=[png],
