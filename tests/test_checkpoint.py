@@ -155,7 +155,40 @@ def test_understanding_only_load_needs_no_autoencoder(tmp_path, fixture_a):
     (d / "ae.safetensors").unlink()
     m = load_pretrained(d, visual_gen=False)[0]
     assert not hasattr(m, "vae_model") and not hasattr(m, "llm2vae")
-    assert len(m.state_dict()) == 102  # the reference's understanding model: 111 checkpoint keys - 9 generation keys
+    full = load_pretrained(fixture_a, dtype=None)[0].state_dict()
+    # the reference's understanding model keeps 102 of 111 checkpoint keys (9 adapter keys dropped);
+    # ours also drops the generation expert, which understanding tokens never use
+    gen_expert = [k for k in full if "_moe_gen" in k]
+    assert len(gen_expert) == 14 * m.config.llm.num_layers + 1  # per layer: q,k,v (weight, bias), o, q/k norms, 3 MLP, 2 norms; final norm
+    assert not any("_moe_gen" in k for k in m.state_dict())
+    assert len(m.state_dict()) == 102 - len(gen_expert)
+
+
+def test_understanding_only_load_reads_no_generation_tensor(tmp_path, fixture_a, monkeypatch):
+    """Only the tensors an image question uses are read from the checkpoint files."""
+    from unimedvl.formats import checkpoint
+
+    read: list[str] = []
+    opened = checkpoint._open
+
+    class Recording:
+        def __init__(self, handle):
+            self.handle = handle
+
+        def get_tensor(self, key):
+            read.append(key)
+            return self.handle.get_tensor(key)
+
+        def __getattr__(self, name):
+            return getattr(self.handle, name)
+
+    monkeypatch.setattr(checkpoint, "_open", lambda path: Recording(opened(path)))
+    m = load_pretrained(fixture_a, visual_gen=False)[0]
+    assert sorted(read) == sorted(m.state_dict())  # every parameter read once, nothing else
+    assert not [k for k in read if checkpoint.GENERATION_ONLY.match(k) or k.startswith("vae_model.")]
+    read.clear()
+    load_pretrained(fixture_a)
+    assert any("_moe_gen" in k for k in read) and any(k.startswith("vae_model.") or "encoder." in k for k in read)
 
 
 def test_manifest_matches_official_14b_layout(fixture_a):

@@ -200,5 +200,8 @@ def test_understanding_only_model_refuses_generation(fixture_a, pipe):
     got = understanding.ask([], "Hello?", max_new_tokens=8, temperature=0)
     want = pipe.ask([], "Hello?", max_new_tokens=8, temperature=0)  # the full model answers alike
     assert got.token_ids and got.token_ids == want.token_ids and got.finished == want.finished
-    with pytest.raises(RuntimeError, match="visual_gen=False"):
+    assert not any("_moe_gen" in name for name, _ in understanding.model.named_parameters())
+    with pytest.raises(RuntimeError, match=r"visual_gen=False.*no generation expert"):
         understanding.generate_image("x", height=32, width=32)
+    with pytest.raises(RuntimeError, match=r"visual_gen=False.*no generation expert"):
+        understanding.edit([Image.new("RGB", (32, 32))], "x")

@@ -269,8 +269,9 @@ class UniMedVLConfig:
     latent_patch_size: int = 2
     max_latent_size: int = 64  # official loaders force 64 (class default 32), grid of latent_pos_embed
     timestep_freq_size: int = 256
-    # Understanding-only models (the official VQA loader, visual_gen=False) have no generation
-    # adapters and no autoencoder.
+    # Understanding-only models (visual_gen=False) have no generation expert, no generation
+    # adapters and no autoencoder: nothing an image question uses is missing (the official VQA
+    # loader builds the generation expert and never runs it).
     visual_gen: bool = True
     transforms: InferenceTransforms = field(default_factory=InferenceTransforms)
 

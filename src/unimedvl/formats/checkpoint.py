@@ -60,8 +60,9 @@ WEIGHT_FILES = {
 }
 AE_PREFIX = "vae_model."
 PATCH_EMBED_KEY = "vit_model.vision_model.embeddings.patch_embedding.weight"
-# Keys of the generation adapters; an understanding-only model (visual_gen=False) ignores them.
-GENERATION_ONLY = re.compile(r"^(time_embedder|vae2llm|llm2vae|latent_pos_embed)\.")
+# Keys of the generation adapters and the generation expert (``*_moe_gen*``): an understanding-only
+# model (visual_gen=False) has no such parameters, and loading it never reads these tensors.
+GENERATION_ONLY = re.compile(r"^(?:(?:time_embedder|vae2llm|llm2vae|latent_pos_embed)\.|.*_moe_gen)")
 IGNORED = re.compile(r"^vae_batch_norm\.")
 
 

@@ -140,7 +140,8 @@ class UniMedVLPipeline:
 
     def _require_generation(self) -> None:
         if not self.model.config.visual_gen:
-            raise RuntimeError("this model was loaded without generation components (visual_gen=False)")
+            raise RuntimeError("this model was loaded for understanding only (visual_gen=False): it has no generation expert, "
+                               "adapters or autoencoder; load it with visual_gen=True (the default) to generate or edit images")
 
     def _add_text(self, ctx: KVCache, text: str) -> None:
         self.engine.add_text(ctx, self.tokenizer.encode(text))

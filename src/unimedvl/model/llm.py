@@ -132,14 +132,21 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(gate, inplace=True).mul_(self.up_proj(x)))
 
 
+def expert_suffixes(generation_expert: bool) -> tuple[str, ...]:
+    """Parameter-name suffixes of the experts a model has: understanding (``""``) always, generation
+    (``"_moe_gen"``) unless the model is understanding-only.  Modules look the generation expert up
+    lazily (in lambdas), so an understanding-only model, whose routing never selects it, needs none."""
+    return ("", "_moe_gen") if generation_expert else ("",)
+
+
 class MoTAttention(nn.Module):
-    def __init__(self, cfg: LLMConfig):
+    def __init__(self, cfg: LLMConfig, generation_expert: bool = True):
         super().__init__()
         h, d = cfg.hidden_size, cfg.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
         self.scale = 1.0 / math.sqrt(d)  # 1/sqrt(128), the flash-attention default of the reference
         # One parameter set per expert: un-suffixed (understanding) and ``_moe_gen`` (generation).
-        for sfx in ("", "_moe_gen"):
+        for sfx in expert_suffixes(generation_expert):
             setattr(self, "q_proj" + sfx, nn.Linear(h, cfg.num_heads * d, bias=True))
             setattr(self, "k_proj" + sfx, nn.Linear(h, cfg.num_kv_heads * d, bias=True))
             setattr(self, "v_proj" + sfx, nn.Linear(h, cfg.num_kv_heads * d, bias=True))
@@ -168,22 +175,22 @@ class MoTAttention(nn.Module):
         q = apply_rotary(q, cos, sin)  # [N, hq, d]
         k = apply_rotary(k, cos, sin)  # [N, hkv, d]; cached after RoPE (ARCHITECTURE 9.1): never re-rotated
         out = attend(plan, layer, q, k, v, self.scale).reshape(x.shape[0], -1)  # [N, hq, d] -> [N, hq*d]
-        return routing.apply(out, self.o_proj, self.o_proj_moe_gen)  # [N, hq*d] -> [N, H]
+        return routing.apply(out, self.o_proj, lambda t: self.o_proj_moe_gen(t))  # [N, hq*d] -> [N, H]
 
 
 class MoTDecoderLayer(nn.Module):
-    def __init__(self, cfg: LLMConfig):
+    def __init__(self, cfg: LLMConfig, generation_expert: bool = True):
         super().__init__()
         h = cfg.hidden_size
-        self.self_attn = MoTAttention(cfg)
-        for sfx in ("", "_moe_gen"):
+        self.self_attn = MoTAttention(cfg, generation_expert)
+        for sfx in expert_suffixes(generation_expert):
             setattr(self, "mlp" + sfx, MLP(h, cfg.intermediate_size))
             setattr(self, "input_layernorm" + sfx, RMSNorm(h, cfg.rms_norm_eps))
             setattr(self, "post_attention_layernorm" + sfx, RMSNorm(h, cfg.rms_norm_eps))
 
     def forward(self, x, routing: ExpertRouting, cos, sin, plan: AttentionPlan, layer: int) -> torch.Tensor:
         # pre-norm residual block; x stays [N, H] throughout
-        a = routing.apply(x, self.input_layernorm, self.input_layernorm_moe_gen)
+        a = routing.apply(x, self.input_layernorm, lambda t: self.input_layernorm_moe_gen(t))
         x = x + self.self_attn(a, routing, cos, sin, plan, layer)
         # norm and MLP fused into one routed map: one gather/scatter for both
         m = routing.apply(
@@ -195,15 +202,16 @@ class MoTDecoderLayer(nn.Module):
 
 
 class Qwen2MoTModel(nn.Module):
-    def __init__(self, cfg: LLMConfig):
+    def __init__(self, cfg: LLMConfig, generation_expert: bool = True):
         super().__init__()
         self.cfg = cfg
         # V = 152064 rows: the Qwen2.5 tokenizer's 151665 ids padded up (ARCHITECTURE 4.1); one table
         # for both experts, since only text-vocabulary tokens (und) are looked up
         self.embed_tokens = uninitialized_embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList([MoTDecoderLayer(cfg) for _ in range(cfg.num_layers)])
+        self.layers = nn.ModuleList([MoTDecoderLayer(cfg, generation_expert) for _ in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.norm_moe_gen = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        if generation_expert:
+            self.norm_moe_gen = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def rotary(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         # [N] -> cos, sin [N, d], rounded to ``dtype`` as the reference does (ARCHITECTURE 10.3)
@@ -225,13 +233,13 @@ class Qwen2MoTModel(nn.Module):
             # activation checkpointing, when training wants it, is hooked onto each layer from outside
             # (unimedvl.training.parallelize), like FSDP: the forward stays the same
             x = layer(x, routing, cos, sin, plan, i)
-        return routing.apply(x, self.norm, self.norm_moe_gen)
+        return routing.apply(x, self.norm, lambda t: self.norm_moe_gen(t))
 
 
 class Qwen2MoTForCausalLM(nn.Module):
-    def __init__(self, cfg: LLMConfig):
+    def __init__(self, cfg: LLMConfig, generation_expert: bool = True):
         super().__init__()
-        self.model = Qwen2MoTModel(cfg)
+        self.model = Qwen2MoTModel(cfg, generation_expert)
         # untied from embed_tokens (``tie_word_embeddings=False``, ARCHITECTURE 1.2); applied by the
         # caller only at the und positions whose logits are wanted
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)

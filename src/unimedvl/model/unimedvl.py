@@ -88,7 +88,9 @@ class UniMedVL(nn.Module):
         config.validate()
         self.config = config
         h = config.llm.hidden_size
-        self.language_model = Qwen2MoTForCausalLM(config.llm)
+        # an understanding-only model (visual_gen=False) has no generation expert either: about half
+        # the decoder's weights (7B of the 14B), never used by understanding tokens
+        self.language_model = Qwen2MoTForCausalLM(config.llm, generation_expert=config.visual_gen)
         self.vit_model = SiglipVisionModel(config.vit)
         self.connector = Connector(config.vit.hidden_size, h)
         self.vit_pos_embed = PositionTable(config.vit_grid, h)
@@ -180,7 +182,7 @@ class UniMedVL(nn.Module):
     ) -> torch.Tensor:
         """``vae2llm(x_t) + time_embedder(t) + latent_pos_embed[pos]`` ``[N_lat, H]``; one ``t`` per latent image."""
         if not self.config.visual_gen:
-            raise RuntimeError("this model was built without generation components (visual_gen=False)")
+            raise RuntimeError("this model was built for understanding only (visual_gen=False): no generation expert, adapters or autoencoder")
         t_emb = self.time_embedder(timesteps.reshape(-1))
         t_emb = torch.repeat_interleave(t_emb, torch.as_tensor(seqlens, device=t_emb.device), dim=0)
         x = self.vae2llm(latents.to(self.vae2llm.weight.dtype))
