@@ -5,6 +5,7 @@ process's peak RSS after it; the rise is compared with the bytes of the loaded t
 
     python benchmarks/load_memory.py                      # the shared fixture + a `small` random checkpoint
     python benchmarks/load_memory.py --model DIR --dtype bf16
+    python benchmarks/load_memory.py --quantize int8      # also: int8 weights quantised while loading
 
 Prints one JSON object.
 """
@@ -31,11 +32,12 @@ import unimedvl, safetensors.torch, transformers  # imports before the baseline
 from unimedvl import load_pretrained
 dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[sys.argv[2]]
 before = status_mb("VmRSS")
-model = load_pretrained(sys.argv[1], dtype=dtype)[0]
+quantize = None if sys.argv[3] == "none" else sys.argv[3]
+model = load_pretrained(sys.argv[1], dtype=dtype, quantize=quantize)[0]
 peak_load = status_mb("VmHWM")
-with torch.no_grad():  # touch every weight, as a first forward would
-    for p in model.parameters():
-        p.sum()
+with torch.no_grad():  # touch every weight (quantised ones are buffers), as a first forward would
+    for t in model.state_dict().values():
+        t.sum()
 peak_used = status_mb("VmHWM")
 weights = sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2**20
 print(json.dumps({"rss_before_mb": round(before, 1), "weights_mb": round(weights, 1),
@@ -45,8 +47,9 @@ print(json.dumps({"rss_before_mb": round(before, 1), "weights_mb": round(weights
 """
 
 
-def measure(model_dir: Path, dtype: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", CHILD, str(model_dir), dtype], capture_output=True, text=True, check=True)
+def measure(model_dir: Path, dtype: str, quantize: str | None = None) -> dict:
+    out = subprocess.run([sys.executable, "-c", CHILD, str(model_dir), dtype, quantize or "none"], capture_output=True, text=True,
+                         check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -54,16 +57,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, help="checkpoint directory (default: the shared fixture and a `small` random model)")
     ap.add_argument("--dtype", choices=["fp32", "bf16"], action="append")
+    ap.add_argument("--quantize", choices=["int8"], help="also measure loads that quantise while reading")
     args = ap.parse_args()
     dtypes = args.dtype or ["bf16", "fp32"]
+    variants = [(d, None) for d in dtypes] + [(d, args.quantize) for d in dtypes if args.quantize]
+
+    def label(d, q):
+        return d + (f"+{q}" if q else "")
     results = {}
     if args.model:
-        for d in dtypes:
-            results[f"{args.model.name}/{d}"] = measure(args.model, d)
+        for d, q in variants:
+            results[f"{args.model.name}/{label(d, q)}"] = measure(args.model, d, q)
     else:
         fixture = REPO.parent / "shared" / "fixtures" / "official_tiny_a"
-        for d in dtypes:
-            results[f"official_tiny_a/{d}"] = measure(fixture, d)
+        for d, q in variants:
+            results[f"official_tiny_a/{label(d, q)}"] = measure(fixture, d, q)
         import torch
 
         from unimedvl import UniMedVL, UniMedVLConfig, save_pretrained
@@ -72,8 +80,8 @@ def main() -> None:
             model = UniMedVL.from_config(UniMedVLConfig.from_preset("small"))
             save_pretrained(model, tmp, dtype=torch.bfloat16)  # stored like the official file
             del model
-            for d in dtypes:
-                results[f"small_bf16_file/{d}"] = measure(Path(tmp), d)
+            for d, q in variants:
+                results[f"small_bf16_file/{label(d, q)}"] = measure(Path(tmp), d, q)
     print(json.dumps(results, indent=1))
 
 

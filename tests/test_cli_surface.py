@@ -11,13 +11,16 @@ from cli_surface import names, surface
 
 RECORDED = json.loads((Path(__file__).parent / "cli_surface.json").read_text())
 
-# names added since the recording: the sampler presets (`--preset` and the `presets` table)
+# names added since the recording: the sampler presets (`--preset` and the `presets` table) and
+# weight-only quantisation on every command that loads a model
+QUANTIZING = ("ask", "report", "generate", "edit", "chat", "serve", "eval vqa", "eval t2i")
 ADDED = {
     "presets",
     "presets --json",
     "generate --preset",
     "edit --preset",
     "eval t2i --preset",
+    *(f"{command} --quantize" for command in QUANTIZING),
 }
 
 # (command, parameter) -> new default: dtype "auto" (one precision policy); image-sampler fields

@@ -27,6 +27,8 @@ ModelOpt = typer.Option(None, "--model", "-m", help="Checkpoint directory in the
                         "default: $UNIMEDVL_MODEL, else the model `unimedvl demo` trained.")
 DeviceOpt = typer.Option("cpu", "--device", help="torch device, e.g. cpu, cuda, cuda:1.")
 DtypeOpt = typer.Option("auto", "--dtype", help="auto (bf16 on CUDA as the official scripts, fp32 on CPUs), bf16 or fp32.")
+QuantizeOpt = typer.Option(None, "--quantize", help="Weight-only quantisation while loading: int8 (the decoder, ViT and "
+                           "connector linear layers; about half the memory of bf16 weights).")
 WindowOpt = typer.Option(None, "--window", help="DICOM window: a preset (lung, mediastinum, bone, brain, abdomen) or CENTER,WIDTH; default: the file's own.")
 FrameOpt = typer.Option(0, "--frame", help="DICOM multi-frame: frame index.")
 AxisOpt = typer.Option("axial", "--axis", help="NIfTI: slicing axis (sagittal, coronal, axial).")
@@ -100,14 +102,16 @@ def resolve_model(model: Optional[Path]) -> Path:
     return directory
 
 
-def load_pipeline(model: Optional[Path], device: str, dtype: str, read_options, visual_gen: bool = True):
+def load_pipeline(model: Optional[Path], device: str, dtype: str, read_options, visual_gen: bool = True,
+                  quantize: Optional[str] = None):
     """The pipeline of ``--model`` (or the default model), loaded under a status spinner; user errors exit 2."""
     from ..inference import UniMedVLPipeline
 
     model = resolve_model(model)
     try:
         with status(f"loading {model}"):
-            return UniMedVLPipeline.from_pretrained(model, device=device, dtype=dtype, visual_gen=visual_gen, read_options=read_options)
+            return UniMedVLPipeline.from_pretrained(model, device=device, dtype=dtype, visual_gen=visual_gen, quantize=quantize,
+                                                    read_options=read_options)
     except user_errors() as e:
         fail(str(e))
 

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from .common import DeviceOpt, DtypeOpt, MaxNewTokensOpt, SeedOpt, StepsOpt, echo_results, fail, load_pipeline, read_options, user_errors
+from .common import DeviceOpt, DtypeOpt, QuantizeOpt, MaxNewTokensOpt, SeedOpt, StepsOpt, echo_results, fail, load_pipeline, read_options, user_errors
 
 app = typer.Typer(no_args_is_help=True, help="Reproduce the paper's benchmarks and metrics, offline.")
 
@@ -29,6 +29,7 @@ def vqa(
     judge_api_key: Optional[str] = typer.Option(None, "--judge-api-key", envvar="UNIMEDVL_JUDGE_API_KEY", help="Bearer key of the judge endpoint."),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
+    quantize: Optional[str] = QuantizeOpt,
 ) -> None:
     """Score or run one understanding benchmark; prints the results table."""
     from ..evaluation import BENCHMARKS, evaluate_vqa
@@ -47,7 +48,7 @@ def vqa(
         judge = ChatJudge(judge_url, judge_model, api_key=judge_api_key)
     from ..inference.inputs import ImageReadOptions
 
-    pipe = load_pipeline(model, device, dtype, ImageReadOptions(), visual_gen=False) if model is not None else None
+    pipe = load_pipeline(model, device, dtype, ImageReadOptions(), visual_gen=False, quantize=quantize) if model is not None else None
     try:
         results = evaluate_vqa(benchmark, data, out, pipeline=pipe, predictions=predictions, batch_size=batch_size,
                                max_new_tokens=max_new_tokens, limit=limit, legacy_closed=legacy_closed_quirk, judge=judge)
@@ -98,6 +99,7 @@ def t2i(
     seed: int = SeedOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
+    quantize: Optional[str] = QuantizeOpt,
 ) -> None:
     """Per-modality gFID/KID and BioMedCLIP score of text-to-image outputs, beside the paper's Table 2."""
     from ..evaluation.features import FeatureWeightsError, load_feature_extractor
@@ -116,7 +118,7 @@ def t2i(
     except (FeatureWeightsError, ValueError, FileNotFoundError) as e:
         fail(str(e))
     if model is not None:
-        pipe = load_pipeline(model, device, dtype, read_options())
+        pipe = load_pipeline(model, device, dtype, read_options(), quantize=quantize)
         try:
             report = generate_missing(pipe, prompt_set, generated, height=height, width=width, preset=preset, steps=steps, seed=seed)
         except user_errors() as e:

@@ -18,6 +18,7 @@ from .common import (
     CfgTextScaleOpt,
     DeviceOpt,
     DtypeOpt,
+    QuantizeOpt,
     FrameOpt,
     MaxNewTokensOpt,
     ModelOpt,
@@ -42,6 +43,7 @@ def ask(
     model: Optional[Path] = ModelOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
+    quantize: Optional[str] = QuantizeOpt,
     think: bool = typer.Option(False, "--think", help="Reason in <think> tags first; the reasoning is printed separately."),
     max_new_tokens: int = MaxNewTokensOpt,
     temperature: float = typer.Option(0.1, "--temperature", help="0 decodes greedily."),
@@ -55,7 +57,7 @@ def ask(
     slice_index: Optional[int] = SliceOpt,
 ) -> None:
     """Answer a question about medical images."""
-    pipe = load_pipeline(model, device, dtype, read_options(window, frame, axis, slice_index), visual_gen=False)
+    pipe = load_pipeline(model, device, dtype, read_options(window, frame, axis, slice_index), visual_gen=False, quantize=quantize)
     stream = stream and not as_json
     try:
         result = pipe.ask(images or [], question, think=think, max_new_tokens=max_new_tokens, temperature=temperature,
@@ -81,6 +83,7 @@ def report(
     modality: Optional[str] = typer.Option(None, "--modality", help='e.g. "chest X-ray"; default: the DICOM/NIfTI modality if any.'),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
+    quantize: Optional[str] = QuantizeOpt,
     max_new_tokens: int = MaxNewTokensOpt,
     temperature: float = typer.Option(0.1, "--temperature"),
     seed: int = SeedOpt,
@@ -91,7 +94,7 @@ def report(
     slice_index: Optional[int] = SliceOpt,
 ) -> None:
     """Write a findings / impression report for one image."""
-    pipe = load_pipeline(model, device, dtype, read_options(window, frame, axis, slice_index), visual_gen=False)
+    pipe = load_pipeline(model, device, dtype, read_options(window, frame, axis, slice_index), visual_gen=False, quantize=quantize)
     try:
         rep = pipe.report(image, modality, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
     except user_errors() as e:
@@ -119,6 +122,7 @@ def generate(
     model: Optional[Path] = ModelOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
+    quantize: Optional[str] = QuantizeOpt,
     height: Optional[int] = typer.Option(None, "--height", help="Default: the model's image size (1024 for the official weights)."),
     width: Optional[int] = typer.Option(None, "--width", help="Default: the model's image size."),
     preset: Optional[str] = PresetOpt,
@@ -134,7 +138,7 @@ def generate(
 ) -> None:
     """Generate a medical image from text."""
     _check_output(out)
-    pipe = load_pipeline(model, device, dtype, read_options())
+    pipe = load_pipeline(model, device, dtype, read_options(), quantize=quantize)
     try:
         result = pipe.generate_image(
             prompt, height=height, width=width, seed=seed, think=think, progress=progress_bar("denoising"),
@@ -155,6 +159,7 @@ def edit(
     model: Optional[Path] = ModelOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
+    quantize: Optional[str] = QuantizeOpt,
     height: Optional[int] = typer.Option(None, "--height", help="Default: the input's size after the generation resize rule."),
     width: Optional[int] = typer.Option(None, "--width"),
     preset: Optional[str] = PresetOpt,
@@ -176,7 +181,7 @@ def edit(
 ) -> None:
     """Image-to-image: virtual staining, super-resolution, contrast translation, counterfactuals."""
     _check_output(out)
-    pipe = load_pipeline(model, device, dtype, read_options(window, frame, axis, slice_index))
+    pipe = load_pipeline(model, device, dtype, read_options(window, frame, axis, slice_index), quantize=quantize)
     try:
         result = pipe.edit(
             images, instruction, height=height, width=width, seed=seed, analyze=analyze, think=think, explain=explain,
@@ -198,6 +203,7 @@ def chat(
     image: list[Path] = typer.Option(None, "--image", help="Image(s) attached to the first question."),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
+    quantize: Optional[str] = QuantizeOpt,
     think: bool = typer.Option(False, "--think"),
     max_new_tokens: int = MaxNewTokensOpt,
     temperature: float = typer.Option(0.1, "--temperature"),
@@ -210,7 +216,7 @@ def chat(
     """An interactive multi-turn conversation about images; earlier turns are never recomputed."""
     from ..inference.chat_repl import run_chat
 
-    pipe = load_pipeline(model, device, dtype, read_options(window, frame, axis, slice_index), visual_gen=False)
+    pipe = load_pipeline(model, device, dtype, read_options(window, frame, axis, slice_index), visual_gen=False, quantize=quantize)
     run_chat(pipe, read_line=input, write=typer.echo, error=lambda message: typer.secho(message, fg=typer.colors.RED, err=True),
              images=image or [], think=think, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
              recoverable=user_errors())

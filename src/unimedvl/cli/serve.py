@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from .common import DeviceOpt, DtypeOpt, ModelOpt, fail, load_pipeline, read_options
+from .common import DeviceOpt, DtypeOpt, QuantizeOpt, ModelOpt, fail, load_pipeline, read_options
 
 
 def serve(
@@ -24,6 +24,7 @@ def serve(
     no_ui: bool = typer.Option(False, "--no-ui", help="Serve the API only."),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
+    quantize: Optional[str] = QuantizeOpt,
 ) -> None:
     """Serve the model: OpenAI-compatible HTTP API (/v1/...) and the web UI (/ui)."""
     import uvicorn
@@ -36,7 +37,7 @@ def serve(
     except ValueError as e:
         fail(str(e))
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    pipe = load_pipeline(model, device, dtype, read_options())
+    pipe = load_pipeline(model, device, dtype, read_options(), quantize=quantize)
     application = create_app(pipe, config)
     typer.echo(f"serving {pipe.name} on http://{host}:{port}  (API: /v1, UI: /ui, docs: /docs)" + ("" if api_key else "  [no API key: loopback only]"))
     uvicorn.run(application, host=host, port=port, log_level="info", access_log=False)  # access lines could carry query strings

@@ -46,6 +46,7 @@ from safetensors.torch import save_file
 
 from .atomic import atomic_path, write_text
 from ..config import AutoencoderConfig, ConfigError, InferenceTransforms, LLMConfig, UniMedVLConfig, ViTConfig
+from ..model.quantized import check_scheme, quantize_int8, quantize_model
 from ..model.unimedvl import UniMedVL
 from ..precision import resolve_dtype
 from ..tokenizer import Tokenizer, has_tokenizer
@@ -228,17 +229,22 @@ def load_pretrained(
     weights: str = "ema",
     visual_gen: bool = True,
     load_tokenizer: bool = True,
+    quantize: str | None = None,
 ) -> tuple[UniMedVL, Tokenizer | None]:
     """Load a model directory in the official layout: ``(model, tokenizer)``.
 
     ``dtype`` casts every floating-point weight (``auto``: :mod:`unimedvl.precision`'s default for
     ``device``; ``None`` keeps the stored dtype); ``weights`` picks ``ema`` (default) or the raw
     ``model`` weights; ``visual_gen=False`` loads an understanding-only model without the
-    autoencoder and generation adapters.  The tokenizer is ``None`` when the directory has no
-    tokenizer files (or ``load_tokenizer`` is false).
+    autoencoder and generation adapters.  ``quantize`` (``int8``, :mod:`unimedvl.model.quantized`)
+    quantises the linear layers of the decoder experts, the ViT and the connector while loading,
+    tensor by tensor, so the unquantised model is never held in memory.  The tokenizer is ``None``
+    when the directory has no tokenizer files (or ``load_tokenizer`` is false).
     """
     directory = Path(directory)
     dtype = resolve_dtype(dtype, device)
+    if quantize is not None:
+        check_scheme(quantize)
     config = read_config(directory, visual_gen=visual_gen)
     weight_path = find_weights(directory, weights)
     if visual_gen and not (directory / AE_WEIGHTS).is_file():
@@ -268,11 +274,13 @@ def load_pretrained(
 
     with torch.device("meta"):
         model = UniMedVL(config)
+    quantized = quantize_model(model, quantize) if quantize else []  # empty quantised layers on meta
     state = _read_tensors(
         [(key, path, file_key) for key, (path, file_key) in sources.items()],
         lambda key, t: _convert(key, t, expected[key]),
         dtype,
         torch.device(device),
+        quantize_keys={f"{name}.weight" for name in quantized},
     )
     model.load_state_dict(state, strict=True, assign=True)
     del state
@@ -290,8 +298,13 @@ def load_pretrained(
 READ_CHUNK_BYTES = 256 * 2**20
 
 
-def _read_tensors(items, convert, dtype, device, chunk_bytes: int = READ_CHUNK_BYTES) -> dict[str, torch.Tensor]:
+def _read_tensors(items, convert, dtype, device, chunk_bytes: int = READ_CHUNK_BYTES,
+                  quantize_keys: set[str] = frozenset()) -> dict[str, torch.Tensor]:
     """Read ``(model_key, file, file_key)`` items into tensors of ``dtype`` on ``device``.
+
+    A key in ``quantize_keys`` (a linear weight) is stored int8 with its per-row ``.scale`` beside
+    it (:func:`unimedvl.model.quantized.quantize_int8`): one float32 copy of that one matrix exists
+    while it is quantised.
 
     Tensors that need no cast and stay on the CPU keep pointing into the memory-mapped file
     (zero-copy).  Cast or moved tensors are copies; the file is reopened every ``chunk_bytes`` of
@@ -305,6 +318,12 @@ def _read_tensors(items, convert, dtype, device, chunk_bytes: int = READ_CHUNK_B
             handle, handle_path, consumed = _open(path), path, 0  # dropping the old handle unmaps it
         tensor = convert(key, handle.get_tensor(file_key))
         source_bytes = tensor.numel() * tensor.element_size()
+        if key in quantize_keys:
+            q, scale = quantize_int8(tensor)  # [out, in] int8, [out] float32
+            state[key] = q.to(device)
+            state[key.removesuffix("weight") + "scale"] = scale.to(dtype or tensor.dtype).to(device)
+            consumed += source_bytes
+            continue
         if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
             tensor = tensor.to(dtype)
             consumed += source_bytes

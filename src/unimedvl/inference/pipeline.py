@@ -101,12 +101,16 @@ class UniMedVLPipeline:
         dtype: str | torch.dtype = "auto",
         visual_gen: bool = True,
         weights: str = "ema",
+        quantize: str | None = None,
         read_options: ImageReadOptions = ImageReadOptions(),
     ) -> "UniMedVLPipeline":
         """Load a checkpoint directory in the official layout.  ``dtype`` ``auto`` (the default) is
         bfloat16 on CUDA, as the official scripts run, and float32 on CPUs (:mod:`unimedvl.precision`).
-        ``visual_gen=False`` loads an understanding-only model (no autoencoder, no generation adapters)."""
-        model, tokenizer = load_pretrained(directory, device=device, dtype=dtype, weights=weights, visual_gen=visual_gen)
+        ``visual_gen=False`` loads an understanding-only model (no generation expert, adapters or
+        autoencoder).  ``quantize="int8"`` stores the linear layers of the decoder, ViT and connector as
+        int8 weights, quantised while loading (:mod:`unimedvl.model.quantized`)."""
+        model, tokenizer = load_pretrained(directory, device=device, dtype=dtype, weights=weights, visual_gen=visual_gen,
+                                           quantize=quantize)
         if tokenizer is None:
             raise CheckpointError(f"{directory}: no tokenizer files (vocab.json and merges.txt are needed)")
         return cls(model, tokenizer, name=Path(directory).name, read_options=read_options)
