@@ -12,7 +12,7 @@ from cli_surface import names, surface
 RECORDED = json.loads((Path(__file__).parent / "cli_surface.json").read_text())
 
 # names added since the recording: the sampler presets (`--preset` and the `presets` table) and
-# weight-only quantisation on every command that loads a model
+# weight-only quantisation on every command that loads a model, and `unimedvl quantize`
 QUANTIZING = ("ask", "report", "generate", "edit", "chat", "serve", "eval vqa", "eval t2i")
 ADDED = {
     "presets",
@@ -21,6 +21,7 @@ ADDED = {
     "edit --preset",
     "eval t2i --preset",
     *(f"{command} --quantize" for command in QUANTIZING),
+    *("quantize", "quantize --model", "quantize -m", "quantize --out", "quantize -o", "quantize --scheme", "quantize --weights"),
 }
 
 # (command, parameter) -> new default: dtype "auto" (one precision policy); image-sampler fields

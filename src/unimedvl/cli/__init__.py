@@ -19,6 +19,7 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "info": model.info,
     "manifest": model.manifest,
     "parity": model.parity,
+    "quantize": model.quantize,
     "ask": inference.ask,
     "report": inference.report,
     "generate": inference.generate,

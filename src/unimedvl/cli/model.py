@@ -1,5 +1,5 @@
 """Model commands: ``info`` (parameter counts), ``manifest`` (official checkpoint keys), ``parity``
-(replay a reference fixture)."""
+(replay a reference fixture), ``quantize`` (write a pre-quantised checkpoint)."""
 
 from __future__ import annotations
 
@@ -76,3 +76,21 @@ def parity(
     typer.echo(f"parity: {passed}/{len(rows)} within tolerance")
     if passed != len(rows) or not rows:
         raise typer.Exit(1)
+
+
+def quantize(
+    model: Path = typer.Option(..., "--model", "-m", help="Checkpoint directory in the official layout (unquantised)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder: the pre-quantised checkpoint (configs, tokenizer and ae copied)."),
+    scheme: str = typer.Option("int8", "--scheme", help="Weight-only scheme: int8."),
+    weights: str = typer.Option("ema", "--weights", help="ema (default) or model (the raw weights)."),
+) -> None:
+    """Write a pre-quantised checkpoint that loads without re-quantising (``--model OUT`` on any command)."""
+    from ..formats.checkpoint import CheckpointError
+    from ..formats.quantized_checkpoint import quantize_checkpoint
+    from .common import progress_bar
+
+    try:
+        path = quantize_checkpoint(model, out, scheme, weights=weights, progress=progress_bar("quantising", unit="tensor"))
+    except (CheckpointError, ValueError, FileNotFoundError) as e:
+        fail(str(e))
+    typer.echo(f"wrote {path} ({scheme}, {weights} weights); load it with --model {path}")

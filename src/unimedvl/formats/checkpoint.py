@@ -65,6 +65,8 @@ PATCH_EMBED_KEY = "vit_model.vision_model.embeddings.patch_embedding.weight"
 # model (visual_gen=False) has no such parameters, and loading it never reads these tensors.
 GENERATION_ONLY = re.compile(r"^(?:(?:time_embedder|vae2llm|llm2vae|latent_pos_embed)\.|.*_moe_gen)")
 IGNORED = re.compile(r"^vae_batch_norm\.")
+# metadata key of a pre-quantised weight file (formats/quantized_checkpoint.py): its scheme
+QUANTIZATION_METADATA = "unimedvl_quantization"
 
 
 class CheckpointError(ValueError):
@@ -215,6 +217,16 @@ def _open(path: Path):
         raise CheckpointError(f"{path}: cannot read as safetensors ({e})") from e
 
 
+def weight_file_scheme(path: Path) -> str | None:
+    """The quantisation scheme a weight file declares in its metadata (``None``: not quantised)."""
+    return (_open(path).metadata() or {}).get(QUANTIZATION_METADATA)
+
+
+def _file_dtypes(path: Path) -> dict[str, str]:
+    handle = _open(path)
+    return {k: handle.get_slice(k).get_dtype() for k in handle.keys()}
+
+
 def _file_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """Tensor shapes from a safetensors header (no tensor data is read)."""
     handle = _open(path)
@@ -247,6 +259,12 @@ def load_pretrained(
         check_scheme(quantize)
     config = read_config(directory, visual_gen=visual_gen)
     weight_path = find_weights(directory, weights)
+    stored_scheme = weight_file_scheme(weight_path)  # a pre-quantised checkpoint (unimedvl quantize)
+    if stored_scheme is not None:
+        if quantize not in (None, stored_scheme):
+            raise CheckpointError(f"{weight_path}: the weights are stored quantised as {stored_scheme}; "
+                                  f"they cannot be loaded as {quantize} (load the unquantised checkpoint for that)")
+        quantize = check_scheme(stored_scheme)
     if visual_gen and not (directory / AE_WEIGHTS).is_file():
         raise CheckpointError(f"{directory}: required file {AE_WEIGHTS} is missing (needed for image generation; "
                               "load with visual_gen=False for understanding only)")
@@ -270,17 +288,23 @@ def load_pretrained(
     if ignored:
         log.info("%s: %d checkpoint keys not used by this model (%s)", weight_path.name, len(ignored), _describe(ignored, 3))
     source_name = f"{weight_path}" + (f" + {directory / AE_WEIGHTS}" if visual_gen else "")
-    check_keys(shapes, expected, source_name)
 
     with torch.device("meta"):
         model = UniMedVL(config)
     quantized = quantize_model(model, quantize) if quantize else []  # empty quantised layers on meta
+    if stored_scheme is not None:  # the file holds the quantised layout: int8 weights and their scales
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        stored_dtypes = _file_dtypes(weight_path)
+        wrong = [f"{k} is {stored_dtypes[k]}" for k in (f"{n}.weight" for n in quantized) if k in stored_dtypes and stored_dtypes[k] != "I8"]
+        if wrong:
+            raise CheckpointError(f"{weight_path} ({stored_scheme}-quantised): weights that must be int8 are not: {', '.join(wrong[:5])}")
+    check_keys(shapes, expected, source_name + (f" ({stored_scheme}-quantised)" if stored_scheme else ""))
     state = _read_tensors(
         [(key, path, file_key) for key, (path, file_key) in sources.items()],
         lambda key, t: _convert(key, t, expected[key]),
         dtype,
         torch.device(device),
-        quantize_keys={f"{name}.weight" for name in quantized},
+        quantize_keys=set() if stored_scheme else {f"{name}.weight" for name in quantized},
     )
     model.load_state_dict(state, strict=True, assign=True)
     del state
