@@ -18,24 +18,16 @@ skips) is recomputed from all of them:
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections import Counter, defaultdict
 from pathlib import Path
 
+from ..formats.hashing import file_sha256
 from ..formats.atomic import write_json, write_jsonl
 from .layout import DatasetLayout, read_jsonl
 from .schema import SCHEMA_VERSION
 
 INDEX_COLUMNS = ["id", "family", "task", "modality", "source", "split", "patient_group", "item_hash", "image_sha256", "image_phash"]
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_index(out: Path, num_shards: int) -> list:
@@ -98,7 +90,7 @@ def write_manifest(out: Path, num_shards: int, index: list | None = None) -> dic
     shards = []
     for k, table in enumerate(index):
         path = layout.shard(k)
-        shards.append({"file": layout.relative(path.parquet), "rows": table.num_rows, "sha256": _file_sha256(path.parquet)})
+        shards.append({"file": layout.relative(path.parquet), "rows": table.num_rows, "sha256": file_sha256(path.parquet)})
         for row in table.to_pylist():
             if row["id"] in reasons:
                 continue

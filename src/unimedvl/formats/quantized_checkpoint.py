@@ -16,7 +16,6 @@ time, never the whole model.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -30,6 +29,7 @@ from ..tokenizer import TOKENIZER_FILES
 from .atomic import atomic_path, write_text
 from .checkpoint import QUANTIZATION_METADATA as METADATA_SCHEME
 from .checkpoint import CheckpointError, find_weights, read_config, weight_file_scheme
+from .hashing import file_sha256
 from .safetensors_stream import write_safetensors_stream
 
 QUANTIZATION_FILE = "quantization.json"
@@ -47,14 +47,6 @@ def quantized_key(key: str, shape: tuple[int, ...]) -> bool:
 
 def scale_key(weight_key: str) -> str:
     return weight_key.removesuffix("weight") + "scale"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def quantize_checkpoint(model_dir: str | Path, out: str | Path, scheme: str = "int8", *, weights: str = "ema",
@@ -98,7 +90,7 @@ def quantize_checkpoint(model_dir: str | Path, out: str | Path, scheme: str = "i
                 progress(done[0], len(specs))
 
         metadata = {"format": "pt", METADATA_SCHEME: scheme, "group_size": GROUP_SIZE, "source_file": source.name,
-                    "source_sha256": _sha256(source)}
+                    "source_sha256": file_sha256(source)}
         write_safetensors_stream(out / f"{weights}.safetensors", specs, produce, metadata, on_tensor=tick)
     for name in COPIED:
         if (model_dir / name).is_file():
