@@ -59,6 +59,11 @@ class GuidanceConfig:
     cfg_renorm_min: float = 0.0
 
     def __post_init__(self):
+        lo, hi = self.cfg_interval
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise ValueError(f"cfg_interval must be (lo, hi) with 0 <= lo <= hi <= 1, got {tuple(self.cfg_interval)}")
+        if self.cfg_text_scale < 0 or self.cfg_img_scale < 0:
+            raise ValueError(f"guidance scales must be >= 0, got text {self.cfg_text_scale}, image {self.cfg_img_scale}")
         if self.cfg_renorm_type not in RENORM_TYPES:
             raise ValueError(f"cfg_renorm_type must be one of {RENORM_TYPES}, got {self.cfg_renorm_type!r}")
 

@@ -6,7 +6,7 @@ import json
 import re
 from dataclasses import dataclass, field
 
-from ..inference.presets import DEFAULT_PRESET, SAMPLER_PRESETS
+from ..inference.presets import sampler_settings
 from .config import ServeConfig
 from .errors import APIError, bad_request
 from .images import ReadOptions
@@ -159,14 +159,18 @@ def parse_image_request(data: dict, config: ServeConfig, served: str, *, edit: b
             raise bad_request(f"size: {width}x{height} is outside {config.min_image_side}..{config.max_image_side} per side "
                               "(max_image_side)", "size", "limit_exceeded")
     seed = _seed(_ints(data, "seed"), nullable=False)
-    preset = data.get("preset") or DEFAULT_PRESET["image-to-image" if edit else "text-to-image"]
-    if preset not in SAMPLER_PRESETS:
-        raise bad_request(f"preset: unknown sampler preset {preset!r}; known: {', '.join(SAMPLER_PRESETS)}", "preset")
+    preset = data.get("preset") or None
+    if preset is not None and not isinstance(preset, str):
+        raise bad_request(f"preset: expected a preset name, got {json.dumps(preset)[:40]}", "preset")
+    try:  # the task's default when the request names none; an unknown name is refused by the preset table itself
+        settings = sampler_settings("image-to-image" if edit else "text-to-image", preset)
+    except ValueError as e:
+        raise bad_request(f"preset: {e}", "preset") from None
     return ImageRequest(
         prompt=prompt,
         n=_number(_ints(data, "n"), "n", 1, 1, config.max_images_generated, integer=True, hint=" (max_images_generated)"),
-        width=width, height=height, seed=seed, preset=preset,
-        steps=_number(_ints(data, "steps"), "steps", min(SAMPLER_PRESETS[preset].steps, config.max_steps), 2, config.max_steps,
+        width=width, height=height, seed=seed, preset=settings.name,
+        steps=_number(_ints(data, "steps"), "steps", min(settings.steps, config.max_steps), 2, config.max_steps,
                       integer=True, hint=" (max_steps)"),
         guidance=_number(_floats(data, "guidance"), "guidance", None, 0.0, 30.0),
         image_guidance=_number(_floats(data, "image_guidance"), "image_guidance", None, 0.0, 30.0) if edit else None,
