@@ -20,7 +20,6 @@ DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32,
     "float32": torch.float32,
 }
-DTYPE_CHOICES = ("auto", "bf16", "fp32")  # what the CLI and the server offer
 PRECISIONS = ("auto", "fp32", "bf16")  # training compute precisions (plan key ``precision``)
 
 

@@ -38,7 +38,7 @@ import json
 import logging
 import re
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, NamedTuple
 
 import torch
 from safetensors import safe_open
@@ -217,20 +217,24 @@ def _open(path: Path):
         raise CheckpointError(f"{path}: cannot read as safetensors ({e})") from e
 
 
-def weight_file_scheme(path: Path) -> str | None:
-    """The quantisation scheme a weight file declares in its metadata (``None``: not quantised)."""
-    return (_open(path).metadata() or {}).get(QUANTIZATION_METADATA)
+class FileHeader(NamedTuple):
+    """What a safetensors header says (no tensor data is read)."""
+
+    shapes: dict[str, tuple[int, ...]]
+    dtypes: dict[str, str]  # safetensors dtype codes: BF16, F32, I8, ...
+    metadata: dict[str, str]
+
+    @property
+    def scheme(self) -> str | None:
+        """The quantisation scheme the file declares (``None``: not quantised)."""
+        return self.metadata.get(QUANTIZATION_METADATA)
 
 
-def _file_dtypes(path: Path) -> dict[str, str]:
+def read_header(path: Path) -> FileHeader:
     handle = _open(path)
-    return {k: handle.get_slice(k).get_dtype() for k in handle.keys()}
-
-
-def _file_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """Tensor shapes from a safetensors header (no tensor data is read)."""
-    handle = _open(path)
-    return {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
+    slices = {k: handle.get_slice(k) for k in handle.keys()}
+    return FileHeader({k: tuple(s.get_shape()) for k, s in slices.items()}, {k: s.get_dtype() for k, s in slices.items()},
+                      handle.metadata() or {})
 
 
 def load_pretrained(
@@ -259,7 +263,8 @@ def load_pretrained(
         check_scheme(quantize)
     config = read_config(directory, visual_gen=visual_gen)
     weight_path = find_weights(directory, weights)
-    stored_scheme = weight_file_scheme(weight_path)  # a pre-quantised checkpoint (unimedvl quantize)
+    header = read_header(weight_path)
+    stored_scheme = header.scheme  # a pre-quantised checkpoint (unimedvl quantize)
     if stored_scheme is not None:
         if quantize not in (None, stored_scheme):
             raise CheckpointError(f"{weight_path}: the weights are stored quantised as {stored_scheme}; "
@@ -274,10 +279,10 @@ def load_pretrained(
     shapes: dict[str, tuple[int, ...]] = {}
     ignored = []
     if visual_gen:
-        for k, shape in _file_shapes(directory / AE_WEIGHTS).items():
+        for k, shape in read_header(directory / AE_WEIGHTS).shapes.items():
             sources[ae_key_to_model(k)] = (directory / AE_WEIGHTS, k)
             shapes[ae_key_to_model(k)] = shape
-    for k, shape in _file_shapes(weight_path).items():
+    for k, shape in header.shapes.items():
         if IGNORED.match(k) or (not visual_gen and (GENERATION_ONLY.match(k) or k.startswith(AE_PREFIX))):
             ignored.append(k)
             continue
@@ -294,8 +299,7 @@ def load_pretrained(
     quantized = quantize_model(model, quantize) if quantize else []  # empty quantised layers on meta
     if stored_scheme is not None:  # the file holds the quantised layout: int8 weights and their scales
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        stored_dtypes = _file_dtypes(weight_path)
-        wrong = [f"{k} is {stored_dtypes[k]}" for k in (f"{n}.weight" for n in quantized) if k in stored_dtypes and stored_dtypes[k] != "I8"]
+        wrong = [f"{k} is {header.dtypes[k]}" for k in (f"{n}.weight" for n in quantized) if header.dtypes.get(k, "I8") != "I8"]
         if wrong:
             raise CheckpointError(f"{weight_path} ({stored_scheme}-quantised): weights that must be int8 are not: {', '.join(wrong[:5])}")
     check_keys(shapes, expected, source_name + (f" ({stored_scheme}-quantised)" if stored_scheme else ""))

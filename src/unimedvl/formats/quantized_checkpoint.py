@@ -28,16 +28,15 @@ from ..model.quantized import QUANTIZED_LINEARS, check_scheme, quantize_int8
 from ..tokenizer import TOKENIZER_FILES
 from .atomic import atomic_path, write_text
 from .checkpoint import QUANTIZATION_METADATA as METADATA_SCHEME
-from .checkpoint import CheckpointError, find_weights, read_config, weight_file_scheme
+from .checkpoint import CheckpointError, find_weights, read_config, read_header
 from .hashing import file_sha256
-from .safetensors_stream import write_safetensors_stream
+from .safetensors_stream import DTYPE_CODES, write_safetensors_stream
+
+TORCH_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
 
 QUANTIZATION_FILE = "quantization.json"
 GROUP_SIZE = "row"  # one scale per output row
 COPIED = ("llm_config.json", "vit_config.json", "ae_config.json", "unimedvl_config.json", "ae.safetensors", *TOKENIZER_FILES)
-
-_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I8": torch.int8, "U8": torch.uint8,
-                       "I64": torch.int64, "I32": torch.int32, "F64": torch.float64}
 
 
 def quantized_key(key: str, shape: tuple[int, ...]) -> bool:
@@ -57,20 +56,20 @@ def quantize_checkpoint(model_dir: str | Path, out: str | Path, scheme: str = "i
     model_dir, out = Path(model_dir), Path(out)
     read_config(model_dir)  # a readable checkpoint, before anything is written
     source = find_weights(model_dir, weights)
-    if weight_file_scheme(source):
-        raise CheckpointError(f"{source}: already quantised ({weight_file_scheme(source)})")
+    header = read_header(source)
+    if header.scheme:
+        raise CheckpointError(f"{source}: already quantised ({header.scheme})")
     if out.resolve() == model_dir.resolve():
         raise CheckpointError(f"{out}: write the quantised copy to another folder than its source")
     out.mkdir(parents=True, exist_ok=True)
+    shapes = header.shapes
+    specs, pending = [], {}
+    for key in sorted(shapes):
+        if quantized_key(key, shapes[key]):
+            specs += [(key, torch.int8, shapes[key]), (scale_key(key), torch.float32, (shapes[key][0],))]
+        else:
+            specs.append((key, TORCH_DTYPES[header.dtypes[key]], shapes[key]))
     with safe_open(str(source), framework="pt", device="cpu") as handle:
-        shapes = {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
-        dtypes = {k: _SAFETENSORS_DTYPES[handle.get_slice(k).get_dtype()] for k in handle.keys()}
-        specs, pending = [], {}
-        for key in sorted(shapes):
-            if quantized_key(key, shapes[key]):
-                specs += [(key, torch.int8, shapes[key]), (scale_key(key), torch.float32, (shapes[key][0],))]
-            else:
-                specs.append((key, dtypes[key], shapes[key]))
 
         def produce(key: str) -> torch.Tensor:
             if key in pending:  # the scale computed with its weight

@@ -1,5 +1,5 @@
 """Export a training checkpoint to the official layout (``ema.safetensors``, ``model.safetensors``,
-``ae.safetensors``, configs, tokenizer) that :meth:`UniMedVL.from_pretrained` - and the official
+``ae.safetensors``, configs, tokenizer) that :func:`unimedvl.load_pretrained` - and the official
 reference code - load."""
 
 from __future__ import annotations
@@ -14,19 +14,20 @@ from safetensors.torch import load_file
 from ..formats.checkpoint import read_config, save_pretrained
 from ..model import UniMedVL
 from ..tokenizer import Tokenizer, has_tokenizer
-from .checkpointing import SHARDED_DIR
+from .checkpointing import CHECKPOINTS_DIR, SHARDED_DIR, latest_checkpoint
 from .lora import LoRAConfig, apply_lora, merge_lora
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder, or a run folder (its latest checkpoint)."""
+    """A checkpoint folder, or a run folder (its latest complete checkpoint)."""
     path = Path(path)
     if (path / "state.json").is_file():
         return path
-    pointer = path / "checkpoints" / "latest.json"
-    if pointer.is_file():
-        return path / "checkpoints" / json.loads(pointer.read_text())["checkpoint"]
-    raise FileNotFoundError(f"{path}: neither a training checkpoint (state.json) nor a run folder with checkpoints/latest.json")
+    latest = latest_checkpoint(path)
+    if latest is not None:
+        return latest
+    raise FileNotFoundError(f"{path}: neither a training checkpoint (state.json) nor a run folder with a complete checkpoint "
+                            f"named by {CHECKPOINTS_DIR}/latest.json")
 
 
 def load_training_weights(checkpoint: str | Path, which: str = "model") -> dict[str, torch.Tensor]:
