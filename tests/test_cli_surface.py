@@ -67,8 +67,13 @@ def test_parameters_keep_their_kind_defaults_and_aliases():
     assert not differences, "\n".join(differences)
 
 
-def test_the_entry_points_import_the_app():
-    from unimedvl.cli import COMMANDS, GROUPS, app, main
+def test_the_module_entry_points_run_the_same_app():
+    """``python -m unimedvl``, ``python -m unimedvl.cli`` and ``python -m unimedvl.train`` (torchrun's
+    entry) reach the commands of the package."""
+    import subprocess
+    import sys
 
-    assert callable(main) and app.registered_commands
-    assert set(COMMANDS) | set(GROUPS) == {path for path in surface() if path and " " not in path}
+    for module, expect in (("unimedvl", "presets"), ("unimedvl.cli", "quantize"), ("unimedvl.train", "--lora-rank")):
+        result = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, (module, result.stderr[-500:])
+        assert expect in result.stdout, (module, result.stdout[-500:])
