@@ -28,7 +28,7 @@ ModelOpt = typer.Option(None, "--model", "-m", help="Checkpoint directory in the
 DeviceOpt = typer.Option("cpu", "--device", help="torch device, e.g. cpu, cuda, cuda:1.")
 DtypeOpt = typer.Option("auto", "--dtype", help="auto (bf16 on CUDA as the official scripts, fp32 on CPUs), bf16 or fp32.")
 QuantizeOpt = typer.Option(None, "--quantize", help="Weight-only quantisation while loading: int8 (the decoder, ViT and "
-                           "connector linear layers; about half the memory of bf16 weights).")
+                           "connector linear layers, stored in half the bytes of bf16).")
 WindowOpt = typer.Option(None, "--window", help="DICOM window: a preset (lung, mediastinum, bone, brain, abdomen) or CENTER,WIDTH; default: the file's own.")
 FrameOpt = typer.Option(0, "--frame", help="DICOM multi-frame: frame index.")
 AxisOpt = typer.Option("axial", "--axis", help="NIfTI: slicing axis (sagittal, coronal, axial).")
