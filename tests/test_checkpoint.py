@@ -169,7 +169,7 @@ def test_understanding_only_load_reads_no_generation_tensor(tmp_path, fixture_a,
     from unimedvl.formats import checkpoint
 
     read: list[str] = []
-    opened = checkpoint._open
+    opened = checkpoint.open_safetensors
 
     class Recording:
         def __init__(self, handle):
@@ -182,7 +182,7 @@ def test_understanding_only_load_reads_no_generation_tensor(tmp_path, fixture_a,
         def __getattr__(self, name):
             return getattr(self.handle, name)
 
-    monkeypatch.setattr(checkpoint, "_open", lambda path: Recording(opened(path)))
+    monkeypatch.setattr(checkpoint, "open_safetensors", lambda path: Recording(opened(path)))
     m = load_pretrained(fixture_a, visual_gen=False)[0]
     assert sorted(read) == sorted(m.state_dict())  # every parameter read once, nothing else
     assert not [k for k in read if checkpoint.GENERATION_ONLY.match(k) or k.startswith("vae_model.")]

@@ -22,6 +22,9 @@ ADDED = {
     "eval t2i --preset",
     *(f"{command} --quantize" for command in QUANTIZING),
     *("quantize", "quantize --model", "quantize -m", "quantize --out", "quantize -o", "quantize --scheme", "quantize --weights"),
+    # placement over several devices on the same commands, and the plan printed by `info`
+    *(f"{command} {option}" for command in QUANTIZING for option in ("--device-map", "--max-memory")),
+    *(f"info {option}" for option in ("--device-map", "--max-memory", "--dtype", "--quantize", "--understanding-only")),
 }
 
 # (command, parameter) -> new default: dtype "auto" (one precision policy); image-sampler fields

@@ -27,8 +27,21 @@ ModelOpt = typer.Option(None, "--model", "-m", help="Checkpoint directory in the
                         "default: $UNIMEDVL_MODEL, else the model `unimedvl demo` trained.")
 DeviceOpt = typer.Option("cpu", "--device", help="torch device, e.g. cpu, cuda, cuda:1.")
 DtypeOpt = typer.Option("auto", "--dtype", help="auto (bf16 on CUDA as the official scripts, fp32 on CPUs), bf16 or fp32.")
-QuantizeOpt = typer.Option(None, "--quantize", help="Weight-only quantisation while loading: int8 (the decoder, ViT and "
-                           "connector linear layers, stored in half the bytes of bf16).")
+
+
+def _quantize_help() -> str:
+    from ..model.quantized import schemes_help  # the scheme table (torch is loaded with the package anyway)
+
+    return (f"Weight-only quantisation of the decoder, ViT and connector linear layers while loading: {schemes_help()}. "
+            "A scheme the device cannot run is refused, naming what to use instead.")
+
+
+QuantizeOpt = typer.Option(None, "--quantize", help=_quantize_help())
+DeviceMapOpt = typer.Option(None, "--device-map", help="Place the model over several devices instead of --device: auto "
+                            "(whole decoder layers in order over the --max-memory budgets, or the free memory of each GPU then "
+                            "the CPU) or a JSON plan file {module prefix: device} (unimedvl info --device-map ... --json writes one).")
+MaxMemoryOpt = typer.Option(None, "--max-memory", help="Budgets of --device-map auto, in placement order, e.g. "
+                            "cuda:0=20GiB,cpu=64GiB (implies --device-map auto).")
 WindowOpt = typer.Option(None, "--window", help="DICOM window: a preset (lung, mediastinum, bone, brain, abdomen) or CENTER,WIDTH; default: the file's own.")
 FrameOpt = typer.Option(0, "--frame", help="DICOM multi-frame: frame index.")
 AxisOpt = typer.Option("axial", "--axis", help="NIfTI: slicing axis (sagittal, coronal, axial).")
@@ -103,17 +116,21 @@ def resolve_model(model: Optional[Path]) -> Path:
 
 
 def load_pipeline(model: Optional[Path], device: str, dtype: str, read_options, visual_gen: bool = True,
-                  quantize: Optional[str] = None):
-    """The pipeline of ``--model`` (or the default model), loaded under a status spinner; user errors exit 2."""
+                  quantize: Optional[str] = None, device_map: Optional[str] = None, max_memory: Optional[str] = None):
+    """The pipeline of ``--model`` (or the default model), loaded under a status spinner; user errors exit 2.
+    ``--device-map``/``--max-memory`` place it over several devices (the plan is printed on stderr)."""
     from ..inference import UniMedVLPipeline
 
     model = resolve_model(model)
     try:
         with status(f"loading {model}"):
-            return UniMedVLPipeline.from_pretrained(model, device=device, dtype=dtype, visual_gen=visual_gen, quantize=quantize,
-                                                    read_options=read_options)
+            pipe = UniMedVLPipeline.from_pretrained(model, device=device, dtype=dtype, visual_gen=visual_gen, quantize=quantize,
+                                                    read_options=read_options, device_map=device_map, max_memory=max_memory)
     except user_errors() as e:
         fail(str(e))
+    if pipe.placement is not None:
+        typer.secho(pipe.placement.plan.describe(), fg=typer.colors.CYAN, err=True)
+    return pipe
 
 
 # ---- progress --------------------------------------------------------------------------------

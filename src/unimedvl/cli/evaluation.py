@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from .common import DeviceOpt, DtypeOpt, QuantizeOpt, MaxNewTokensOpt, SeedOpt, StepsOpt, echo_results, fail, load_pipeline, read_options, user_errors
+from .common import DeviceMapOpt, MaxMemoryOpt
 
 app = typer.Typer(no_args_is_help=True, help="Reproduce the paper's benchmarks and metrics, offline.")
 
@@ -30,6 +31,8 @@ def vqa(
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     quantize: Optional[str] = QuantizeOpt,
+    device_map: Optional[str] = DeviceMapOpt,
+    max_memory: Optional[str] = MaxMemoryOpt,
 ) -> None:
     """Score or run one understanding benchmark; prints the results table."""
     from ..evaluation import BENCHMARKS, evaluate_vqa
@@ -48,7 +51,8 @@ def vqa(
         judge = ChatJudge(judge_url, judge_model, api_key=judge_api_key)
     from ..inference.inputs import ImageReadOptions
 
-    pipe = load_pipeline(model, device, dtype, ImageReadOptions(), visual_gen=False, quantize=quantize) if model is not None else None
+    pipe = load_pipeline(model, device, dtype, ImageReadOptions(), visual_gen=False, quantize=quantize,
+                         device_map=device_map, max_memory=max_memory) if model is not None else None
     try:
         results = evaluate_vqa(benchmark, data, out, pipeline=pipe, predictions=predictions, batch_size=batch_size,
                                max_new_tokens=max_new_tokens, limit=limit, legacy_closed=legacy_closed_quirk, judge=judge)
@@ -100,6 +104,8 @@ def t2i(
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     quantize: Optional[str] = QuantizeOpt,
+    device_map: Optional[str] = DeviceMapOpt,
+    max_memory: Optional[str] = MaxMemoryOpt,
 ) -> None:
     """Per-modality gFID/KID and BioMedCLIP score of text-to-image outputs, beside the paper's Table 2."""
     from ..evaluation.features import FeatureWeightsError, load_feature_extractor
@@ -118,7 +124,8 @@ def t2i(
     except (FeatureWeightsError, ValueError, FileNotFoundError) as e:
         fail(str(e))
     if model is not None:
-        pipe = load_pipeline(model, device, dtype, read_options(), quantize=quantize)
+        pipe = load_pipeline(model, device, dtype, read_options(), quantize=quantize,
+                             device_map=device_map, max_memory=max_memory)
         try:
             report = generate_missing(pipe, prompt_set, generated, height=height, width=width, preset=preset, steps=steps, seed=seed)
         except user_errors() as e:

@@ -16,8 +16,10 @@ from .common import (
     CfgRenormMinOpt,
     CfgRenormTypeOpt,
     CfgTextScaleOpt,
+    DeviceMapOpt,
     DeviceOpt,
     DtypeOpt,
+    MaxMemoryOpt,
     QuantizeOpt,
     FrameOpt,
     MaxNewTokensOpt,
@@ -44,6 +46,8 @@ def ask(
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     quantize: Optional[str] = QuantizeOpt,
+    device_map: Optional[str] = DeviceMapOpt,
+    max_memory: Optional[str] = MaxMemoryOpt,
     think: bool = typer.Option(False, "--think", help="Reason in <think> tags first; the reasoning is printed separately."),
     max_new_tokens: int = MaxNewTokensOpt,
     temperature: float = typer.Option(0.1, "--temperature", help="0 decodes greedily."),
@@ -57,7 +61,8 @@ def ask(
     slice_index: Optional[int] = SliceOpt,
 ) -> None:
     """Answer a question about medical images."""
-    pipe = load_pipeline(model, device, dtype, read_options(window, frame, axis, slice_index), visual_gen=False, quantize=quantize)
+    pipe = load_pipeline(model, device, dtype, read_options(window, frame, axis, slice_index), visual_gen=False, quantize=quantize,
+                         device_map=device_map, max_memory=max_memory)
     stream = stream and not as_json
     try:
         result = pipe.ask(images or [], question, think=think, max_new_tokens=max_new_tokens, temperature=temperature,
@@ -84,6 +89,8 @@ def report(
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     quantize: Optional[str] = QuantizeOpt,
+    device_map: Optional[str] = DeviceMapOpt,
+    max_memory: Optional[str] = MaxMemoryOpt,
     max_new_tokens: int = MaxNewTokensOpt,
     temperature: float = typer.Option(0.1, "--temperature"),
     seed: int = SeedOpt,
@@ -94,7 +101,8 @@ def report(
     slice_index: Optional[int] = SliceOpt,
 ) -> None:
     """Write a findings / impression report for one image."""
-    pipe = load_pipeline(model, device, dtype, read_options(window, frame, axis, slice_index), visual_gen=False, quantize=quantize)
+    pipe = load_pipeline(model, device, dtype, read_options(window, frame, axis, slice_index), visual_gen=False, quantize=quantize,
+                         device_map=device_map, max_memory=max_memory)
     try:
         rep = pipe.report(image, modality, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
     except user_errors() as e:
@@ -123,6 +131,8 @@ def generate(
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     quantize: Optional[str] = QuantizeOpt,
+    device_map: Optional[str] = DeviceMapOpt,
+    max_memory: Optional[str] = MaxMemoryOpt,
     height: Optional[int] = typer.Option(None, "--height", help="Default: the model's image size (1024 for the official weights)."),
     width: Optional[int] = typer.Option(None, "--width", help="Default: the model's image size."),
     preset: Optional[str] = PresetOpt,
@@ -138,7 +148,8 @@ def generate(
 ) -> None:
     """Generate a medical image from text."""
     _check_output(out)
-    pipe = load_pipeline(model, device, dtype, read_options(), quantize=quantize)
+    pipe = load_pipeline(model, device, dtype, read_options(), quantize=quantize,
+                         device_map=device_map, max_memory=max_memory)
     try:
         result = pipe.generate_image(
             prompt, height=height, width=width, seed=seed, think=think, progress=progress_bar("denoising"),
@@ -160,6 +171,8 @@ def edit(
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     quantize: Optional[str] = QuantizeOpt,
+    device_map: Optional[str] = DeviceMapOpt,
+    max_memory: Optional[str] = MaxMemoryOpt,
     height: Optional[int] = typer.Option(None, "--height", help="Default: the input's size after the generation resize rule."),
     width: Optional[int] = typer.Option(None, "--width"),
     preset: Optional[str] = PresetOpt,
@@ -181,7 +194,8 @@ def edit(
 ) -> None:
     """Image-to-image: virtual staining, super-resolution, contrast translation, counterfactuals."""
     _check_output(out)
-    pipe = load_pipeline(model, device, dtype, read_options(window, frame, axis, slice_index), quantize=quantize)
+    pipe = load_pipeline(model, device, dtype, read_options(window, frame, axis, slice_index), quantize=quantize,
+                         device_map=device_map, max_memory=max_memory)
     try:
         result = pipe.edit(
             images, instruction, height=height, width=width, seed=seed, analyze=analyze, think=think, explain=explain,
@@ -204,6 +218,8 @@ def chat(
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     quantize: Optional[str] = QuantizeOpt,
+    device_map: Optional[str] = DeviceMapOpt,
+    max_memory: Optional[str] = MaxMemoryOpt,
     think: bool = typer.Option(False, "--think"),
     max_new_tokens: int = MaxNewTokensOpt,
     temperature: float = typer.Option(0.1, "--temperature"),
@@ -216,7 +232,8 @@ def chat(
     """An interactive multi-turn conversation about images; earlier turns are never recomputed."""
     from ..inference.chat_repl import run_chat
 
-    pipe = load_pipeline(model, device, dtype, read_options(window, frame, axis, slice_index), visual_gen=False, quantize=quantize)
+    pipe = load_pipeline(model, device, dtype, read_options(window, frame, axis, slice_index), visual_gen=False, quantize=quantize,
+                         device_map=device_map, max_memory=max_memory)
     run_chat(pipe, read_line=input, write=typer.echo, error=lambda message: typer.secho(message, fg=typer.colors.RED, err=True),
              images=image or [], think=think, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
              recoverable=user_errors())

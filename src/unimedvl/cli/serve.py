@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from .common import DeviceOpt, DtypeOpt, QuantizeOpt, ModelOpt, fail, load_pipeline, read_options
+from .common import DeviceMapOpt, DeviceOpt, DtypeOpt, MaxMemoryOpt, QuantizeOpt, ModelOpt, fail, load_pipeline, read_options
 
 
 def serve(
@@ -25,6 +25,8 @@ def serve(
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     quantize: Optional[str] = QuantizeOpt,
+    device_map: Optional[str] = DeviceMapOpt,
+    max_memory: Optional[str] = MaxMemoryOpt,
 ) -> None:
     """Serve the model: OpenAI-compatible HTTP API (/v1/...) and the web UI (/ui)."""
     import uvicorn
@@ -37,7 +39,8 @@ def serve(
     except ValueError as e:
         fail(str(e))
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    pipe = load_pipeline(model, device, dtype, read_options(), quantize=quantize)
+    pipe = load_pipeline(model, device, dtype, read_options(), quantize=quantize,
+                         device_map=device_map, max_memory=max_memory)
     application = create_app(pipe, config)
     typer.echo(f"serving {pipe.name} on http://{host}:{port}  (API: /v1, UI: /ui, docs: /docs)" + ("" if api_key else "  [no API key: loopback only]"))
     uvicorn.run(application, host=host, port=port, log_level="info", access_log=False)  # access lines could carry query strings

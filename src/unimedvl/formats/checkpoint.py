@@ -38,15 +38,16 @@ import json
 import logging
 import re
 from pathlib import Path
-from typing import Any, Iterable, NamedTuple
+from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .atomic import atomic_path, write_text
+from .safetensors_mmap import SafetensorsFile, SafetensorsFormatError
+from .safetensors_stream import DTYPE_CODES
 from ..config import AutoencoderConfig, ConfigError, InferenceTransforms, LLMConfig, UniMedVLConfig, ViTConfig
-from ..model.quantized import check_scheme, quantize_int8, quantize_model
+from ..model.quantized import QuantScheme, QuantizationUnavailable, check_scheme, prepare_quantized, quantize_model
 from ..model.unimedvl import UniMedVL
 from ..precision import resolve_dtype
 from ..tokenizer import Tokenizer, has_tokenizer
@@ -210,11 +211,12 @@ def find_weights(directory: Path, weights: str = "ema") -> Path:
     raise CheckpointError(f"{directory}: no weight file found (looked for {', '.join(WEIGHT_FILES[weights])})")
 
 
-def _open(path: Path):
+def open_safetensors(path: Path) -> SafetensorsFile:
+    """The header of ``path``, its tensors mapped one at a time (a file larger than memory opens too)."""
     try:
-        return safe_open(str(path), framework="pt", device="cpu")
-    except Exception as e:  # safetensors raises its own error types for corrupt headers
-        raise CheckpointError(f"{path}: cannot read as safetensors ({e})") from e
+        return SafetensorsFile(path)
+    except SafetensorsFormatError as e:
+        raise CheckpointError(f"cannot read as safetensors: {e}") from e
 
 
 class FileHeader(NamedTuple):
@@ -231,10 +233,9 @@ class FileHeader(NamedTuple):
 
 
 def read_header(path: Path) -> FileHeader:
-    handle = _open(path)
-    slices = {k: handle.get_slice(k) for k in handle.keys()}
-    return FileHeader({k: tuple(s.get_shape()) for k, s in slices.items()}, {k: s.get_dtype() for k, s in slices.items()},
-                      handle.metadata() or {})
+    handle = open_safetensors(path)
+    return FileHeader({k: handle.shape(k) for k in handle.keys()}, {k: handle.dtype_code(k) for k in handle.keys()},
+                      dict(handle.metadata))
 
 
 def load_pretrained(
@@ -246,21 +247,31 @@ def load_pretrained(
     visual_gen: bool = True,
     load_tokenizer: bool = True,
     quantize: str | None = None,
+    device_map: Mapping[str, str] | Callable[[UniMedVL], Mapping[str, str]] | None = None,
 ) -> tuple[UniMedVL, Tokenizer | None]:
     """Load a model directory in the official layout: ``(model, tokenizer)``.
 
     ``dtype`` casts every floating-point weight (``auto``: :mod:`unimedvl.precision`'s default for
     ``device``; ``None`` keeps the stored dtype); ``weights`` picks ``ema`` (default) or the raw
     ``model`` weights; ``visual_gen=False`` loads an understanding-only model without the
-    autoencoder and generation adapters.  ``quantize`` (``int8``, :mod:`unimedvl.model.quantized`)
-    quantises the linear layers of the decoder experts, the ViT and the connector while loading,
-    tensor by tensor, so the unquantised model is never held in memory.  The tokenizer is ``None``
-    when the directory has no tokenizer files (or ``load_tokenizer`` is false).
+    autoencoder and generation adapters.  ``quantize`` (``int8``, ``int4``, ``nf4`` or ``fp8``,
+    :mod:`unimedvl.model.quantized`) quantises the linear layers of the decoder experts, the ViT and
+    the connector while loading, tensor by tensor, so the unquantised model is never held in memory;
+    a scheme that a target device cannot run is refused
+    (:class:`~unimedvl.model.quantized.QuantizationUnavailable`) before any tensor is read.  A
+    pre-quantised checkpoint (``unimedvl quantize``) loads in its own scheme.  The tokenizer is
+    ``None`` when the directory has no tokenizer files (or ``load_tokenizer`` is false).
+
+    ``device_map`` (``{state-dict prefix: device}``, or a function of the meta model returning one,
+    e.g. :class:`unimedvl.inference.placement.Planner`) reads each tensor straight to the device of
+    its longest prefix (``""`` matches every key); ``device`` takes the keys it does not place and
+    is the device ``dtype="auto"`` follows.  Hooks that carry activations between the devices are
+    installed separately (:func:`unimedvl.inference.placement.apply_placement`).
     """
     directory = Path(directory)
     dtype = resolve_dtype(dtype, device)
     if quantize is not None:
-        check_scheme(quantize)
+        check_scheme(quantize, device)
     config = read_config(directory, visual_gen=visual_gen)
     weight_path = find_weights(directory, weights)
     header = read_header(weight_path)
@@ -269,7 +280,10 @@ def load_pretrained(
         if quantize not in (None, stored_scheme):
             raise CheckpointError(f"{weight_path}: the weights are stored quantised as {stored_scheme}; "
                                   f"they cannot be loaded as {quantize} (load the unquantised checkpoint for that)")
-        quantize = check_scheme(stored_scheme)
+        try:
+            quantize = check_scheme(stored_scheme, device).name
+        except QuantizationUnavailable as e:
+            raise QuantizationUnavailable(f"{weight_path} is stored {stored_scheme}-quantised: {e}") from e
     if visual_gen and not (directory / AE_WEIGHTS).is_file():
         raise CheckpointError(f"{directory}: required file {AE_WEIGHTS} is missing (needed for image generation; "
                               "load with visual_gen=False for understanding only)")
@@ -297,21 +311,33 @@ def load_pretrained(
     with torch.device("meta"):
         model = UniMedVL(config)
     quantized = quantize_model(model, quantize) if quantize else []  # empty quantised layers on meta
-    if stored_scheme is not None:  # the file holds the quantised layout: int8 weights and their scales
+    scheme = check_scheme(quantize) if quantize else None
+    keep: set[str] = set()  # quantised tensors of a fixed dtype (int8, uint8, fp8, float32 scales): never cast
+    if stored_scheme is not None:  # the file holds the quantised layout (the scheme's tensors)
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        wrong = [f"{k} is {header.dtypes[k]}" for k in (f"{n}.weight" for n in quantized) if header.dtypes.get(k, "I8") != "I8"]
+        keep, wrong = _check_quantized_dtypes(model, quantized, scheme, header)
         if wrong:
-            raise CheckpointError(f"{weight_path} ({stored_scheme}-quantised): weights that must be int8 are not: {', '.join(wrong[:5])}")
+            raise CheckpointError(f"{weight_path} ({stored_scheme}-quantised): tensors of the wrong dtype: {'; '.join(wrong[:5])}"
+                                  + (f" (+{len(wrong) - 5} more)" if len(wrong) > 5 else ""))
     check_keys(shapes, expected, source_name + (f" ({stored_scheme}-quantised)" if stored_scheme else ""))
-    state = _read_tensors(
-        [(key, path, file_key) for key, (path, file_key) in sources.items()],
-        lambda key, t: _convert(key, t, expected[key]),
-        dtype,
-        torch.device(device),
-        quantize_keys=set() if stored_scheme else {f"{name}.weight" for name in quantized},
-    )
+    placement = device_map(model) if callable(device_map) else device_map  # planned on the meta model (quantised sizes)
+    if quantize and placement:
+        for target in sorted({str(d) for d in placement.values()}):
+            check_scheme(quantize, target)  # every device the plan uses runs the scheme
+    state: dict[str, torch.Tensor] = {}
+    for target, items in _by_device(sources, torch.device(device), placement):
+        state.update(_read_tensors(
+            items,
+            lambda key, t: _convert(key, t, expected[key]),
+            dtype,
+            target,
+            quantize_keys=set() if stored_scheme else {f"{name}.weight" for name in quantized},
+            scheme=scheme,
+            keep=keep,
+        ))
     model.load_state_dict(state, strict=True, assign=True)
     del state
+    prepare_quantized(model)  # e.g. int4 on CPUs: the kernel's packed layout, one layer at a time
     model.eval()
     tokenizer = None
     if load_tokenizer and has_tokenizer(directory):
@@ -323,41 +349,73 @@ def load_pretrained(
     return model, tokenizer
 
 
-READ_CHUNK_BYTES = 256 * 2**20
+def _by_device(sources: dict[str, tuple[Path, str]], device: torch.device, device_map: Mapping[str, str] | None):
+    """``[(device, [(model key, file, file key), ...]), ...]``: each key to the device of its longest
+    prefix in ``device_map`` (else ``device``), in reading order within each device."""
+    if not device_map:
+        return [(device, [(key, path, file_key) for key, (path, file_key) in sources.items()])]
+    prefixes = sorted(device_map, key=len, reverse=True)
+    groups: dict[torch.device, list] = {}
+    for key, (path, file_key) in sources.items():
+        prefix = next((p for p in prefixes if p == "" or key == p or key.startswith(p + ".")), None)
+        target = device if prefix is None else torch.device(device_map[prefix])
+        if target.type == "cpu":
+            target = torch.device("cpu")  # a plan's cpu:N placements all live in host memory
+        groups.setdefault(target, []).append((key, path, file_key))
+    return list(groups.items())
 
 
-def _read_tensors(items, convert, dtype, device, chunk_bytes: int = READ_CHUNK_BYTES,
-                  quantize_keys: set[str] = frozenset()) -> dict[str, torch.Tensor]:
+def _check_quantized_dtypes(model: UniMedVL, layers: list[str], scheme: QuantScheme,
+                            header: FileHeader) -> tuple[set[str], list[str]]:
+    """The stored tensors of the quantised ``layers`` against ``scheme``'s layout: (keys of a fixed
+    dtype, problems ``"key is F32 (the int4 scheme stores it as U8)"``).  Missing keys are left to
+    :func:`check_keys`."""
+    keep, wrong = set(), []
+    for name in layers:
+        module = model.get_submodule(name)
+        for suffix, (stored, _shape) in scheme.layout(module.out_features, module.in_features).items():
+            key = f"{name}.{suffix}"
+            found = header.dtypes.get(key)
+            allowed = {DTYPE_CODES[stored]} if stored is not None else {"F32", "F16", "BF16"}
+            if stored is not None:
+                keep.add(key)
+            if found is not None and found not in allowed:
+                wrong.append(f"{key} is {found} (the {scheme.name} scheme stores it as {' or '.join(sorted(allowed))})")
+    return keep, wrong
+
+
+def _read_tensors(items, convert, dtype, device,
+                  quantize_keys: set[str] = frozenset(), scheme: QuantScheme | None = None,
+                  keep: set[str] = frozenset()) -> dict[str, torch.Tensor]:
     """Read ``(model_key, file, file_key)`` items into tensors of ``dtype`` on ``device``.
 
-    A key in ``quantize_keys`` (a linear weight) is stored int8 with its per-row ``.scale`` beside
-    it (:func:`unimedvl.model.quantized.quantize_int8`): one float32 copy of that one matrix exists
-    while it is quantised.
+    A key in ``quantize_keys`` (a linear weight ``<name>.weight``) is replaced by the tensors that
+    ``scheme`` stores for it (``<name>.<suffix>``, :meth:`~unimedvl.model.quantized.QuantScheme.quantize`;
+    those of the compute dtype cast to ``dtype``): one float32 copy of that one matrix exists while
+    it is quantised.  Keys in ``keep`` (the fixed-dtype tensors of a pre-quantised file, fp8
+    included) are never cast.
 
-    Tensors that need no cast and stay on the CPU keep pointing into the memory-mapped file
-    (zero-copy).  Cast or moved tensors are copies; the file is reopened every ``chunk_bytes`` of
-    such reads so that the source pages already consumed are unmapped, keeping the peak close to
-    the size of the loaded weights plus one chunk.
+    Every tensor is its own private mapping of its bytes in the file (:mod:`.safetensors_mmap`):
+    tensors that need no cast and stay on the CPU keep pointing into the file (zero-copy); a cast,
+    moved or quantised tensor is a copy, and its source mapping is dropped as soon as the copy is
+    made, so the peak stays close to the size of the loaded weights plus one source tensor.
     """
     state: dict[str, torch.Tensor] = {}
-    handle, handle_path, consumed = None, None, 0
+    handles: dict[Path, SafetensorsFile] = {}
     for key, path, file_key in items:
-        if handle is None or handle_path != path or consumed >= chunk_bytes:
-            handle, handle_path, consumed = _open(path), path, 0  # dropping the old handle unmaps it
+        handle = handles.get(path) or handles.setdefault(path, open_safetensors(path))
         tensor = convert(key, handle.get_tensor(file_key))
-        source_bytes = tensor.numel() * tensor.element_size()
         if key in quantize_keys:
-            q, scale = quantize_int8(tensor)  # [out, in] int8, [out] float32
-            state[key] = q.to(device)
-            state[key.removesuffix("weight") + "scale"] = scale.to(dtype or tensor.dtype).to(device)
-            consumed += source_bytes
+            layout = scheme.layout(*tensor.shape)
+            for suffix, stored in scheme.quantize(tensor).items():
+                if layout[suffix][0] is None:  # float32 from quantize -> the compute dtype
+                    stored = stored.to(dtype or tensor.dtype)
+                state[key.removesuffix("weight") + suffix] = stored.to(device)
             continue
-        if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+        if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype and key not in keep:
             tensor = tensor.to(dtype)
-            consumed += source_bytes
         if tensor.device != device:
             tensor = tensor.to(device)
-            consumed += source_bytes
         state[key] = tensor
     return state
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from typing_extensions import Unpack
 
@@ -36,11 +36,13 @@ from ..formats.generated import generation_record, save_dicom_secondary_capture,
 from ..formats.medical_io import MedicalImage
 from ..image_transforms import ImageTransform, normalize_u8, to_uint8_image
 from ..model import KVCache, UniMedVL
+from ..precision import resolve_dtype
 from ..tokenizer import Tokenizer
 from . import prompts
 from .conversation import Answer, AnswerStream, Conversation, raw_text, require_text
 from .engine import Engine, Sampler, check_max_new_tokens
 from .inputs import ImageInput, ImageReadOptions, load_image_with_meta
+from .placement import Placement, Planner, apply_placement, placement_of
 from .presets import SamplerOverrides, SamplerSettings, sampler_settings
 from .sampling import ImageSample, Progress, initial_noise, sample_image
 
@@ -91,6 +93,7 @@ class UniMedVLPipeline:
         self.engine = Engine(model, tokenizer.special)
         self.name = name
         self.read_options = read_options
+        self.placement: Placement | None = placement_of(model)  # set when the model is placed over devices
 
     @classmethod
     def from_pretrained(
@@ -103,17 +106,41 @@ class UniMedVLPipeline:
         weights: str = "ema",
         quantize: str | None = None,
         read_options: ImageReadOptions = ImageReadOptions(),
+        device_map: str | Path | Mapping[str, str] | Planner | None = None,
+        max_memory: str | Mapping[str, int | str] | None = None,
     ) -> "UniMedVLPipeline":
         """Load a checkpoint directory in the official layout.  ``dtype`` ``auto`` (the default) is
         bfloat16 on CUDA, as the official scripts run, and float32 on CPUs (:mod:`unimedvl.precision`).
         ``visual_gen=False`` loads an understanding-only model (no generation expert, adapters or
         autoencoder).  ``quantize="int8"`` stores the linear layers of the decoder, ViT and connector as
-        int8 weights, quantised while loading (:mod:`unimedvl.model.quantized`)."""
+        int8 weights, quantised while loading (:mod:`unimedvl.model.quantized`).
+
+        ``device_map`` places the model over several devices instead of ``device``
+        (:mod:`.placement`): ``"auto"`` puts whole decoder layers in order on the devices of
+        ``max_memory`` (``"cuda:0=20GiB,cpu=64GiB"`` or a mapping; default: the free memory of each
+        GPU, then the CPU), a mapping or JSON plan file gives ``{module prefix: device}``.  Each tensor
+        is read straight to its device; ``dtype="auto"`` follows the first device, which holds
+        everything outside the decoder layers.  ``max_memory`` alone implies ``device_map="auto"``; a
+        :class:`~.placement.Planner` sets the KV reserve and headroom too.  The applied placement
+        (hooks and counters) is :attr:`placement`."""
+        planner = None
+        if isinstance(device_map, Planner):  # its own KV reserve or headroom
+            if max_memory is not None:
+                raise ValueError("give the budgets to the Planner, not max_memory beside it")
+            planner = device_map
+        elif device_map is not None or max_memory is not None:
+            planner = Planner(device_map if device_map is not None else "auto", max_memory)
+        if planner is not None:
+            device = planner.first_device
+            planner.dtype = resolve_dtype(dtype, device)
         model, tokenizer = load_pretrained(directory, device=device, dtype=dtype, weights=weights, visual_gen=visual_gen,
-                                           quantize=quantize)
+                                           quantize=quantize, device_map=planner)
         if tokenizer is None:
             raise CheckpointError(f"{directory}: no tokenizer files (vocab.json and merges.txt are needed)")
-        return cls(model, tokenizer, name=Path(directory).name, read_options=read_options)
+        pipe = cls(model, tokenizer, name=Path(directory).name, read_options=read_options)
+        if planner is not None:
+            pipe.placement = apply_placement(model, planner.plan)
+        return pipe
 
     # ---- what the model works at --------------------------------------------------------------
     @property
