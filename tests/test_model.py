@@ -250,3 +250,25 @@ def test_expert_routing_paths_agree(n_und):
     assert torch.equal(routing.apply(x, und, gen), expected)
     parts = routing.apply_split(x, lambda t: (und(t)[:, :2], und(t)[:, 2:]), lambda t: (gen(t)[:, :2], gen(t)[:, 2:]), [2, 4])
     assert torch.equal(torch.cat(parts, dim=1), expected)
+
+
+def test_decoder_linear_one_row_kernel_matches_f_linear():
+    # one bf16 row on a CPU goes through torch.mv (decoding); the result must be F.linear's up to
+    # bf16 rounding, and anything else must be F.linear itself
+    from unimedvl.model.layers import Linear
+
+    g = torch.Generator().manual_seed(0)
+    layer = Linear(64, 48, bias=True).to(torch.bfloat16)
+    assert set(layer.state_dict()) == {"weight", "bias"}
+    with torch.no_grad():
+        for shape in [(64,), (1, 64), (1, 1, 64)]:
+            x = torch.randn(*shape, generator=g).to(torch.bfloat16)
+            got = layer(x)
+            expected = x.double() @ layer.weight.double().T + layer.bias.double()
+            assert got.shape == (*shape[:-1], 48) and got.dtype == torch.bfloat16
+            assert (got.double() - expected).abs().max() < 0.02 * expected.abs().max()
+        rows = torch.randn(3, 64, generator=g).to(torch.bfloat16)
+        assert torch.equal(layer(rows), torch.nn.functional.linear(rows, layer.weight, layer.bias))
+        x32 = torch.randn(1, 64, generator=g)
+        layer32 = layer.float()
+        assert torch.equal(layer32(x32), torch.nn.functional.linear(x32, layer32.weight, layer32.bias))

@@ -35,7 +35,7 @@ from torch import nn
 
 from ..config import LLMConfig
 from .attention import AttentionPlan, attend
-from .layers import RMSNorm, apply_rotary, rotary_cos_sin, uninitialized_embedding
+from .layers import Linear, RMSNorm, apply_rotary, rotary_cos_sin, uninitialized_embedding
 
 
 @dataclass
@@ -119,9 +119,9 @@ class MLP(nn.Module):
 
     def __init__(self, hidden: int, intermediate: int):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.gate_proj = Linear(hidden, intermediate, bias=False)
+        self.up_proj = Linear(hidden, intermediate, bias=False)
+        self.down_proj = Linear(intermediate, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate = self.gate_proj(x)  # [N, H] -> [N, I]
@@ -147,10 +147,10 @@ class MoTAttention(nn.Module):
         self.scale = 1.0 / math.sqrt(d)  # 1/sqrt(128), the flash-attention default of the reference
         # One parameter set per expert: un-suffixed (understanding) and ``_moe_gen`` (generation).
         for sfx in expert_suffixes(generation_expert):
-            setattr(self, "q_proj" + sfx, nn.Linear(h, cfg.num_heads * d, bias=True))
-            setattr(self, "k_proj" + sfx, nn.Linear(h, cfg.num_kv_heads * d, bias=True))
-            setattr(self, "v_proj" + sfx, nn.Linear(h, cfg.num_kv_heads * d, bias=True))
-            setattr(self, "o_proj" + sfx, nn.Linear(cfg.num_heads * d, h, bias=False))
+            setattr(self, "q_proj" + sfx, Linear(h, cfg.num_heads * d, bias=True))
+            setattr(self, "k_proj" + sfx, Linear(h, cfg.num_kv_heads * d, bias=True))
+            setattr(self, "v_proj" + sfx, Linear(h, cfg.num_kv_heads * d, bias=True))
+            setattr(self, "o_proj" + sfx, Linear(cfg.num_heads * d, h, bias=False))
             # QK-norm is BAGEL's addition to Qwen2 (``qk_norm=True`` forced at load, ARCHITECTURE 1.2):
             # one [d] weight shared by all heads
             setattr(self, "q_norm" + sfx, RMSNorm(d, cfg.rms_norm_eps))
@@ -242,4 +242,4 @@ class Qwen2MoTForCausalLM(nn.Module):
         self.model = Qwen2MoTModel(cfg, generation_expert)
         # untied from embed_tokens (``tie_word_embeddings=False``, ARCHITECTURE 1.2); applied by the
         # caller only at the und positions whose logits are wanted
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
