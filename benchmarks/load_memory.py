@@ -57,7 +57,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, help="checkpoint directory (default: the shared fixture and a `small` random model)")
     ap.add_argument("--dtype", choices=["fp32", "bf16"], action="append")
-    ap.add_argument("--quantize", choices=["int8"], help="also measure loads that quantise while reading")
+    ap.add_argument("--quantize", choices=["int8", "int4"], help="also measure loads that quantise while reading")
     args = ap.parse_args()
     dtypes = args.dtype or ["bf16", "fp32"]
     variants = [(d, None) for d in dtypes] + [(d, args.quantize) for d in dtypes if args.quantize]

@@ -112,8 +112,10 @@ class UniMedVLPipeline:
         """Load a checkpoint directory in the official layout.  ``dtype`` ``auto`` (the default) is
         bfloat16 on CUDA, as the official scripts run, and float32 on CPUs (:mod:`unimedvl.precision`).
         ``visual_gen=False`` loads an understanding-only model (no generation expert, adapters or
-        autoencoder).  ``quantize="int8"`` stores the linear layers of the decoder, ViT and connector as
-        int8 weights, quantised while loading (:mod:`unimedvl.model.quantized`).
+        autoencoder).  ``quantize`` (``"int8"``, ``"int4"``, ``"nf4"``, ``"fp8"``) stores the linear
+        layers of the decoder, ViT and connector in that weight-only scheme, quantised while loading
+        (:mod:`unimedvl.model.quantized`; a scheme the device cannot run is refused, naming what to
+        use instead); a pre-quantised checkpoint (``unimedvl quantize``) loads in its own scheme.
 
         ``device_map`` places the model over several devices instead of ``device``
         (:mod:`.placement`): ``"auto"`` puts whole decoder layers in order on the devices of
