@@ -44,7 +44,7 @@ MaxMemoryOpt = typer.Option(None, "--max-memory", help="Budgets of --device-map 
                             "cuda:0=20GiB,cpu=64GiB (implies --device-map auto).")
 WindowOpt = typer.Option(None, "--window", help="DICOM window: a preset (lung, mediastinum, bone, brain, abdomen) or CENTER,WIDTH; default: the file's own.")
 FrameOpt = typer.Option(0, "--frame", help="DICOM multi-frame: frame index.")
-AxisOpt = typer.Option("axial", "--axis", help="NIfTI: slicing axis (sagittal, coronal, axial).")
+AxisOpt = typer.Option("axial", "--axis", help="NIfTI: slicing axis: sagittal, coronal, axial, or 0/1/2 (RAS voxel axes: 0 sagittal, 1 coronal, 2 axial).")
 SliceOpt = typer.Option(None, "--slice", help="NIfTI: slice index along --axis (default: the middle slice).")
 SeedOpt = typer.Option(42, "--seed", help="Seed of every random draw; the same seed gives the same output.")
 MaxNewTokensOpt = typer.Option(512, "--max-new-tokens")
@@ -74,6 +74,9 @@ def sampler_options(preset, steps, cfg_text_scale, cfg_img_scale, cfg_interval, 
 
 def read_options(window: Optional[str] = None, frame: int = 0, axis: str = "axial", slice_index: Optional[int] = None):
     """The image read options of ``--window/--frame/--axis/--slice`` (``--window`` a preset name or CENTER,WIDTH)."""
+    import math
+
+    from ..formats.medical_io import AXIS_CHOICES, WINDOW_PRESETS
     from ..inference import ImageReadOptions
 
     parsed = window
@@ -82,8 +85,18 @@ def read_options(window: Optional[str] = None, frame: int = 0, axis: str = "axia
             center, width = (float(v) for v in window.split(","))
         except ValueError:
             fail(f"--window {window!r}: expected a preset name or CENTER,WIDTH (two numbers)")
+        if not (math.isfinite(center) and math.isfinite(width)) or width < 1:
+            fail(f"--window {window!r}: CENTER must be a finite number and WIDTH a finite number >= 1")
         parsed = (center, width)
-    return ImageReadOptions(window=parsed, frame=frame, axis=axis, slice_index=slice_index)
+    elif window is not None and window.lower() not in WINDOW_PRESETS:
+        fail(f"--window {window!r}: expected a preset ({', '.join(WINDOW_PRESETS)}) or CENTER,WIDTH")
+    if frame < 0:
+        fail(f"--frame {frame}: expected a frame index >= 0")
+    if slice_index is not None and slice_index < 0:
+        fail(f"--slice {slice_index}: expected a slice index >= 0")
+    if axis.strip().lower() not in AXIS_CHOICES:
+        fail(f"--axis {axis!r}: expected sagittal, coronal, axial or 0, 1, 2")
+    return ImageReadOptions(window=parsed, frame=frame, axis=axis.strip().lower(), slice_index=slice_index)
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
