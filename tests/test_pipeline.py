@@ -119,7 +119,7 @@ def test_generate_image_is_reproducible_and_marked_synthetic(pipe, tmp_path):
 
     dcm = pydicom.dcmread(a.save(tmp_path / "cxr.dcm"))
     assert dcm.ConversionType == "SYN" and list(dcm.ImageType) == ["DERIVED", "SECONDARY"]
-    assert dcm.PatientName == "SYNTHETIC" and dcm.BurnedInAnnotation == "NO"
+    assert dcm.PatientName.family_name == "SYNTHETIC" and dcm.BurnedInAnnotation == "NO"
     assert json.loads(dcm.ImageComments)["prompt"] == rec["prompt"]
     assert np.array_equal(dcm.pixel_array.reshape(64, 96, -1)[..., 0], np.array(a.image)[..., 0])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cxr.dcm", "cxr.png"]  # no partial files left
