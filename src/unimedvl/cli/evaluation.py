@@ -172,7 +172,10 @@ def reports(
     predictions: Path = typer.Option(..., "--predictions", help='JSONL of {"id", "prediction", "reference"} lines.'),
     out: Path = typer.Option(..., "--out", "-o"),
 ) -> None:
-    """BLEU-1..4, METEOR, ROUGE-1 and ROUGE-L of generated reports or explanations."""
+    """BLEU-1..4, METEOR, ROUGE-1 and ROUGE-L of generated reports or explanations.
+
+    METEOR is METEOR 1.5 (``meteor``, the papers') only where pycocoevalcap's jar and java are
+    installed; NLTK's METEOR is always reported as ``meteor_nltk`` and kept out of the paper table."""
     from ..evaluation.tasks import evaluate_reports
 
     try:

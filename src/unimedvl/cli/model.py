@@ -104,13 +104,17 @@ def parity(
     fixture_dir: Path = typer.Argument(..., help="A fixture directory in the format of fixtures/FORMAT.md."),
     policy: list[str] = typer.Option(None, "--policy", help="Precision policies to replay (default: all recorded)."),
 ) -> None:
-    """Replay a reference fixture and compare every recorded output; exit 0 only if all are within tolerance."""
+    """Replay a reference fixture and compare every recorded output; exit 0 only if all are within tolerance.
+
+    The recorded inputs and resize rules are replayed whatever the model's own inference transforms
+    (a note says when they differ); a model that does not fit the recording is named in one line."""
     from ..evaluation.parity import replay
     from ..formats.checkpoint import CheckpointError
 
     try:
-        rows = replay(fixture_dir, policies=policy or None, on_row=lambda r: typer.echo(r.format()))
-    except (FileNotFoundError, CheckpointError, ValueError) as e:
+        rows = replay(fixture_dir, policies=policy or None, on_row=lambda r: typer.echo(r.format()),
+                      on_note=lambda note: typer.echo(f"note: {note}"))
+    except (FileNotFoundError, CheckpointError, ValueError) as e:  # FixtureMismatch is a ValueError
         fail(str(e))
     passed = sum(r.ok for r in rows)
     typer.echo(f"parity: {passed}/{len(rows)} within tolerance")

@@ -7,6 +7,9 @@ Three rule sets, each a pure function of (prediction, reference):
   one of "yes"/"no" must occur and equal the answer - "normal" holds no "no"), other questions by
   exact match;  :func:`yes_no_substring_verdict` keeps the substring rule that peers use, so runs
   can report how many verdicts the two rules disagree on;
+* a normalised match for other answers (:func:`normalized_match`), reported beside the strict one:
+  articles and punctuation dropped, number words as digits, laterality and modality synonyms
+  folded, and lists ("A, B", "A and B") compared as sets;
 * the LLaVA-Med protocol (3.2): normalised token recall for open questions and the closed-question
   hit rule, with its legacy quirk available for reproducing old numbers;
 * multiple choice (3.4): the VLMEvalKit prompt and the offline letter extraction (a lone option
@@ -71,6 +74,54 @@ def yes_no_substring_verdict(prediction: str, answer: str) -> bool:
 
 def exact_match(prediction: str, answer: str) -> bool:
     return normalize(extract_answer(prediction)) == normalize(answer)
+
+
+# ---- normalised open-answer match ---------------------------------------------------------------
+# Multi-word names first (applied to the lower-cased text before punctuation is dropped), then
+# single tokens.  Each maps to one canonical token; nothing here maps two different findings together.
+_PHRASE_SYNONYMS = [
+    (re.compile(r"\bpositron[\s-]+emission[\s-]+tomography\b"), " pet "),
+    (re.compile(r"\bcomputed[\s-]+(?:axial[\s-]+)?tomography\b|\bcat[\s-]+scan\b"), " ct "),
+    (re.compile(r"\bmagnetic[\s-]+resonance(?:[\s-]+imaging)?\b"), " mri "),
+    (re.compile(r"\bx[\s-]*rays?\b|\bplain[\s-]+films?\b|\bradiographs?\b|\bradiography\b|\broentgenograms?\b"), " xray "),
+    (re.compile(r"\bultrasonography\b|\bsonography\b|\bsonograms?\b|\bultrasounds?\b"), " ultrasound "),
+]
+_TOKEN_SYNONYMS = {
+    "lt": "left", "rt": "right", "both": "bilateral", "bilaterally": "bilateral",
+    "mr": "mri", "cr": "xray", "dx": "xray", "cxr": "xray", "us": "ultrasound", "usg": "ultrasound",
+}
+_LIST_SEPARATORS = re.compile(r"[,;&/]|\band\b")
+
+
+def _canonical_item(text: str) -> str:
+    tokens = re.sub(r"[^\w\s]", " ", text).split()
+    out = []
+    for t in tokens:
+        if t in _ARTICLES:
+            continue
+        t = _NUMBER_WORDS.get(t, t)
+        out.append(_TOKEN_SYNONYMS.get(t, t))
+    return " ".join(out)
+
+
+def normalized_answer(text: str) -> tuple[str, ...]:
+    """The canonical form of an answer: a sorted tuple of its list items, each lower-cased, without
+    articles or punctuation, number words (zero..twenty) as digits and synonyms folded."""
+    text = (text or "").lower()
+    for pattern, canonical in _PHRASE_SYNONYMS:
+        text = pattern.sub(canonical, text)
+    items = [_canonical_item(part) for part in _LIST_SEPARATORS.split(text)]
+    return tuple(sorted(item for item in items if item))
+
+
+def normalized_match(prediction: str, answer: str) -> bool:
+    """Strict match, or equal canonical forms (:func:`normalized_answer`): "The brain." = "Brain",
+    "Two" = "2", "Right lung, left lung" = "Left Lung, Right Lung", "CT" = "computed tomography";
+    "left lung" != "right lung", "2" != "20"."""
+    if exact_match(prediction, answer):
+        return True
+    ref = normalized_answer(answer)
+    return bool(ref) and normalized_answer(extract_answer(prediction)) == ref
 
 
 # ---- LLaVA-Med protocol ------------------------------------------------------------------------

@@ -88,16 +88,23 @@ def read_report_pairs(path: str | Path) -> tuple[list[str], list[str]]:
 
 
 def evaluate_reports(predictions: str | Path, out: str | Path) -> dict:
-    from .text_metrics import report_metrics
+    """Text metrics of report pairs; ``results.md`` puts this run beside the paper's Table 20.  The
+    METEOR column holds METEOR 1.5 only (the paper's METEOR); where it cannot run here the column
+    says so and NLTK's METEOR (``meteor_nltk``, not comparable) is printed apart from the table."""
+    from .text_metrics import meteor15_unavailable, report_metrics
 
     preds, refs = read_report_pairs(predictions)
     results = {"n": len(preds), **report_metrics(preds, refs)}
+    results["meteor_implementation"] = "METEOR 1.5 (pycocoevalcap jar)" if "meteor" in results else None
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "results.json", results)
     keys = ("meteor", "bleu4", "rouge1", "rougeL")
-    lines = [f"# report generation: {len(preds)} reports", "", "| | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|",
-             "| **this run** | " + " | ".join(f"{results[k]:.4f}" for k in keys) + " |"]
+    lines = [f"# report generation: {len(preds)} reports", "", "| | METEOR 1.5 | bleu4 | rouge1 | rougeL |", "|---" * (len(keys) + 1) + "|",
+             "| **this run** | " + " | ".join(_fmt(results.get(k), 4) for k in keys) + " |"]
     lines += ["| " + model + " (paper Table 20) | " + " | ".join(f"{row[k]:.4f}" for k in keys) + " |" for model, row in REPORT.items()]
+    if "meteor" not in results:
+        lines += ["", f"METEOR 1.5 was not computed ({meteor15_unavailable()}); NLTK's METEOR without WordNet, "
+                  f"meteor_nltk = {results['meteor_nltk']:.4f}, scores much higher and is not comparable with the paper's METEOR."]
     write_text(out / "results.md", "\n".join(lines) + "\n")
     return results

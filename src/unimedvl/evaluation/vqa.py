@@ -7,6 +7,9 @@ percent) holds:
 * ``accuracy`` - correct / all questions (the paper's Table 1 number, EVALUATION.md 3.1, strict);
 * ``closed_accuracy`` / ``open_accuracy`` - the same over closed and open questions
   (``open_accuracy_judge`` stays ``null`` unless a local judge scored the open answers);
+* ``open_accuracy_normalized`` / ``accuracy_normalized`` - open answers judged by
+  :func:`.answers.normalized_match` instead of exact match (articles, punctuation, number words,
+  list order, laterality and modality synonyms); yes/no questions keep their whole-word rule;
 * ``open_recall`` - LLaVA-Med token recall over open questions, ``llava_closed_accuracy`` its
   closed rule and ``aligned`` their mean (Table 17); ``legacy_closed_quirk`` says whether the
   old script's denominator quirk was applied;
@@ -49,6 +52,9 @@ def judge_question(q: Question, prediction: str | None, legacy_closed: bool = Fa
         row["substring_rule_correct"] = answers.yes_no_substring_verdict(text, q.answer) if prediction is not None else False
     else:
         row["correct"] = answers.exact_match(text, q.answer) if prediction is not None else False
+    row["normalized_correct"] = row["correct"]
+    if q.kind == "open" and prediction is not None:
+        row["normalized_correct"] = answers.normalized_match(text, q.answer)
     if q.kind == "closed":
         row["llava_closed"] = answers.llava_closed_verdict(text, q.answer, legacy_closed) if prediction is not None else False
     else:
@@ -76,6 +82,8 @@ def score(benchmark: str, questions: list[Question], predictions: dict[str, str]
         "benchmark": benchmark, "n": len(rows), "answered": len(rows) - len(missing), "missing": len(missing),
         "missing_ids": missing[:100], "accuracy": _pct(correct),
         "closed_accuracy": _pct([float(r["correct"]) for r in closed]), "open_accuracy": _pct([float(r["correct"]) for r in open_]),
+        "open_accuracy_normalized": _pct([float(r["normalized_correct"]) for r in open_]),
+        "accuracy_normalized": _pct([float(r.get("normalized_correct", r["correct"])) for r in rows]),
         "open_accuracy_judge": None, "open_recall": _pct([r["recall"] for r in open_]),
         "n_closed": len(closed), "n_open": len(open_),
     }
@@ -128,19 +136,21 @@ def markdown_table(results: dict) -> str:
         return "–" if v is None else f"{v:.2f}"
 
     lines = [f"# {b}: {results['n']} questions ({results['missing']} without a prediction, counted wrong)", "",
-             "| | accuracy | closed | open (strict) | open recall | aligned |", "|---|---|---|---|---|---|",
+             "| | accuracy | closed | open (strict) | open (normalised) | open recall | aligned |", "|---|---|---|---|---|---|---|",
              f"| **this run** | {cell(results['accuracy'])} | {cell(results['closed_accuracy'])} | {cell(results['open_accuracy'])} | "
-             f"{cell(results['open_recall'])} | {cell(results.get('aligned'))} |"]
+             f"{cell(results.get('open_accuracy_normalized'))} | {cell(results['open_recall'])} | {cell(results.get('aligned'))} |"]
     for model, row in UNDERSTANDING.items():
         if b in row:
             aligned = ALIGNED.get(model, {}).get(b)
-            lines.append(f"| {model} (paper Table 1) | {cell(row[b])} | – | – | – | {cell(aligned)} |")
+            lines.append(f"| {model} (paper Table 1) | {cell(row[b])} | – | – | – | – | {cell(aligned)} |")
     if results.get("judge_model"):
         lines.append(f"| **this run, judge {results['judge_model']}** | {cell(results['accuracy_judge'])} | "
-                     f"{cell(results['closed_accuracy'])} | {cell(results['open_accuracy_judge'])} (judge) | – | – |")
+                     f"{cell(results['closed_accuracy'])} | {cell(results['open_accuracy_judge'])} (judge) | – | – | – |")
     lines.append("")
     lines.append("Paper accuracy is over all test questions with open answers judged by the authors' (unpublished) rule; "
-                 "this run's strict row judges open answers by exact match, which undercounts paraphrases"
+                 "this run's strict column judges open answers by exact match, which undercounts paraphrases; the normalised "
+                 "column forgives case, articles, punctuation, number words, list order and laterality/modality synonyms "
+                 f"(all questions: {cell(results.get('accuracy_normalized'))})"
                  + (f"; the judge row asks {results['judge_model']} about strictly-wrong open answers "
                     f"({results['judge_failures']} without a verdict, counted wrong)." if results.get("judge_model") else "."))
     return "\n".join(lines) + "\n"
