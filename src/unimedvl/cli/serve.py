@@ -14,7 +14,7 @@ from .common import DeviceMapOpt, DeviceOpt, DtypeOpt, MaxMemoryOpt, QuantizeOpt
 def serve(
     model: Optional[Path] = ModelOpt,
     host: str = typer.Option("127.0.0.1", "--host", help="Listen address; anything but loopback requires --api-key."),
-    port: int = typer.Option(8000, "--port"),
+    port: int = typer.Option(8000, "--port", help="TCP port, 1..65535."),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="UNIMEDVL_API_KEY", help="Bearer key required on /v1, /metrics and /ui."),
     max_concurrency: int = typer.Option(1, "--max-concurrency", help="Requests running on the model at once."),
     max_queue: int = typer.Option(16, "--max-queue", help="Requests waiting beyond those; more are refused with 429."),
@@ -32,6 +32,7 @@ def serve(
     import uvicorn
 
     from ..serving import ServeConfig, create_app
+    from ..serving.config import uvicorn_log_config
 
     try:
         config = ServeConfig(host=host, port=port, api_key=api_key, max_concurrency=max_concurrency, max_queue=max_queue,
@@ -43,4 +44,5 @@ def serve(
                          device_map=device_map, max_memory=max_memory)
     application = create_app(pipe, config)
     typer.echo(f"serving {pipe.name} on http://{host}:{port}  (API: /v1, UI: /ui, docs: /docs)" + ("" if api_key else "  [no API key: loopback only]"))
-    uvicorn.run(application, host=host, port=port, log_level="info", access_log=False)  # access lines could carry query strings
+    # uvicorn's access lines could carry query strings; ours carry the route template, status and latency
+    uvicorn.run(application, host=host, port=port, log_level="info", access_log=False, log_config=uvicorn_log_config())

@@ -32,28 +32,69 @@ from .chat import answer_chat
 from .config import ServeConfig
 from .errors import APIError, bad_request
 from .images import ReadOptions, decode_image, image_from_url
-from .metrics import Metrics
+from .metrics import UNMATCHED, Metrics
 from .schemas import ChatRequest, parse_chat, parse_image_request, parse_json
-from .worker import CancelToken, ModelWorker
+from .worker import CancelToken, ModelWorker, _collect
 
 log = logging.getLogger("unimedvl.serve")
 _READY, _END = object(), object()
 PROTECTED = ("/v1", "/metrics", "/ui")
 
 
-class BodyLimit:
-    """ASGI middleware: refuse bodies over ``limit`` bytes - by Content-Length when it is given (the
-    server holds the body to it), else by reading the body first and replaying it to the app."""
+class Gate:
+    """The outermost ASGI layer: measures and logs every request (route template, status, latency -
+    whatever answered it: a route, the body limit, or an unexpected error) and refuses bodies over
+    ``limit`` bytes - by Content-Length when it is given (the server holds the body to it), else by
+    reading the body first and replaying it to the app.  ``app`` is the FastAPI application."""
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: int, metrics: Metrics):
+        self.app, self.limit, self.metrics = app, limit, metrics
 
     def _error(self, size: str) -> APIError:
         return APIError(413, f"the request body {size}; the limit is {self.limit} bytes (max_body_bytes)", code="body_too_large")
 
+    def route_of(self, scope) -> str:
+        """The template of the route ``scope`` matches (a mount counts as its prefix), else ``unmatched``."""
+        from starlette.routing import Match
+
+        partial = None
+        for route in self.app.router.routes:
+            try:
+                match, _ = route.matches(scope)
+            except Exception:  # noqa: BLE001 - a route that cannot judge the path does not match it
+                continue
+            if match == Match.FULL:
+                return getattr(route, "path", None) or UNMATCHED
+            if match == Match.PARTIAL and partial is None:
+                partial = getattr(route, "path", None)
+        return partial or UNMATCHED
+
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        t0 = time.perf_counter()
+        status = None
+
+        async def send_measured(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self._limited(scope, receive, send_measured)
+        except Exception:  # noqa: BLE001 - answered (JSON 500) and logged here, once
+            log.error("unhandled error on %s %s", _method(scope), self.route_of(scope), exc_info=True)
+            if status is None:
+                await _send_error(send_measured, INTERNAL_ERROR)
+        finally:
+            route = self.route_of(scope)
+            elapsed = time.perf_counter() - t0
+            code = status if status is not None else 499  # the client left before any answer
+            self.metrics.observe(route, code, elapsed)
+            log.info("%s %s %d %.3fs", _method(scope), route, code, elapsed)
+
+    async def _limited(self, scope, receive, send):
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and length.isdigit():
             if int(length) > self.limit:
@@ -78,6 +119,16 @@ class BodyLimit:
             return await receive()
 
         await self.app(scope, replay, send)
+
+
+BodyLimit = Gate  # the former name
+INTERNAL_ERROR = APIError(500, "internal server error (details are in the server log)", code="internal_error")
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+def _method(scope) -> str:
+    method = scope.get("method", "")
+    return method if method in METHODS else "OTHER"  # never echo an arbitrary token into the log
 
 
 async def _send_error(send, error: APIError) -> None:
@@ -107,9 +158,12 @@ def create_app(pipeline, config: ServeConfig | None = None):
     async def api_error(_request, error: APIError):
         return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
+    @app.exception_handler(Exception)
+    async def internal_error(_request, _error: Exception):  # JSON, not Starlette's plain text; Gate logs it
+        return JSONResponse(INTERNAL_ERROR.body(), status_code=500)
+
     @app.middleware("http")
-    async def guard_and_measure(request: Request, call_next):
-        t0 = time.perf_counter()
+    async def guard(request: Request, call_next):
         path = request.url.path
         if config.api_key and path.startswith(PROTECTED) and not _authorised(request, config.api_key):
             response = JSONResponse(APIError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
@@ -119,10 +173,6 @@ def create_app(pipeline, config: ServeConfig | None = None):
             response = await call_next(request)
             if config.api_key and path.startswith("/ui") and request.query_params.get("key") == config.api_key:
                 response.set_cookie("unimedvl_key", config.api_key, httponly=True, samesite="strict")
-        route = path if not path.startswith("/ui") else "/ui"
-        elapsed = time.perf_counter() - t0
-        metrics.observe(route, response.status_code, elapsed)
-        log.info("%s %s %d %.3fs", request.method, route, response.status_code, elapsed)
         return response
 
     @app.get("/health")
@@ -170,6 +220,7 @@ def create_app(pipeline, config: ServeConfig | None = None):
                 emit(_END)
 
         task = asyncio.create_task(_run_model(worker, work, request, token=token, watch_client=False))
+        task.add_done_callback(_collect)  # a stream the client abandoned never awaits it
         getter = asyncio.ensure_future(queue.get())
         await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
         if not getter.done() and task.exception() is not None:  # refused before the work ran (queue full, timed out waiting)
@@ -256,7 +307,7 @@ def create_app(pipeline, config: ServeConfig | None = None):
 
             app = mount_ui(app, pipeline, worker, config)
 
-    return BodyLimit(app, config.max_body_bytes)
+    return Gate(app, config.max_body_bytes, metrics)
 
 
 async def _run_model(worker: ModelWorker, work, request, *, token: CancelToken | None = None, watch_client: bool = True):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import ipaddress
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +37,15 @@ class ServeConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {self.max_queue}")
+        if isinstance(self.port, bool) or not isinstance(self.port, int) or not 1 <= self.port <= 65535:
+            raise ValueError(f"port must be an integer in 1..65535, got {self.port}")
+        if not isinstance(self.request_timeout_s, (int, float)) or not math.isfinite(self.request_timeout_s) or self.request_timeout_s <= 0:
+            raise ValueError(f"the request timeout (--timeout, request_timeout_s) must be a positive number of seconds, got {self.request_timeout_s}")
+        for name in ("max_body_bytes", "max_image_pixels", "max_prompt_chars", "max_image_side", "min_image_side"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.min_image_side > self.max_image_side:
+            raise ValueError(f"min_image_side ({self.min_image_side}) is larger than max_image_side ({self.max_image_side})")
         self.allowed_file_roots = tuple(Path(p).resolve() for p in self.allowed_file_roots)
 
 
@@ -45,3 +56,13 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def uvicorn_log_config(level: str = "INFO") -> dict:
+    """uvicorn's logging setup plus the ``unimedvl`` loggers on its stderr handler at ``level``, so the
+    request lines (method, route template, status, latency) show at the default level."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["loggers"]["unimedvl"] = {"handlers": ["default"], "level": level, "propagate": False}
+    return config

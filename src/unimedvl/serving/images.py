@@ -85,7 +85,9 @@ def decode_image(data: bytes, options: ReadOptions, config: ServeConfig, where: 
                 _check_pixels(w, h, config, where)
                 im.load()
                 return im.convert("RGB")
-        except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError, ValueError):
+        except Image.DecompressionBombError as e:  # PIL refuses the header's size before we see it
+            raise _bomb(e, config, where) from None
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
             raise bad_request(f"{where}: not a readable image (PNG, JPEG, TIFF, BMP, DICOM or NIfTI expected)", where, "invalid_image") from None
     from ..formats.medical_io import MedicalImageError, read_medical_image
 
@@ -101,6 +103,15 @@ def decode_image(data: bytes, options: ReadOptions, config: ServeConfig, where: 
     h, w = medical.pixels.shape[:2]
     _check_pixels(w, h, config, where)
     return medical.to_pil()
+
+
+def _bomb(error: Exception, config: ServeConfig, where: str) -> APIError:
+    """PIL's decompression-bomb refusal as our pixel-limit error (its message carries the pixel count)."""
+    import re
+
+    found = re.search(r"\((\d+) pixels\)", str(error))
+    size = f"has {int(found.group(1))} pixels" if found else "has more pixels than the reader accepts"
+    return too_large(f"{where}: the image {size}; the limit is {config.max_image_pixels} (max_image_pixels)", where, "image_too_large")
 
 
 def _check_pixels(w: int, h: int, config: ServeConfig, where: str) -> None:

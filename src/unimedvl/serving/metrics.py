@@ -1,9 +1,20 @@
-"""Prometheus text-format counters for the server (no client library needed)."""
+"""Prometheus text-format counters for the server (no client library needed).
+
+Requests are labelled by route *template* (``/v1/chat/completions``, ``/ui``), never by the raw
+path: a path no route matches counts as :data:`UNMATCHED`, so random URLs can neither grow the
+series without bound nor put their text into the output."""
 
 from __future__ import annotations
 
 import threading
 from collections import defaultdict
+
+UNMATCHED = "unmatched"
+
+
+def _label(value: str) -> str:
+    """A Prometheus label value, escaped (route templates need none; this is a safety net)."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 class Metrics:
@@ -32,11 +43,11 @@ class Metrics:
     def render(self, running: int, queued: int) -> str:
         with self._lock:
             lines = ["# HELP unimedvl_requests_total Requests by route and status code.", "# TYPE unimedvl_requests_total counter"]
-            lines += [f'unimedvl_requests_total{{route="{r}",status="{s}"}} {n}' for (r, s), n in sorted(self.requests.items())]
+            lines += [f'unimedvl_requests_total{{route="{_label(r)}",status="{s}"}} {n}' for (r, s), n in sorted(self.requests.items())]
             lines += ["# HELP unimedvl_request_seconds Request latency.", "# TYPE unimedvl_request_seconds summary"]
             for r in sorted(self.latency_count):
-                lines.append(f'unimedvl_request_seconds_sum{{route="{r}"}} {self.latency_sum[r]:.6f}')
-                lines.append(f'unimedvl_request_seconds_count{{route="{r}"}} {self.latency_count[r]}')
+                lines.append(f'unimedvl_request_seconds_sum{{route="{_label(r)}"}} {self.latency_sum[r]:.6f}')
+                lines.append(f'unimedvl_request_seconds_count{{route="{_label(r)}"}} {self.latency_count[r]}')
             lines += ["# TYPE unimedvl_completion_tokens_total counter", f"unimedvl_completion_tokens_total {self.completion_tokens}",
                       "# TYPE unimedvl_images_generated_total counter", f"unimedvl_images_generated_total {self.images_generated}",
                       "# TYPE unimedvl_requests_running gauge", f"unimedvl_requests_running {running}",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -12,14 +13,47 @@ from .errors import APIError, bad_request
 from .images import ReadOptions
 
 
+SEED_MIN, SEED_MAX = 0, 2**63 - 1  # what a torch generator takes, for every image's seed + k too
+
+
 def parse_json(body: bytes) -> dict:
+    """The body as a JSON object whose strings are valid Unicode and whose numbers are finite."""
     try:
         data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, or an integer literal past Python's digit limit
         raise bad_request(f"the request body is not valid JSON ({e})", code="invalid_json") from None
+    except RecursionError:
+        raise bad_request("the request body is nested too deeply", code="invalid_json") from None
     if not isinstance(data, dict):
         raise bad_request("the request body must be a JSON object", code="invalid_json")
+    check_values(data)
     return data
+
+
+def check_values(data, where: str = "") -> None:
+    """Refuse (400, naming the field) a string holding a lone UTF-16 surrogate (``"\\ud800"``: no
+    text can hold it) and a non-finite number (JSON ``NaN``/``Infinity``, or a literal too large
+    for a float)."""
+    stack = [(where, data)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                field_ = path or "body"
+                raise bad_request(f"{field_}: the text contains a lone UTF-16 surrogate (not valid Unicode)", field_,
+                                  "invalid_text") from None
+        elif isinstance(value, float) and not math.isfinite(value):
+            field_ = path or "body"
+            raise bad_request(f"{field_}: expected a finite number, got {value}", field_)
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                if isinstance(k, str):
+                    stack.append((f"{path}.{k}" if path else k, k))  # keys must be valid text too
+                stack.append((f"{path}.{k}" if path else str(k), v))
+        elif isinstance(value, list):
+            stack.extend((f"{path}[{i}]", v) for i, v in enumerate(value))
 
 
 def _number(data: dict, key: str, default, lo: float, hi: float, *, integer: bool = False, hint: str = ""):
@@ -28,6 +62,8 @@ def _number(data: dict, key: str, default, lo: float, hi: float, *, integer: boo
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
         raise bad_request(f"{key}: expected {'an integer' if integer else 'a number'}, got {json.dumps(value)[:40]}", key)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise bad_request(f"{key}: expected a finite number, got {value}", key)
     if not lo <= value <= hi:
         raise bad_request(f"{key}: {value} is outside [{lo:g}, {hi:g}]{hint}", key, "limit_exceeded" if hint else "invalid_value")
     return value
@@ -158,6 +194,7 @@ def parse_image_request(data: dict, config: ServeConfig, served: str, *, edit: b
         if not config.min_image_side <= side <= config.max_image_side:
             raise bad_request(f"size: {width}x{height} is outside {config.min_image_side}..{config.max_image_side} per side "
                               "(max_image_side)", "size", "limit_exceeded")
+    check_values({k: v for k, v in data.items() if isinstance(v, str)})  # form fields too
     seed = _seed(_ints(data, "seed"), nullable=False)
     preset = data.get("preset") or None
     if preset is not None and not isinstance(preset, str):
@@ -166,9 +203,12 @@ def parse_image_request(data: dict, config: ServeConfig, served: str, *, edit: b
         settings = sampler_settings("image-to-image" if edit else "text-to-image", preset)
     except ValueError as e:
         raise bad_request(f"preset: {e}", "preset") from None
+    n = _number(_ints(data, "n"), "n", 1, 1, config.max_images_generated, integer=True, hint=" (max_images_generated)")
+    if seed + n - 1 > SEED_MAX:  # image k is drawn with seed + k
+        raise bad_request(f"seed: {seed} is outside [{SEED_MIN}, {SEED_MAX - n + 1}] for n={n} (image k uses seed + k)", "seed")
     return ImageRequest(
         prompt=prompt,
-        n=_number(_ints(data, "n"), "n", 1, 1, config.max_images_generated, integer=True, hint=" (max_images_generated)"),
+        n=n,
         width=width, height=height, seed=seed, preset=settings.name,
         steps=_number(_ints(data, "steps"), "steps", min(settings.steps, config.max_steps), 2, config.max_steps,
                       integer=True, hint=" (max_steps)"),
@@ -184,6 +224,8 @@ def _seed(data: dict, nullable: bool) -> int | None:
         return None
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise bad_request("seed: expected an integer", "seed")
+    if not SEED_MIN <= seed <= SEED_MAX:
+        raise bad_request(f"seed: {seed if abs(seed) < 10**30 else 'the number'} is outside [{SEED_MIN}, {SEED_MAX}]", "seed")
     return seed
 
 

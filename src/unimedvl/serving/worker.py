@@ -37,6 +37,10 @@ class CancelToken:
     def cancelled(self) -> bool:
         return self._event.is_set()
 
+    @property
+    def timed_out(self) -> bool:
+        return self._event.is_set() and self.reason.startswith("timed out")
+
     def check(self, *_args) -> None:
         """Raise :class:`Cancelled` if cancelled; usable as a progress callback."""
         if self._event.is_set():
@@ -79,25 +83,32 @@ class ModelWorker:
             with self._lock:
                 self.running -= 1
 
+    def _timeout_error(self) -> APIError:
+        return APIError(504, f"the request took longer than request_timeout_s ({self.timeout_s:g} s) and was cancelled", code="timeout")
+
     async def run(self, fn: Callable[[CancelToken], T], *, is_disconnected: Callable | None = None,
                   token: CancelToken | None = None) -> T:
-        """Run ``fn(token)`` on a model thread; 504 past the timeout, 499 when the client left."""
+        """Run ``fn(token)`` on a model thread; 504 past the timeout (queued or running), 499 when the client left."""
         self.admit()
         token = token or CancelToken()
         deadline = time.monotonic() + self.timeout_s
         try:
             future = asyncio.get_running_loop().run_in_executor(self._executor, self._run, fn, token, deadline)
+            # A request answered 504/499 leaves its work to stop on its own; whatever that work ends
+            # with is collected here, so asyncio never reports an exception nobody retrieved.
+            future.add_done_callback(_collect)
             while True:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     token.cancel("timed out")
-                    raise APIError(504, f"the request took longer than request_timeout_s ({self.timeout_s:g} s) and was cancelled",
-                                   code="timeout")
+                    raise self._timeout_error()
                 done, _ = await asyncio.wait({future}, timeout=min(0.25, remaining))
                 if done:
                     try:
                         return future.result()
                     except Cancelled:
+                        if token.timed_out:  # e.g. it waited in the queue past the deadline
+                            raise self._timeout_error() from None
                         raise APIError(499, f"cancelled: {token.reason}", code="cancelled") from None
                 if is_disconnected is not None and await is_disconnected():
                     token.cancel("the client disconnected")
@@ -116,8 +127,18 @@ class ModelWorker:
             except TimeoutError:
                 token.cancel("timed out")
                 raise APIError(504, f"the request took longer than request_timeout_s ({self.timeout_s:g} s)", code="timeout") from None
+            except Cancelled:
+                if token.timed_out:
+                    raise self._timeout_error() from None
+                raise
         finally:
             self.release()
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _collect(future) -> None:
+    """Done-callback: retrieve a future's outcome so an abandoned one never logs 'never retrieved'."""
+    if not future.cancelled():
+        future.exception()
