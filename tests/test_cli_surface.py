@@ -25,6 +25,9 @@ ADDED = {
     # placement over several devices on the same commands, and the plan printed by `info`
     *(f"{command} {option}" for command in QUANTIZING for option in ("--device-map", "--max-memory")),
     *(f"info {option}" for option in ("--device-map", "--max-memory", "--dtype", "--quantize", "--understanding-only")),
+    # an existing --out is refused unless --overwrite says to replace it
+    "generate --overwrite",
+    "edit --overwrite",
 }
 
 # (command, parameter) -> new default: dtype "auto" (one precision policy); image-sampler fields

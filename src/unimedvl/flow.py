@@ -10,11 +10,27 @@ Training draws ``t`` logit-normal and shifted (:func:`sample_flow_times`), noise
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 import torch
 
 RENORM_TYPES = ("global", "channel", "text_channel")
+
+
+def check_shift(shift: float) -> None:
+    """A time shift must be finite and > 0 (``0`` or less makes the schedule divide by zero or change
+    sign: NaN latents; ``inf``/``NaN`` make it NaN), and keep the float32 schedule finite and starting
+    at pure noise (below about 1e-4 the denominator at ``t = 1`` loses its digits and, near 1e-7,
+    rounds to 0; above about 3e38 ``s`` itself overflows)."""
+    ok = isinstance(shift, numbers.Real) and not isinstance(shift, bool) and math.isfinite(shift) and shift > 0
+    if ok:
+        probe = time_shift(torch.tensor([1.0, 0.5, 1e-3, 0.0]), shift)  # float32, as sampling computes it
+        ok = bool(torch.isfinite(probe).all()) and abs(float(probe[0]) - 1.0) <= 1e-3 and float(probe.min()) >= 0.0
+    if not ok:
+        raise ValueError(f"timestep_shift must be a finite number > 0 that keeps the float32 schedule finite and "
+                         f"starting at t = 1 (about 1e-4 to 1e38), got {shift!r}")
 
 
 def time_shift(t: torch.Tensor, shift: float) -> torch.Tensor:
@@ -45,7 +61,11 @@ def sampling_timesteps(num_timesteps: int, shift: float) -> torch.Tensor:
     """``num_timesteps`` float32 times from 1 to 0, shifted; ``num_timesteps - 1`` model evaluations."""
     if num_timesteps < 2:
         raise ValueError(f"num_timesteps must be >= 2, got {num_timesteps}")
-    return time_shift(torch.linspace(1, 0, num_timesteps), shift)
+    check_shift(shift)
+    ts = time_shift(torch.linspace(1, 0, num_timesteps), shift)
+    if not bool(torch.isfinite(ts).all()):
+        raise ValueError(f"timestep_shift {shift!r} gives a non-finite schedule of {num_timesteps} steps")
+    return ts
 
 
 @dataclass(frozen=True)
@@ -59,11 +79,21 @@ class GuidanceConfig:
     cfg_renorm_min: float = 0.0
 
     def __post_init__(self):
-        lo, hi = self.cfg_interval
-        if not 0.0 <= lo <= hi <= 1.0:
-            raise ValueError(f"cfg_interval must be (lo, hi) with 0 <= lo <= hi <= 1, got {tuple(self.cfg_interval)}")
-        if self.cfg_text_scale < 0 or self.cfg_img_scale < 0:
-            raise ValueError(f"guidance scales must be >= 0, got text {self.cfg_text_scale}, image {self.cfg_img_scale}")
+        # NaN compares false both ways, so every check is written as "is in range" and negated
+        try:
+            lo, hi = (float(v) for v in self.cfg_interval)
+        except (TypeError, ValueError):
+            raise ValueError(f"cfg_interval must be two numbers (lo, hi), got {self.cfg_interval!r}") from None
+        if not (math.isfinite(lo) and math.isfinite(hi) and 0.0 <= lo < hi <= 1.0):
+            # lo == hi would leave guidance off at every step without a word
+            raise ValueError(f"cfg_interval must be (lo, hi) with 0 <= lo < hi <= 1 (guidance is on for t in (lo, hi]), "
+                             f"got {tuple(self.cfg_interval)}")
+        for name in ("cfg_text_scale", "cfg_img_scale"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if not (math.isfinite(self.cfg_renorm_min) and 0.0 <= self.cfg_renorm_min <= 1.0):
+            raise ValueError(f"cfg_renorm_min must be a finite number in [0, 1], got {self.cfg_renorm_min!r}")
         if self.cfg_renorm_type not in RENORM_TYPES:
             raise ValueError(f"cfg_renorm_type must be one of {RENORM_TYPES}, got {self.cfg_renorm_type!r}")
 

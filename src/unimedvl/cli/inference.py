@@ -4,8 +4,9 @@ sampler presets that ``generate``/``edit --preset`` name)."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
-from typing import Optional
+from typing import NoReturn, Optional
 
 import typer
 
@@ -38,6 +39,40 @@ from .common import (
     user_errors,
 )
 
+# how an argument is named on the command line when its value is refused (default: --field-name)
+_OPTION_NAMES = {"prompt": "PROMPT", "out": "--out"}
+
+
+def _refuse(error) -> NoReturn:
+    """Exit 2 with a :class:`~unimedvl.inference.presets.SettingError`, naming the option as typed."""
+    fail(f"{_OPTION_NAMES.get(error.field, error.option)} {error.reason}")
+
+
+def _check_decoding(temperature: float, top_p: float = 1.0, max_new_tokens: int = 1) -> None:
+    """--temperature (finite, >= 0), --top-p (in (0, 1]) and --max-new-tokens (>= 1), before the model is loaded."""
+    from ..inference.presets import SettingError, check_finite, check_whole
+
+    try:
+        check_finite("temperature", temperature, minimum=0)
+        check_finite("top_p", top_p, above=0, maximum=1)
+        check_whole("max_new_tokens", max_new_tokens, minimum=1)
+    except SettingError as e:
+        _refuse(e)
+
+
+def _check_text(text: str, what: str) -> None:
+    """The question/prompt/instruction is non-empty, valid UTF-8 text (argv bytes that were not
+    UTF-8 arrive as lone surrogates), before the model is loaded."""
+    from ..inference.pipeline import check_text
+    from ..inference.presets import SettingError
+
+    try:
+        check_text(text, what)
+    except SettingError as e:
+        _refuse(e)
+    except ValueError as e:  # empty
+        fail(f"{_OPTION_NAMES.get(what, '--' + what)}: {e}")
+
 
 def ask(
     images: list[Path] = typer.Argument(None, help="Images (PNG/JPEG/TIFF, DICOM, NIfTI), shown to the model in order."),
@@ -61,6 +96,8 @@ def ask(
     slice_index: Optional[int] = SliceOpt,
 ) -> None:
     """Answer a question about medical images."""
+    _check_text(question, "question")
+    _check_decoding(temperature, top_p, max_new_tokens)
     pipe = load_pipeline(model, device, dtype, read_options(window, frame, axis, slice_index), visual_gen=False, quantize=quantize,
                          device_map=device_map, max_memory=max_memory)
     stream = stream and not as_json
@@ -101,6 +138,7 @@ def report(
     slice_index: Optional[int] = SliceOpt,
 ) -> None:
     """Write a findings / impression report for one image."""
+    _check_decoding(temperature, max_new_tokens=max_new_tokens)
     pipe = load_pipeline(model, device, dtype, read_options(window, frame, axis, slice_index), visual_gen=False, quantize=quantize,
                          device_map=device_map, max_memory=max_memory)
     try:
@@ -113,11 +151,50 @@ def report(
         typer.echo(f"Findings: {rep.findings}\nImpression: {rep.impression}")
 
 
-def _check_output(out: Path) -> None:
+def _check_output(out: Path, overwrite: bool) -> None:
+    """Refuse a bad --out before any model work: not .png/.dcm, a folder, a path under a file, an
+    existing file without --overwrite, a folder that cannot be made or written to."""
+    from ..inference.pipeline import check_output_path
+    from ..inference.presets import SettingError
+
     if out.suffix.lower() not in (".png", ".dcm", ".dicom"):
         fail(f"--out {out}: use a .png or .dcm file name (both are marked synthetic)")
-    if out.parent and not out.parent.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        check_output_path(out, overwrite=overwrite)
+    except SettingError as e:
+        _refuse(e)
+    parent = out.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        fail(f"--out {out}: cannot create the folder {parent} ({e.strerror or e})")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        fail(f"--out {out}: the folder {parent} is not writable")
+
+
+def _check_sampling(task: str, height: Optional[int], width: Optional[int], options: dict) -> None:
+    """The sampler options (preset and overrides) and the sides given, before the model is loaded;
+    the model's own size rule (multiples of its stride, its largest side) is checked once it is."""
+    from ..inference.presets import SettingError, check_whole, sampler_settings
+
+    try:
+        for name, side in (("height", height), ("width", width)):
+            if side is not None:
+                check_whole(name, side, minimum=1)
+        sampler_settings(task, **options)
+    except SettingError as e:
+        _refuse(e)
+    except ValueError as e:  # an unknown preset
+        fail(str(e))
+
+
+def _save(result, out: Path, overwrite: bool) -> Path:
+    """Write the image; --out is checked again (it may have appeared while the image was drawn)."""
+    _check_output(out, overwrite)
+    try:
+        return result.save(out)
+    except (*user_errors(), OSError) as e:
+        fail(f"--out {out}: {e}")
 
 
 def _wrote(path: Path, image, seed: int) -> None:
@@ -145,19 +222,24 @@ def generate(
     timestep_shift: Optional[float] = TimestepShiftOpt,
     seed: int = SeedOpt,
     think: bool = typer.Option(False, "--think", help="Write a plan first and condition the image on it."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists (without it an existing file is refused before any work)."),
 ) -> None:
     """Generate a medical image from text."""
-    _check_output(out)
+    from ..inference.presets import SettingError
+
+    _check_text(prompt, "prompt")
+    _check_output(out, overwrite)
+    options = sampler_options(preset, steps, cfg_text_scale, cfg_img_scale, cfg_interval, cfg_renorm_type, cfg_renorm_min, timestep_shift)
+    _check_sampling("text-to-image", height, width, options)
     pipe = load_pipeline(model, device, dtype, read_options(), quantize=quantize,
                          device_map=device_map, max_memory=max_memory)
     try:
-        result = pipe.generate_image(
-            prompt, height=height, width=width, seed=seed, think=think, progress=progress_bar("denoising"),
-            **sampler_options(preset, steps, cfg_text_scale, cfg_img_scale, cfg_interval, cfg_renorm_type, cfg_renorm_min, timestep_shift),
-        )
-        path = result.save(out)
+        result = pipe.generate_image(prompt, height=height, width=width, seed=seed, think=think, progress=progress_bar("denoising"), **options)
+    except SettingError as e:
+        _refuse(e)
     except user_errors() as e:
         fail(str(e))
+    path = _save(result, out, overwrite)
     if result.thinking:
         typer.secho(result.thinking, dim=True)
     _wrote(path, result.image, seed)
@@ -191,20 +273,25 @@ def edit(
     frame: int = FrameOpt,
     axis: str = AxisOpt,
     slice_index: Optional[int] = SliceOpt,
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists (without it an existing file is refused before any work)."),
 ) -> None:
     """Image-to-image: virtual staining, super-resolution, contrast translation, counterfactuals."""
-    _check_output(out)
+    from ..inference.presets import SettingError
+
+    _check_text(instruction, "instruction")
+    _check_output(out, overwrite)
+    options = sampler_options(preset, steps, cfg_text_scale, cfg_img_scale, cfg_interval, cfg_renorm_type, cfg_renorm_min, timestep_shift)
+    _check_sampling("image-to-image", height, width, options)
     pipe = load_pipeline(model, device, dtype, read_options(window, frame, axis, slice_index), quantize=quantize,
                          device_map=device_map, max_memory=max_memory)
     try:
-        result = pipe.edit(
-            images, instruction, height=height, width=width, seed=seed, analyze=analyze, think=think, explain=explain,
-            progress=progress_bar("denoising"),
-            **sampler_options(preset, steps, cfg_text_scale, cfg_img_scale, cfg_interval, cfg_renorm_type, cfg_renorm_min, timestep_shift),
-        )
-        path = result.save(out)
+        result = pipe.edit(images, instruction, height=height, width=width, seed=seed, analyze=analyze, think=think, explain=explain,
+                           progress=progress_bar("denoising"), **options)
+    except SettingError as e:
+        _refuse(e)
     except user_errors() as e:
         fail(str(e))
+    path = _save(result, out, overwrite)
     if result.analysis:
         typer.secho(f"analysis: {result.analysis}", dim=True)
     if result.explanation:
@@ -232,6 +319,7 @@ def chat(
     """An interactive multi-turn conversation about images; earlier turns are never recomputed."""
     from ..inference.chat_repl import run_chat
 
+    _check_decoding(temperature, max_new_tokens=max_new_tokens)
     pipe = load_pipeline(model, device, dtype, read_options(window, frame, axis, slice_index), visual_gen=False, quantize=quantize,
                          device_map=device_map, max_memory=max_memory)
     run_chat(pipe, read_line=input, write=typer.echo, error=lambda message: typer.secho(message, fg=typer.colors.RED, err=True),

@@ -43,8 +43,39 @@ from .conversation import Answer, AnswerStream, Conversation, raw_text, require_
 from .engine import Engine, Sampler, check_max_new_tokens
 from .inputs import ImageInput, ImageReadOptions, load_image_with_meta
 from .placement import Placement, Planner, apply_placement, placement_of
-from .presets import SamplerOverrides, SamplerSettings, sampler_settings
-from .sampling import ImageSample, Progress, initial_noise, sample_image
+from .presets import SamplerOverrides, SamplerSettings, SettingError, check_finite, check_whole, sampler_settings
+from .sampling import ImageSample, NonFiniteLatentsError, Progress, initial_noise, sample_image
+
+
+def check_text(text, what: str) -> str:
+    """``text`` (the question, prompt or instruction) as given, if it is a non-empty ``str`` that is
+    valid Unicode: bytes that were not UTF-8 reach Python as lone surrogates (``surrogateescape``
+    decoding of ``argv`` and files), which no tokenizer can encode."""
+    if not isinstance(text, str):
+        raise SettingError(what, f"must be text (str), got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise SettingError(what, f"is not valid UTF-8 text (an undecodable byte at character {e.start})") from None
+    require_text(text, what)
+    return text
+
+
+def check_output_path(path: str | Path, *, overwrite: bool = True) -> Path:
+    """``path`` if an image can be written there: not an existing folder, every existing folder above
+    it a folder (not a file), and - unless ``overwrite`` - no file there yet.  Checked before any
+    model work, so that a bad ``-o`` fails in a second instead of after the image is drawn."""
+    path = Path(path)
+    if path.is_dir():
+        raise SettingError("out", f"{path} is a folder; give a file name inside it, e.g. {path / 'image.png'}")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise SettingError("out", f"{path}: {parent} is a file, not a folder")
+            break
+    if path.exists() and not overwrite:
+        raise SettingError("out", f"{path} exists; pass --overwrite to replace it, or choose another name")
+    return path
 
 
 # ---- results -----------------------------------------------------------------------------------
@@ -71,7 +102,7 @@ class GeneratedImage:
 
     def save(self, path: str | Path) -> Path:
         """PNG (``.png``) or DICOM Secondary Capture (``.dcm``), both marked synthetic, written atomically."""
-        path = Path(path)
+        path = check_output_path(path)  # a folder, or a path under a file, is refused before anything is written
         if path.suffix.lower() in (".dcm", ".dicom"):
             return save_dicom_secondary_capture(self.image, path, self.record)
         if path.suffix.lower() != ".png":
@@ -163,6 +194,27 @@ class UniMedVLPipeline:
         (the model's generation resize rule: multiples of 16 within its size limits)."""
         return self.transform("generation_vae").target_size(width, height)
 
+    def output_size(self, height, width, default_height: int, default_width: int) -> tuple[int, int]:
+        """``(height, width)`` of a generated image: each given side (``None``: its default) checked
+        against what the model can generate - a whole number of pixels, a positive multiple of its
+        latent stride (16 for the official weights), at most its largest generated side."""
+        stride = self.engine.config.latent_downsample
+        largest = self.engine.config.max_latent_size * stride
+        sides = []
+        for name, value, default in (("height", height, default_height), ("width", width, default_width)):
+            if value is None:
+                sides.append(default)
+                continue
+            rule = f"must be a positive multiple of {stride} pixels, at most {largest} for this model, got {value!r}"
+            try:
+                side = check_whole(name, value, minimum=stride)
+            except SettingError:
+                raise SettingError(name, rule) from None
+            if side % stride or side > largest:
+                raise SettingError(name, rule)
+            sides.append(side)
+        return sides[0], sides[1]
+
     def load_images(self, images: ImageInput | Sequence[ImageInput] | None) -> list[tuple[Image.Image, dict]]:
         """Each input as an 8-bit RGB image with its reader's metadata (DICOM/NIfTI read with :attr:`read_options`)."""
         if images is None:
@@ -211,7 +263,10 @@ class UniMedVLPipeline:
         starts a conversation with the reasoning system prompt and returns the ``<think>`` part
         separately.  ``stream=True`` returns an :class:`AnswerStream` of text pieces.
         """
-        require_text(question, "question")
+        check_text(question, "question")
+        check_finite("temperature", temperature, minimum=0)
+        check_finite("top_p", top_p, above=0, maximum=1)
+        check_whole("max_new_tokens", max_new_tokens, minimum=1)
         if history is not None and think and not history.think:
             raise ValueError("this conversation was started without think mode; start a new one with think=True")
         conv = history if history is not None else Conversation(self, think=think)
@@ -245,7 +300,7 @@ class UniMedVLPipeline:
         check_max_new_tokens(max_new_tokens)
         items = list(items)
         for _, question in items:
-            require_text(question, "question")
+            check_text(question, "question")
         answers: list[Answer] = []
         for start in range(0, len(items), batch_size):
             chunk = items[start : start + batch_size]
@@ -281,8 +336,12 @@ class UniMedVLPipeline:
     def _draw(self, ctx, ctx_text, ctx_img, grid, noise, generator, settings: SamplerSettings, progress) -> tuple[ImageSample, Image.Image]:
         """Sample latents from the three contexts and decode them to an 8-bit image."""
         noise = initial_noise(self.engine, grid, generator, noise)
-        sample = sample_image(self.engine, ctx, ctx_text, ctx_img, noise, grid, settings, progress)
-        image = Image.fromarray(to_uint8_image(self.engine.decode_latents(sample.latents, grid)))
+        sample = sample_image(self.engine, ctx, ctx_text, ctx_img, noise, grid, settings, progress)  # raises on NaN latents
+        pixels = self.engine.decode_latents(sample.latents, grid)
+        if not bool(torch.isfinite(pixels).all()):  # never a black "synthetic" image from NaN pixels
+            raise NonFiniteLatentsError("the autoencoder decoded non-finite pixels; no image was written (check the model's "
+                                        "weights and dtype)")
+        image = Image.fromarray(to_uint8_image(pixels))
         return sample, image
 
     def generate_image(
@@ -315,9 +374,9 @@ class UniMedVLPipeline:
         """
         # 1. check inputs before any model work
         self._require_generation()
-        require_text(prompt, "prompt")
+        check_text(prompt, "prompt")
         settings = sampler_settings("text-to-image", preset, **overrides)
-        height, width = height or self.default_image_size, width or self.default_image_size
+        height, width = self.output_size(height, width, self.default_image_size, self.default_image_size)  # 0 is refused, not the default
         grid = self.engine.latent_grid(height, width)
         generator = torch.Generator().manual_seed(seed)
         # 2. contexts: c_T = (system prompt), c = c_I = c_T + prompt (+ the plan in think mode, c only)
@@ -371,8 +430,9 @@ class UniMedVLPipeline:
         """
         # 1. check inputs before any model work
         self._require_generation()
-        require_text(instruction, "instruction")
+        check_text(instruction, "instruction")
         settings = sampler_settings("image-to-image", preset, **overrides)
+        self.output_size(height, width, 0, 0)  # the given sides, checked before the inputs are read
         loaded = [pil for pil, _ in self.load_images(images)]
         if not loaded:
             raise ValueError("edit needs at least one input image")
@@ -382,7 +442,7 @@ class UniMedVLPipeline:
         vae_images = [gen_vae.resize(im) for im in loaded]
         vit_pixels = [gen_vit(im, img_num=len(loaded)) for im in vae_images]  # each [3, h, w] in [-1, 1]
         out_w, out_h = vae_images[0].size
-        height, width = height or out_h, width or out_w
+        height, width = self.output_size(height, width, out_h, out_w)
         grid = self.engine.latent_grid(height, width)
 
         # 3. random draws, in the reference's order: each input's posterior sample, then (in step 6) the initial noise

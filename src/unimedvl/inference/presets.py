@@ -14,12 +14,102 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
+import numbers
 from dataclasses import dataclass
 from typing import TypedDict
 
-from ..flow import GuidanceConfig
+from ..flow import RENORM_TYPES, GuidanceConfig, check_shift
 
 TASKS = ("text-to-image", "image-to-image")
+
+
+class SettingError(ValueError):
+    """A bad value of one named argument (a sampler field, ``height``, ``temperature``...).
+
+    ``field`` is the Python name; ``reason`` the rule it broke with the value given.  The message
+    is ``"{field} {reason}"``; the command line names the option instead (``--timestep-shift``)."""
+
+    def __init__(self, field: str, reason: str):
+        super().__init__(f"{field} {reason}")
+        self.field, self.reason = field, reason
+
+    @property
+    def option(self) -> str:
+        """The field as a command-line option: ``timestep_shift`` -> ``--timestep-shift``."""
+        return "--" + self.field.replace("_", "-")
+
+
+def _real(value) -> float | None:
+    """``value`` as a float if it is a real number (not a bool), else ``None``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    return float(value)
+
+
+def check_finite(field: str, value, *, minimum: float | None = None, above: float | None = None,
+                 maximum: float | None = None) -> float:
+    """``value`` as a finite float within the bounds (``minimum <= value``, ``above < value``,
+    ``value <= maximum``), else :class:`SettingError` naming ``field``."""
+    v = _real(value)
+    rule = "a finite number"
+    if minimum is not None:
+        rule += f" >= {minimum:g}"
+    if above is not None:
+        rule += f" > {above:g}"
+    if maximum is not None:
+        rule += f" {'and ' if minimum is not None or above is not None else ''}<= {maximum:g}"
+    if (v is None or not math.isfinite(v) or (minimum is not None and v < minimum) or (above is not None and v <= above)
+            or (maximum is not None and v > maximum)):
+        raise SettingError(field, f"must be {rule}, got {value!r}")
+    return v
+
+
+def check_whole(field: str, value, *, minimum: int, why: str = "") -> int:
+    """``value`` as an int ``>= minimum`` (a float with a whole value is accepted), else :class:`SettingError`."""
+    v = _real(value)
+    if v is None or not math.isfinite(v) or not v.is_integer() or v < minimum:
+        raise SettingError(field, f"must be >= {minimum}, a whole number{why}, got {value!r}")
+    return int(v)
+
+
+def check_fields(**fields) -> dict:
+    """The image-sampler fields given (any of :class:`SamplerSettings`'), each checked and
+    normalised; the first bad one raises :class:`SettingError` naming it.  ``None`` values are
+    passed through (they mean "the preset's value")."""
+    out = {}
+    for field, value in fields.items():
+        if value is None or field == "name":
+            out[field] = value
+        elif field == "steps":
+            out[field] = check_whole(field, value, minimum=2, why=" (the schedule's length, steps - 1 model evaluations)")
+        elif field in ("cfg_text_scale", "cfg_img_scale"):
+            out[field] = check_finite(field, value, minimum=0)
+        elif field == "cfg_renorm_min":
+            out[field] = check_finite(field, value, minimum=0, maximum=1)
+        elif field == "timestep_shift":
+            out[field] = check_finite(field, value, above=0)
+            try:
+                check_shift(out[field])
+            except ValueError:
+                raise SettingError(field, f"must be a finite number > 0 that keeps the float32 schedule finite "
+                                          f"and starting at t = 1 (about 1e-4 to 1e38), got {value!r}") from None
+        elif field == "cfg_renorm_type":
+            if value not in RENORM_TYPES:
+                raise SettingError(field, f"must be one of {', '.join(RENORM_TYPES)}, got {value!r}")
+            out[field] = value
+        elif field == "cfg_interval":
+            try:
+                lo, hi = (_real(v) for v in value)
+            except (TypeError, ValueError):
+                lo = hi = None
+            if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi) and 0.0 <= lo < hi <= 1.0):
+                shown = tuple(value) if isinstance(value, (list, tuple)) else value
+                raise SettingError(field, f"must be (lo, hi) with 0 <= lo < hi <= 1 (guidance is on for t in (lo, hi]), got {shown!r}")
+            out[field] = (lo, hi)
+        else:
+            raise TypeError(f"unknown sampler setting {field!r}")
+    return out
 
 
 @dataclass(frozen=True)
@@ -36,13 +126,10 @@ class SamplerSettings:
     name: str = "custom"  # the preset these settings came from (recorded in generated files)
 
     def __post_init__(self):
-        object.__setattr__(self, "cfg_interval", tuple(float(v) for v in self.cfg_interval))
-        if int(self.steps) != self.steps or self.steps < 2:
-            raise ValueError(f"steps must be >= 2, a whole number (the schedule's length, steps - 1 model evaluations), got {self.steps}")
-        if len(self.cfg_interval) != 2:
-            raise ValueError(f"cfg_interval must be (lo, hi), got {self.cfg_interval}")
-        if self.timestep_shift <= 0:
-            raise ValueError(f"timestep_shift must be > 0, got {self.timestep_shift}")
+        # every field checked (finite, in range) and normalised; a bad one raises SettingError naming it
+        checked = check_fields(**{f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "name"})
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)
         self.guidance  # builds (and so checks) the guidance settings
 
     def with_overrides(self, **overrides) -> "SamplerSettings":

@@ -32,6 +32,22 @@ class ImageSample:
     velocities: list[torch.Tensor]  # guided velocity of every step, each [h*w, p*p*C]
 
 
+class NonFiniteLatentsError(RuntimeError):
+    """The denoising loop produced NaN or infinite latents: nothing is decoded or saved."""
+
+
+def check_finite_latents(x: torch.Tensor, step: int, total: int) -> None:
+    """Raise :class:`NonFiniteLatentsError` if ``x`` holds a NaN or an infinity (checked after
+    every step, so that a broken setting or model never becomes a black "synthetic" image)."""
+    if not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).sum())
+        where = "in the initial noise" if step == 0 else f"at step {step} of {total}"
+        raise NonFiniteLatentsError(
+            f"image sampling produced non-finite latents {where} ({bad} of {x.numel()} values NaN or "
+            "infinite); no image was written. Check the sampler settings (timestep_shift, guidance scales) and the "
+            "model's weights and dtype")
+
+
 def initial_noise(engine: Engine, grid_hw: tuple[int, int], generator: torch.Generator | None,
                   noise: torch.Tensor | None = None) -> torch.Tensor:
     """``noise`` checked against the grid, or a fresh ``[h*w, p*p*C]`` draw from ``generator``."""
@@ -103,6 +119,7 @@ def sample_image(
     ts = sampling_timesteps(settings.steps, settings.timestep_shift)  # [steps] from 1 to 0
     guidance = settings.guidance
     x = noise.to(torch.float32).to(engine.model.device)
+    check_finite_latents(x, 0, settings.steps - 1)  # the starting noise (a caller's own may be broken)
     if x.shape[0] != grid_hw[0] * grid_hw[1]:
         raise ValueError(f"noise has {x.shape[0]} tokens, the {grid_hw[0]}x{grid_hw[1]} latent grid needs {grid_hw[0] * grid_hw[1]}")
     queries: dict[int, DenoisingQuery] = {}  # by number of branches: at most two shapes per loop
@@ -128,6 +145,7 @@ def sample_image(
         )
         per_step.append(v)
         x = euler_step(x, v, ts[k], ts[k + 1])
+        check_finite_latents(x, k + 1, settings.steps - 1)
         if progress is not None:
             progress(k + 1, settings.steps - 1)
     return ImageSample(x, grid_hw, per_step)
