@@ -27,6 +27,30 @@ class ConfigError(ValueError):
     """A configuration value or file is invalid; the message names the field."""
 
 
+def json_int(d: dict[str, Any], key: str, source: str, default: Any = None, minimum: int | None = 1) -> int:
+    """``d[key]`` as an integer (``default`` when absent): a JSON number with no fractional part,
+    at least ``minimum``; anything else raises :class:`ConfigError` naming ``source`` and the field."""
+    value = d.get(key, default)
+    ok = not isinstance(value, bool) and (isinstance(value, int) or (isinstance(value, float) and value.is_integer()))
+    if not ok:
+        raise ConfigError(f"{source}: field {key!r} must be an integer, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{source}: field {key!r} must be >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def json_float(d: dict[str, Any], key: str, source: str, default: Any = None, positive: bool = False) -> float:
+    """``d[key]`` as a finite number (``default`` when absent); :class:`ConfigError` naming the field otherwise."""
+    import math
+
+    value = d.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{source}: field {key!r} must be a finite number, got {value!r}")
+    if positive and value <= 0:
+        raise ConfigError(f"{source}: field {key!r} must be > 0, got {value!r}")
+    return float(value)
+
+
 @dataclass
 class LLMConfig:
     """Qwen2 decoder; every layer has an understanding and a generation expert."""
@@ -65,15 +89,15 @@ class LLMConfig:
         if missing:
             raise ConfigError(f"{source}: missing field(s) {missing}")
         return cls(
-            hidden_size=int(d["hidden_size"]),
-            num_layers=int(d["num_hidden_layers"]),
-            num_heads=int(d["num_attention_heads"]),
-            num_kv_heads=int(d.get("num_key_value_heads", d["num_attention_heads"])),
-            intermediate_size=int(d["intermediate_size"]),
-            vocab_size=int(d["vocab_size"]),
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(d.get("rope_theta", 10000.0)),
-            max_position_embeddings=int(d.get("max_position_embeddings", 32768)),
+            hidden_size=json_int(d, "hidden_size", source),
+            num_layers=json_int(d, "num_hidden_layers", source),
+            num_heads=json_int(d, "num_attention_heads", source),
+            num_kv_heads=json_int(d, "num_key_value_heads", source, d["num_attention_heads"]),
+            intermediate_size=json_int(d, "intermediate_size", source),
+            vocab_size=json_int(d, "vocab_size", source),
+            rms_norm_eps=json_float(d, "rms_norm_eps", source, 1e-6, positive=True),
+            rope_theta=json_float(d, "rope_theta", source, 10000.0, positive=True),
+            max_position_embeddings=json_int(d, "max_position_embeddings", source, 32768),
         )
 
     def to_official_json(self, eos_token_id: int | None = None, bos_token_id: int | None = None) -> dict[str, Any]:
@@ -143,16 +167,16 @@ class ViTConfig:
         missing = [k for k in required if k not in d]
         if missing:
             raise ConfigError(f"{source}: missing field(s) {missing}")
-        if int(d["num_hidden_layers"]) < 2:
+        if json_int(d, "num_hidden_layers", source) < 2:
             raise ConfigError(f"{source}: num_hidden_layers={d['num_hidden_layers']} must be >= 2 (one is dropped)")
         return cls(
-            hidden_size=int(d["hidden_size"]),
-            num_layers=int(d["num_hidden_layers"]) - 1,
-            num_heads=int(d["num_attention_heads"]),
-            intermediate_size=int(d["intermediate_size"]),
-            patch_size=int(d["patch_size"]),
-            image_size=int(d.get("image_size", 980)),
-            layer_norm_eps=float(d.get("layer_norm_eps", 1e-6)),
+            hidden_size=json_int(d, "hidden_size", source),
+            num_layers=json_int(d, "num_hidden_layers", source) - 1,
+            num_heads=json_int(d, "num_attention_heads", source),
+            intermediate_size=json_int(d, "intermediate_size", source),
+            patch_size=json_int(d, "patch_size", source),
+            image_size=json_int(d, "image_size", source, 980),
+            layer_norm_eps=json_float(d, "layer_norm_eps", source, 1e-6, positive=True),
         )
 
     def to_official_json(self) -> dict[str, Any]:
@@ -201,13 +225,22 @@ class AutoencoderConfig:
         extra = set(d) - known - {"out_ch", "downsample"}
         if extra:
             raise ConfigError(f"{source}: unknown field(s) {sorted(extra)}")
-        kw = {k: v for k, v in d.items() if k in known}
+        d = dict(d)
         if "out_ch" in d:
-            kw["out_channels"] = d["out_ch"]
-        if "ch_mult" in kw:
-            kw["ch_mult"] = tuple(int(x) for x in kw["ch_mult"])
+            d["out_channels"] = d.pop("out_ch")
+        kw: dict[str, Any] = {}
+        for k in known & set(d):
+            if k in ("scale_factor", "shift_factor"):
+                kw[k] = json_float(d, k, source)
+            elif k == "ch_mult":
+                mult = d[k]
+                if not isinstance(mult, list) or not mult:
+                    raise ConfigError(f"{source}: field 'ch_mult' must be a non-empty list of positive integers, got {mult!r}")
+                kw[k] = tuple(json_int({"ch_mult": x}, "ch_mult", source) for x in mult)
+            else:
+                kw[k] = json_int(d, k, source)
         cfg = cls(**kw)
-        if "downsample" in d and int(d["downsample"]) != cfg.downsample:
+        if "downsample" in d and json_int(d, "downsample", source) != cfg.downsample:
             raise ConfigError(f"{source}: downsample={d['downsample']} disagrees with ch_mult {list(cfg.ch_mult)}")
         return cfg
 
@@ -255,7 +288,14 @@ class InferenceTransforms:
         known = {f.name for f in dataclasses.fields(cls)}
         if not isinstance(d, dict) or set(d) - known:
             raise ConfigError(f"{source}: image_transforms takes {sorted(known)}, got {d!r}")
-        kw = {k: (int(v) if k == "image_size" else tuple(int(x) for x in v)) for k, v in d.items()}
+        kw: dict[str, Any] = {}
+        for k, v in d.items():
+            if k == "image_size":
+                kw[k] = json_int(d, k, f"{source}: image_transforms")
+            elif not isinstance(v, (list, tuple)):
+                raise ConfigError(f"{source}: image_transforms.{k} must be a list of 3 or 4 positive integers, got {v!r}")
+            else:
+                kw[k] = tuple(json_int({k: x}, k, f"{source}: image_transforms") for x in v)
         return cls(**kw)
 
 

@@ -54,6 +54,10 @@ def build(
         f"{summary['shards_built']} shards built, {summary['shards_skipped']} already complete, of {summary['shards_total']}"
         + ("; manifest and dataset card written" if summary["finalized"] else "; other partitions still to run")
     )
+    empty = summary.get("sources_without_records") or []
+    if empty:
+        fail(f"every item of source(s) {', '.join(empty)} was rejected: no records were built from them "
+             f"(the reasons are in {out / 'shards'}/*.rejections.jsonl; check the source's options and the qc settings)", code=1)
 
 
 @app.command("demo")

@@ -75,16 +75,25 @@ def parse_build_config(doc: dict, base_dir: Path, where: str = "build config") -
     if len(salt) < 8:
         raise BuildConfigError(f"{where}: salt must be at least 8 characters (it keys the patient hashes)")
     splits = doc.get("splits", {}) or {}
+    if not isinstance(splits, dict):
+        raise BuildConfigError(f"{where}: splits must be a mapping like {{val: 0.05, test: 0.1}}, got {splits!r}")
     bad = set(splits) - {"val", "test"}
     if bad:
         raise BuildConfigError(f"{where}: splits may set val and test fractions, not {sorted(bad)}")
-    val, test = float(splits.get("val", 0.0)), float(splits.get("test", 0.1))
+    val = _number(splits, "val", 0.0, f"{where}: splits")
+    test = _number(splits, "test", 0.1, f"{where}: splits")
     if not (0 <= val and 0 <= test and val + test < 1):
         raise BuildConfigError(f"{where}: split fractions val={val}, test={test} must be >= 0 and sum below 1")
-    ctx = BuildContext(salt=salt, seed=int(doc.get("seed", 0)), val_fraction=val, test_fraction=test, max_side=int(doc.get("max_side", 1024)),
-                       log_item_paths=bool(doc.get("log_item_paths", False)))
+    log_paths = doc.get("log_item_paths", False)
+    if not isinstance(log_paths, bool):
+        raise BuildConfigError(f"{where}: field 'log_item_paths' must be true or false, got {log_paths!r}")
+    ctx = BuildContext(salt=salt, seed=_integer(doc, "seed", 0, where, minimum=0), val_fraction=val, test_fraction=test,
+                       max_side=_integer(doc, "max_side", 1024, where, minimum=1), log_item_paths=log_paths)
     try:
-        qc = QCConfig.from_dict(doc.get("qc", {}) or {}, f"{where}: qc")
+        qc_doc = doc.get("qc", {}) or {}
+        if not isinstance(qc_doc, dict):
+            raise BuildConfigError(f"{where}: qc must be a mapping, got {qc_doc!r}")
+        qc = QCConfig.from_dict(qc_doc, f"{where}: qc")
     except (TypeError, ValueError) as e:
         raise BuildConfigError(str(e)) from e
     raw_sources = _require(doc, "sources", list, where)
@@ -96,6 +105,9 @@ def parse_build_config(doc: dict, base_dir: Path, where: str = "build config") -
         if not isinstance(s, dict):
             raise BuildConfigError(f"{w}: expected a mapping")
         check_fields(s, SOURCE_FIELDS, w, BuildConfigError)
+        options = s.get("options", {}) or {}
+        if not isinstance(options, dict):
+            raise BuildConfigError(f"{w}: field 'options' must be a mapping, got {options!r}")
         name = _require(s, "name", str, w)
         if name in names:
             raise BuildConfigError(f"{w}: duplicate source name {name!r}")
@@ -106,13 +118,33 @@ def parse_build_config(doc: dict, base_dir: Path, where: str = "build config") -
             raise BuildConfigError(f"{w}: split must be one of {list(SOURCE_SPLITS)}, got {split!r}")
         sources.append(SourceConfig(
             name=name, kind=_require(s, "kind", str, w), path=path if path.is_absolute() else (base_dir / path),
-            modality=str(s.get("modality", "auto")), license=str(s.get("license", "unknown")), options=dict(s.get("options", {}) or {}),
+            modality=str(s.get("modality", "auto")), license=str(s.get("license", "unknown")), options=dict(options),
             split=split,
         ))
-    per_shard = int(doc.get("items_per_shard", 64))
-    if per_shard < 1:
-        raise BuildConfigError(f"{where}: items_per_shard must be >= 1")
+    per_shard = _integer(doc, "items_per_shard", 64, where, minimum=1)
+    if ctx.max_side < qc.min_side:
+        raise BuildConfigError(f"{where}: max_side={ctx.max_side} is below qc.min_side={qc.min_side}: every image would be "
+                               "rejected as too small; max_side must be >= qc.min_side")
     return BuildConfig(sources, ctx, per_shard, qc)
+
+
+def _integer(d: dict, key: str, default, where: str, minimum: int) -> int:
+    """``d[key]`` as an integer >= ``minimum`` (``2.9`` is refused, not truncated)."""
+    value = d.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and not value.is_integer()):
+        raise BuildConfigError(f"{where}: field {key!r} must be an integer, got {value!r}")
+    if value < minimum:
+        raise BuildConfigError(f"{where}: field {key!r} must be >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _number(d: dict, key: str, default, where: str) -> float:
+    import math
+
+    value = d.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise BuildConfigError(f"{where}: field {key!r} must be a number, got {value!r}")
+    return float(value)
 
 
 def load_build_config(path: str | Path) -> BuildConfig:

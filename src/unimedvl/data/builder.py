@@ -39,10 +39,20 @@ class ShardPlan:
     items: list[tuple[int, str]]  # (source index, item)
 
 
+class BuildError(ValueError):
+    """A build that cannot produce what its config asks for (a source without items or records)."""
+
+
 def plan_shards(config: BuildConfig) -> list[ShardPlan]:
+    """The shards of a build; :class:`BuildError` naming a source whose folder holds no item its
+    kind can read (nothing would be built from it)."""
     items: list[tuple[int, str]] = []
-    for i in range(len(config.sources)):
-        items += [(i, it) for it in _adapter(config, i).items()]
+    for i, source in enumerate(config.sources):
+        found = _adapter(config, i).items()
+        if not found:
+            raise BuildError(f"source {source.name!r} (kind {source.kind}): no items found under {source.path}; "
+                             f"check its path and kind (nothing would be built from it)")
+        items += [(i, it) for it in found]
     n = config.items_per_shard
     return [ShardPlan(k, items[k * n : (k + 1) * n]) for k in range((len(items) + n - 1) // n)]
 
@@ -100,6 +110,7 @@ def build_shard(config: BuildConfig, plan: ShardPlan, out: Path) -> dict:
     records: list[Record] = []
     rejections: list[Rejection] = []
     decoded: dict = {}
+    per_source = {config.sources[i].name: 0 for i, _ in plan.items}  # records kept per source
     for source_index, item in plan.items:
         adapter = _adapter(config, source_index)
         try:
@@ -112,13 +123,16 @@ def build_shard(config: BuildConfig, plan: ShardPlan, out: Path) -> dict:
             else:
                 done = _finish_record(r, item, config, config.sources[source_index], decoded)
                 (rejections if isinstance(done, Rejection) else records).append(done)
+                if not isinstance(done, Rejection):
+                    per_source[config.sources[source_index].name] += 1
     paths = DatasetLayout(out).shard(plan.index)
     table = pa.Table.from_pylist([r.to_row() for r in records], schema=arrow_schema())
     buf = io.BytesIO()
     pq.write_table(table, buf, row_group_size=ROW_GROUP_SIZE, compression="zstd")
     write_bytes(paths.parquet, buf.getvalue())
     write_jsonl(paths.rejections, [r.to_json() for r in rejections])
-    counts = {"shard": plan.index, "items": len(plan.items), "records": len(records), "rejections": len(rejections)}
+    counts = {"shard": plan.index, "items": len(plan.items), "records": len(records), "rejections": len(rejections),
+              "records_per_source": per_source}
     write_json(paths.done, counts)
     return counts
 
@@ -126,6 +140,36 @@ def build_shard(config: BuildConfig, plan: ShardPlan, out: Path) -> dict:
 def _worker(args):
     config, plan, out = args
     return build_shard(config, plan, out)
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """Worker initializer: end this worker when the build process dies (even by SIGKILL), so no
+    worker outlives it holding its memory.  On Linux the kernel delivers SIGKILL on the parent's
+    death (``prctl(PR_SET_PDEATHSIG)``); everywhere a daemon thread also checks the parent's pid."""
+    import os
+    import signal
+    import sys
+    import threading
+    import time
+
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:  # the parent died before the signal was armed
+        os._exit(1)
+
+    def watch():
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent_pid:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
 
 
 def build(
@@ -146,14 +190,17 @@ def build(
         raise ValueError(f"partition {partition} is outside 0..{num_partitions - 1}")
     out = Path(out)
     layout = DatasetLayout(out)
-    layout.shards_dir.mkdir(parents=True, exist_ok=True)
     fingerprint_file = layout.build_info
     fp = config.fingerprint()
     if fingerprint_file.exists():
         previous = json.loads(fingerprint_file.read_text()).get("fingerprint")
         if previous != fp:
             raise ValueError(f"{out} holds a build of another config (fingerprint {previous}, this config {fp}); use a new --out")
-    else:
+    # every source is opened (its options checked) and listed before anything is written, so a
+    # config that cannot build leaves no build.json behind to block the corrected rerun
+    plans = plan_shards(config)
+    layout.shards_dir.mkdir(parents=True, exist_ok=True)
+    if not fingerprint_file.exists():
         info = {"fingerprint": fp, "sources": [{"name": s.name, "kind": s.kind, "modality": s.modality, "license": s.license} for s in config.sources]}
         write_json(fingerprint_file, info)
     for stale in layout.stale_partials():
@@ -161,7 +208,6 @@ def build(
 
     import pyarrow.parquet  # noqa: F401  (imported once here, inherited by forked workers)
 
-    plans = plan_shards(config)
     mine = [p for p in plans if p.index % num_partitions == partition]
     todo = [p for p in mine if not layout.shard(p.index).done.exists()]
     built = 0
@@ -172,7 +218,9 @@ def build(
             if progress:
                 progress(counts, built, len(todo))
     else:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+        import os
+
+        with ProcessPoolExecutor(max_workers=workers, initializer=_exit_with_parent, initargs=(os.getpid(),)) as pool:
             for counts in pool.map(_worker, [(config, p, out) for p in todo]):
                 built += 1
                 if progress:
@@ -182,4 +230,21 @@ def build(
     if complete:
         finalize(out, len(plans))
         summary["finalized"] = True
+        summary["sources_without_records"] = _sources_without_records(config, layout, plans)
     return summary
+
+
+def _sources_without_records(config: BuildConfig, layout: DatasetLayout, plans: list[ShardPlan]) -> list[str]:
+    """Names of the sources from which every item was rejected (counted from the shards' done files;
+    shards written before these counts existed are not counted)."""
+    kept = {s.name: 0 for s in config.sources}
+    for p in plans:
+        try:
+            counts = json.loads(layout.shard(p.index).done.read_text()).get("records_per_source")
+        except (OSError, ValueError):
+            counts = None
+        if counts is None:
+            return []  # an older build's shards: unknown
+        for name, n in counts.items():
+            kept[name] = kept.get(name, 0) + n
+    return [name for name, n in kept.items() if n == 0]

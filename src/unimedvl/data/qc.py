@@ -30,9 +30,23 @@ class QCConfig:
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "qc") -> "QCConfig":
+        import math
+
         known = set(cls.__dataclass_fields__)
         check_fields(d, known, where)
-        return cls(**d)
+        for name, value in d.items():
+            default = getattr(cls, name)
+            if isinstance(default, int):
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) != int(value) or value < 0:
+                    raise ValueError(f"{where}: {name} must be a non-negative integer, got {value!r}")
+            elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{where}: {name} must be a non-negative number, got {value!r}")
+            if name.endswith("fraction") and value > 1:
+                raise ValueError(f"{where}: {name} is a fraction and must be in [0, 1], got {value!r}")
+        cfg = cls(**d)  # values as written: the build fingerprint hashes them
+        if cfg.min_text_chars > cfg.max_text_chars:
+            raise ValueError(f"{where}: min_text_chars={cfg.min_text_chars} exceeds max_text_chars={cfg.max_text_chars}")
+        return cfg
 
 
 def check_image(pixels: np.ndarray, cfg: QCConfig) -> tuple[str, str] | None:

@@ -46,7 +46,7 @@ from safetensors.torch import save_file
 from .atomic import atomic_path, write_text
 from .safetensors_mmap import SafetensorsFile, SafetensorsFormatError
 from .safetensors_stream import DTYPE_CODES
-from ..config import AutoencoderConfig, ConfigError, InferenceTransforms, LLMConfig, UniMedVLConfig, ViTConfig
+from ..config import AutoencoderConfig, ConfigError, InferenceTransforms, LLMConfig, UniMedVLConfig, ViTConfig, json_int
 from ..model.quantized import QuantScheme, QuantizationUnavailable, check_scheme, prepare_quantized, quantize_model
 from ..model.unimedvl import UniMedVL
 from ..precision import resolve_dtype
@@ -81,9 +81,12 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"{path.parent}: required file {path.name} is missing")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        doc = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(doc, dict):
+        raise CheckpointError(f"{path}: expected a JSON object at the top level, got {type(doc).__name__}")
+    return doc
 
 
 def read_config(directory: str | Path, visual_gen: bool = True) -> UniMedVLConfig:
@@ -100,12 +103,13 @@ def read_config(directory: str | Path, visual_gen: bool = True) -> UniMedVLConfi
         cfg = UniMedVLConfig(llm=llm, vit=vit, ae=ae, visual_gen=visual_gen)
         if (directory / EXTRA_CONFIG).is_file():
             extra = _read_json(directory / EXTRA_CONFIG)
-            cfg.latent_patch_size = int(extra.get("latent_patch_size", cfg.latent_patch_size))
-            cfg.max_latent_size = int(extra.get("max_latent_size", cfg.max_latent_size))
-            cfg.timestep_freq_size = int(extra.get("timestep_freq_size", cfg.timestep_freq_size))
+            where = str(directory / EXTRA_CONFIG)
+            cfg.latent_patch_size = json_int(extra, "latent_patch_size", where, cfg.latent_patch_size)
+            cfg.max_latent_size = json_int(extra, "max_latent_size", where, cfg.max_latent_size)
+            cfg.timestep_freq_size = json_int(extra, "timestep_freq_size", where, cfg.timestep_freq_size)
             if "image_transforms" in extra:
-                cfg.transforms = InferenceTransforms.from_json(extra["image_transforms"], str(directory / EXTRA_CONFIG))
-            grid = int(extra.get("vit_max_num_patch_per_side", cfg.vit_grid))
+                cfg.transforms = InferenceTransforms.from_json(extra["image_transforms"], where)
+            grid = json_int(extra, "vit_max_num_patch_per_side", where, cfg.vit_grid)
             if grid != cfg.vit_grid:
                 raise CheckpointError(
                     f"{directory / EXTRA_CONFIG}: vit_max_num_patch_per_side={grid} disagrees with "
@@ -114,6 +118,10 @@ def read_config(directory: str | Path, visual_gen: bool = True) -> UniMedVLConfi
         return cfg.validate()
     except ConfigError as e:
         raise CheckpointError(str(e)) from e
+    except (TypeError, ValueError, KeyError, ZeroDivisionError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{directory}: invalid model config ({type(e).__name__}: {e})") from e
 
 
 def write_config(config: UniMedVLConfig, directory: Path, special_ids: tuple[int, int] | None = None) -> None:
@@ -404,7 +412,11 @@ def _read_tensors(items, convert, dtype, device,
     handles: dict[Path, SafetensorsFile] = {}
     for key, path, file_key in items:
         handle = handles.get(path) or handles.setdefault(path, open_safetensors(path))
-        tensor = convert(key, handle.get_tensor(file_key))
+        tensor = handle.get_tensor(file_key)
+        if not tensor.is_floating_point() and key not in keep:
+            raise CheckpointError(f"{path}: tensor {file_key!r} is {str(tensor.dtype).removeprefix('torch.')}; "
+                                  "expected a floating-point dtype (float32, float16 or bfloat16)")
+        tensor = convert(key, tensor)
         if key in quantize_keys:
             layout = scheme.layout(*tensor.shape)
             for suffix, stored in scheme.quantize(tensor).items():

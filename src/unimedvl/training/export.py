@@ -9,12 +9,11 @@ import warnings
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
-from ..formats.checkpoint import read_config, save_pretrained
+from ..formats.checkpoint import CheckpointError, read_config, save_pretrained
 from ..model import UniMedVL
 from ..tokenizer import Tokenizer, has_tokenizer
-from .checkpointing import CHECKPOINTS_DIR, SHARDED_DIR, latest_checkpoint
+from .checkpointing import CHECKPOINTS_DIR, SHARDED_DIR, _check_tensors, latest_checkpoint, load_weights_file
 from .lora import LoRAConfig, apply_lora, merge_lora
 
 
@@ -38,7 +37,7 @@ def load_training_weights(checkpoint: str | Path, which: str = "model") -> dict[
     if which not in ("model", "ema"):
         raise ValueError(f"which must be model or ema, got {which!r}")
     if (ckpt / f"{which}.safetensors").is_file():
-        return load_file(str(ckpt / f"{which}.safetensors"))
+        return load_weights_file(ckpt / f"{which}.safetensors")
     if not (ckpt / SHARDED_DIR / ".metadata").is_file():
         raise FileNotFoundError(f"{ckpt}: no {which}.safetensors and no sharded checkpoint ({SHARDED_DIR}/.metadata)")
     import torch.distributed.checkpoint as dcp
@@ -53,7 +52,16 @@ def load_training_weights(checkpoint: str | Path, which: str = "model") -> dict[
 
 def _empty_model(ckpt: Path) -> UniMedVL:
     model = UniMedVL.from_config(read_config(ckpt), dtype="fp32")  # the trained weights are cast on export only
-    lora = json.loads((ckpt / "state.json").read_text()).get("lora")
+    file = ckpt / "state.json"
+    try:
+        state = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{file}: expected a JSON object, got {type(state).__name__}")
+    lora = state.get("lora")
+    if lora is not None and not (isinstance(lora, dict) and {"rank", "alpha", "targets"} <= set(lora)):
+        raise CheckpointError(f"{file}: field 'lora' must be null or an object with rank, alpha and targets, got {lora!r:.80}")
     if lora:  # the adapters' keys are part of the trained state
         apply_lora(model, LoRAConfig(lora["rank"], lora["alpha"], tuple(lora["targets"])))
     return model
@@ -65,6 +73,10 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: torch.d
     for weights in ("model", "ema"):
         model = _empty_model(ckpt)  # with LoRA adapters rebuilt, loaded, then folded into the base weights
         state = load_training_weights(ckpt, weights)
+        _check_tensors(ckpt / f"{weights}.safetensors", state, model.state_dict())
+        extra = sorted(set(state) - set(model.state_dict()))
+        if extra:
+            raise CheckpointError(f"{ckpt / f'{weights}.safetensors'}: {len(extra)} tensor(s) the model does not have, e.g. {extra[:3]}")
         model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in state.items()}, strict=True)
         merge_lora(model)
         save_pretrained(model, out, weights=weights, dtype=dtype, tokenizer=tokenizer)

@@ -9,6 +9,7 @@ three stages at the ``tiny`` preset on the demo dataset, minutes on a 2-core CPU
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,24 +133,65 @@ def _coerce(name: str, value, where: str, fields: dict = _STAGE_FIELDS, label: s
     kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
     try:
         if kind.startswith("tuple"):
+            if not isinstance(value, (list, tuple)):
+                raise TypeError
+            if "int" in kind:
+                return tuple(_coerce_int(v) for v in value)
+            if "float" in kind:
+                return tuple(_coerce_float(v) for v in value)
+            if not all(isinstance(v, str) for v in value):
+                raise TypeError
             return tuple(value)
         if kind.startswith("dict"):
             if not isinstance(value, dict):
                 raise TypeError
-            return {str(k): float(v) for k, v in value.items()}
+            return {str(k): _coerce_float(v) for k, v in value.items()}
         if kind == "int":
-            if isinstance(value, bool) or float(value) != int(value):
-                raise TypeError
-            return int(value)
+            return _coerce_int(value)
         if kind == "float":
-            return float(value)
+            return _coerce_float(value)
         if kind == "bool":
             if not isinstance(value, bool):
                 raise TypeError
             return value
         return str(value)
-    except (TypeError, ValueError):
-        raise PlanError(f"{where}: {label}{name} must be {kind}, got {value!r}") from None
+    except (TypeError, ValueError, OverflowError):
+        what = {"int": " (an integer)", "float": " (a finite number)", "bool": " (true or false)"}.get(kind, "")
+        raise PlanError(f"{where}: {label}{name} must be {kind}{what}, got {value!r}") from None
+
+
+def _coerce_int(value) -> int:
+    """An integer from YAML: an int, or a float with no fractional part (``2.0``); never a bool or ``2.7``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) != int(value):
+        raise TypeError
+    return int(value)
+
+
+def _coerce_float(value) -> float:
+    """A finite number from YAML (YAML's ``.nan`` / ``.inf`` and strings are refused)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise TypeError
+    return float(value)
+
+
+# (field, lowest allowed, whether the bound itself is excluded): checked on every stage
+_STAGE_BOUNDS = (
+    ("steps", 1, False), ("grad_accum", 1, False), ("tokens_per_batch", 1, False), ("max_tokens_per_sample", 1, False),
+    ("lr", 0, True), ("min_lr", 0, False), ("warmup_steps", 0, False), ("weight_decay", 0, False), ("eps", 0, True),
+    ("grad_clip", 0, True), ("ce_weight", 0, False), ("mse_weight", 0, False), ("timestep_shift", 0, True),
+    ("checkpoint_every", 1, False), ("log_every", 1, False),
+)
+
+
+def min_sample_tokens(stage: "StageConfig") -> int:
+    """Tokens of the smallest image-text sample the stage's transforms can produce: one image at the
+    ViT's smallest size and one at the autoencoder's (each with its 2 markers) and two one-token text
+    segments (each with its 2 wrappers).  A micro-batch budget below this cannot hold one sample."""
+    vit_max, vit_min, vit_stride = stage.vit_transform[:3]
+    vae_max, vae_min, vae_stride = stage.vae_transform
+    vit = max(1, min(vit_min, vit_max) // 14) ** 2 + 2
+    vae = max(1, min(vae_min, vae_max) // 16) ** 2 + 2
+    return vit + vae + 2 * 3
 
 
 def _stage(doc: dict, defaults: dict, where: str) -> StageConfig:
@@ -168,8 +210,10 @@ def _stage(doc: dict, defaults: dict, where: str) -> StageConfig:
     total = sum(mixture.values())
     values["mixture"] = {k: v / total for k, v in mixture.items() if v > 0}
     stage = StageConfig(**values)
-    if stage.steps < 1 or stage.grad_accum < 1 or stage.tokens_per_batch < 1:
-        raise PlanError(f"{where}: steps, grad_accum and tokens_per_batch must be positive")
+    for name, low, strict in _STAGE_BOUNDS:
+        value = getattr(stage, name)
+        if value < low or (strict and value == low):
+            raise PlanError(f"{where}: {name} must be {'>' if strict else '>='} {low}, got {value!r}")
     if stage.schedule not in ("constant", "cosine"):
         raise PlanError(f"{where}: schedule must be constant or cosine, got {stage.schedule!r}")
     if not 0 <= stage.ema_decay < 1:
@@ -179,6 +223,19 @@ def _stage(doc: dict, defaults: dict, where: str) -> StageConfig:
             raise PlanError(f"{where}: {name} must be in [0, 1]")
     if len(stage.vit_transform) != 4 or len(stage.vae_transform) != 3 or len(stage.betas) != 2:
         raise PlanError(f"{where}: vit_transform needs 4 values, vae_transform 3, betas 2")
+    if not all(0 <= b < 1 for b in stage.betas):
+        raise PlanError(f"{where}: betas must both be in [0, 1), got {list(stage.betas)}")
+    for name in ("vit_transform", "vae_transform"):
+        if any(v < 1 for v in getattr(stage, name)):
+            raise PlanError(f"{where}: {name} values must be positive integers, got {list(getattr(stage, name))}")
+    need = min_sample_tokens(stage)
+    if stage.tokens_per_batch < need:
+        raise PlanError(f"{where}: tokens_per_batch={stage.tokens_per_batch} is below what one sample needs: at least {need} "
+                        f"tokens (one image at the smallest vit_transform and vae_transform sizes plus their text)")
+    if stage.max_tokens_per_sample < need:
+        raise PlanError(f"{where}: max_tokens_per_sample={stage.max_tokens_per_sample} would skip every sample: it must be at least {need}")
+    if not all(isinstance(f, str) and f for f in stage.frozen):
+        raise PlanError(f"{where}: frozen must be a list of module names, got {list(stage.frozen)}")
     return stage
 
 
@@ -196,7 +253,13 @@ def parse_plan(doc: dict, where: str = "plan") -> Plan:
     names = [s.name for s in parsed]
     if len(set(names)) != len(names):
         raise PlanError(f"{where}: stage names must be unique, got {names}")
-    return Plan(str(doc.get("name", "plan")), str(doc.get("preset", "tiny")), int(doc.get("seed", 0)), parsed,
+    try:
+        seed = _coerce_int(doc.get("seed", 0))
+    except (TypeError, ValueError, OverflowError):
+        raise PlanError(f"{where}: seed must be an integer, got {doc.get('seed')!r}") from None
+    if seed < 0:
+        raise PlanError(f"{where}: seed must be >= 0, got {seed}")
+    return Plan(str(doc.get("name", "plan")), str(doc.get("preset", "tiny")), seed, parsed,
                 precision=_precision(doc.get("precision", "auto"), where),
                 activation_checkpointing=_checkpointing(doc.get("activation_checkpointing", False), where),
                 lora=_lora(doc.get("lora"), where), autoencoder=_autoencoder(doc.get("autoencoder"), where),

@@ -33,6 +33,7 @@ from typing import Callable
 import torch
 
 from ..formats.atomic import write_text
+from ..formats.checkpoint import CheckpointError
 from ..image_transforms import ImageTransform
 from ..model import UniMedVL
 from ..precision import training_compute
@@ -44,7 +45,7 @@ from .flops import peak_flops, step_flops
 from .lora import apply_lora, lora_parameters
 from .objective import training_losses
 from .parallelize import apply_activation_checkpointing, shard_model
-from .plan import Plan, StageConfig
+from .plan import Plan, PlanError, StageConfig
 from .plots import plot_run
 from .sequence import DropoutConfig, build_batch
 
@@ -66,6 +67,23 @@ def _set_trainable(model: UniMedVL, frozen: tuple[str, ...]) -> list[torch.nn.Pa
     return trainable
 
 
+def check_frozen_modules(model: torch.nn.Module, plan: Plan) -> None:
+    """:class:`PlanError` naming every ``frozen`` entry of the plan's stages that names no module
+    (a typo would otherwise freeze nothing and train what was meant to stay fixed)."""
+    names = [n for n, _ in model.named_parameters()]
+    for i, stage in enumerate(plan.stages):
+        unknown = [f for f in stage.frozen if not any(n == f or n.startswith(f + ".") for n in names)]
+        if unknown:
+            tops = sorted({n.split(".")[0] for n in names})
+            raise PlanError(f"plan {plan.name!r}: stages[{i}] ({stage.name}): frozen names no module of the model: {unknown}; "
+                            f"top-level modules: {tops}")
+
+
+def plan_signature(plan: Plan) -> list[list]:
+    """What a checkpoint records of its plan's curriculum: each stage's name and length."""
+    return [[s.name, s.steps] for s in plan.stages]
+
+
 class Trainer:
     def __init__(
         self,
@@ -85,6 +103,7 @@ class Trainer:
         self.device = torch.device(device)
         self.lora = lora = plan.lora
         self.dist = dist_ctx
+        check_frozen_modules(self.model, plan)  # before anything is written or trained
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if plan.inference is not None:
             self.model.config.transforms = plan.inference  # checkpoints and exports record the scale the model learns at
@@ -239,21 +258,51 @@ class Trainer:
     # ---- checkpoints: written and read by .checkpointing; the loop adds its own state -----------
     def _save_checkpoint(self) -> Path:
         meta = {"stage_index": self._stage_index, "stream": self.stream.state_dict(), "plan": self.plan.name,
+                "stages": plan_signature(self.plan),
                 "lora": None if self.lora is None else dataclasses.asdict(self.lora)}
         return checkpointing.save_checkpoint(self.run_dir, self.global_step, model=self.model, ema=self.ema,
                                              optimizer=self.optimizer, tokenizer=self.tokenizer, dist=self.dist, meta=meta)
 
     def _resume_from(self, path: Path) -> None:
         state = checkpointing.read_state(path, self.dist)
+        self._check_same_plan(path, state)
         self.global_step = state["global_step"]
         stage_index, _ = self.plan.stage_at(self.global_step)
         # a checkpoint at a stage's last step resumes into a fresh next stage (entered by the loop,
         # with a new optimiser); one mid-stage restores the stage's data position and optimiser
         same_stage = stage_index == state["stage_index"]
         if same_stage:
-            self._enter_stage(stage_index, state["stream"], None)
+            try:
+                self._enter_stage(stage_index, state["stream"], None)
+            except (KeyError, TypeError, ValueError) as e:
+                raise CheckpointError(f"{path / 'state.json'}: field 'stream' does not restore the data position "
+                                      f"({type(e).__name__}: {e})") from None
         self.ema = checkpointing.load_checkpoint(path, model=self.model, ema=self.ema,
                                                  optimizer=self.optimizer if same_stage else None, dist=self.dist)
+
+    def _check_same_plan(self, path: Path, state: dict) -> None:
+        """Refuse to resume a run under another curriculum: the stage labels, data mixture and step
+        counts would silently be those of the new plan.  Start a new run folder (or ``--init-from``
+        an exported checkpoint) to train on with another plan."""
+        differences = []
+        if "plan" in state and state["plan"] != self.plan.name:
+            differences.append(f"plan name {state['plan']!r} -> {self.plan.name!r}")
+        recorded = state.get("stages")
+        if recorded is not None and [list(s) for s in recorded] != plan_signature(self.plan):
+            old = ", ".join(f"{n}:{k}" for n, k in recorded)
+            new = ", ".join(f"{n}:{k}" for n, k in plan_signature(self.plan))
+            differences.append(f"stages (name:steps) [{old}] -> [{new}]")
+        lora = None if self.lora is None else dataclasses.asdict(self.lora)
+        if "lora" in state and state["lora"] is not None and lora is not None:
+            lora["targets"] = list(lora["targets"])
+            saved = dict(state["lora"], targets=list(state["lora"].get("targets", [])))
+            if saved != lora:
+                differences.append(f"lora {saved} -> {lora}")
+        elif "lora" in state and (state["lora"] is None) != (lora is None):
+            differences.append(f"lora {state['lora']} -> {lora}")
+        if differences:
+            raise PlanError(f"{path / 'state.json'}: this run was trained with another plan; refusing to resume it "
+                            f"({'; '.join(differences)}). Use a new --out folder, or --init-from an exported checkpoint")
 
     def _open_tensorboard(self, purge_step: int | None):
         if not (self._tensorboard and self.dist.is_main):

@@ -69,7 +69,43 @@ class Adapter:
         if self.requires_modality and source.modality == "auto":
             raise ValueError(f"source {source.name!r}: kind {self.kind} needs an explicit modality")
         self.source, self.ctx = source, ctx
+        self._check_option_types(source)
         self.opt = {**self.options, **source.options}
+        for name, allowed in self.option_choices.items():
+            if name in source.options and source.options[name] not in allowed:
+                raise ValueError(f"source {source.name!r} (kind {self.kind}): options.{name} must be one of "
+                                 f"{[a for a in allowed]}, got {source.options[name]!r}")
+
+    option_choices: dict = {}  # option name -> the values it may take (checked up front)
+    nullable_options: frozenset = frozenset()  # options whose default is not None but that also take null
+
+    def _check_option_types(self, source: SourceConfig) -> None:
+        """Each option set in the config has its default's type (a count is a positive integer), so a
+        value no file can satisfy is refused before anything is read."""
+        for name, value in source.options.items():
+            default = self.options[name]
+            if default is None or (value is None and name in self.nullable_options):
+                continue
+            where = f"source {source.name!r} (kind {self.kind}): options.{name}"
+            if isinstance(default, bool):
+                if not isinstance(value, bool):
+                    raise ValueError(f"{where} must be true or false, got {value!r}")
+            elif isinstance(default, int):
+                low = 0 if default == 0 else 1  # an index (default 0) or a count
+                if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                    raise ValueError(f"{where} must be an integer >= {low}, got {value!r}")
+            elif isinstance(default, float):
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+                    raise ValueError(f"{where} must be a number in [0, 1], got {value!r}")
+            elif isinstance(default, str):
+                if not isinstance(value, str):
+                    raise ValueError(f"{where} must be a string, got {value!r}")
+            elif isinstance(default, (list, tuple)):
+                if not isinstance(value, (list, tuple)):
+                    raise ValueError(f"{where} must be a list, got {value!r}")
+            elif isinstance(default, dict):
+                if not isinstance(value, dict):
+                    raise ValueError(f"{where} must be a mapping, got {value!r}")
 
     def items(self) -> list[str]:
         raise NotImplementedError

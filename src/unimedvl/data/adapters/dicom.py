@@ -32,7 +32,7 @@ from typing import Iterator
 
 import numpy as np
 
-from ...formats.medical_io import MedicalImageError, is_dicom, read_dicom, read_dicom_dataset
+from ...formats.medical_io import WINDOW_PRESETS, MedicalImageError, is_dicom, read_dicom, read_dicom_dataset
 from .. import templates as T
 from ..imaging import evenly_spaced, limit_size, png_bytes
 from ..schema import Record, Rejection
@@ -94,6 +94,19 @@ class DicomAdapter(Adapter):
     kind = "dicom"
     requires_modality = False
     options = {"window": None, "frame": "middle", "tasks": list(TASKS), "reject_possible_burned_in": False, "slices_per_series": 5}
+    nullable_options = frozenset({"slices_per_series"})
+
+    def __init__(self, source, ctx):
+        super().__init__(source, ctx)
+        window = source.options.get("window")
+        if isinstance(window, str) and window.lower() not in WINDOW_PRESETS:
+            raise ValueError(f"source {source.name!r} (kind dicom): options.window must be null (the file's own window), one of "
+                             f"{list(WINDOW_PRESETS)} or [center, width], got {window!r}")
+        if window is not None and not isinstance(window, str) and not (
+                isinstance(window, (list, tuple)) and len(window) == 2
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in window) and window[1] >= 1):
+            raise ValueError(f"source {source.name!r} (kind dicom): options.window must be null, one of {list(WINDOW_PRESETS)} "
+                             f"or [center, width] with width >= 1, got {window!r}")
 
     def items(self) -> list[str]:
         files = [item for item in file_items(self.source.path) if is_dicom(self.path_of(item))]
