@@ -77,7 +77,8 @@ class CheckpointError(ValueError):
 # ---- configs ---------------------------------------------------------------------------------
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON file that must hold an object; every failure is a :class:`CheckpointError` naming the file."""
     if not path.is_file():
         raise CheckpointError(f"{path.parent}: required file {path.name} is missing")
     try:
@@ -95,14 +96,14 @@ def read_config(directory: str | Path, visual_gen: bool = True) -> UniMedVLConfi
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: no such model directory (it does not exist)")
     try:
-        llm = LLMConfig.from_official_json(_read_json(directory / LLM_CONFIG), str(directory / LLM_CONFIG))
-        vit = ViTConfig.from_official_json(_read_json(directory / VIT_CONFIG), str(directory / VIT_CONFIG))
+        llm = LLMConfig.from_official_json(read_json_object(directory / LLM_CONFIG), str(directory / LLM_CONFIG))
+        vit = ViTConfig.from_official_json(read_json_object(directory / VIT_CONFIG), str(directory / VIT_CONFIG))
         ae = AutoencoderConfig()
         if (directory / AE_CONFIG).is_file():
-            ae = AutoencoderConfig.from_json(_read_json(directory / AE_CONFIG), str(directory / AE_CONFIG))
+            ae = AutoencoderConfig.from_json(read_json_object(directory / AE_CONFIG), str(directory / AE_CONFIG))
         cfg = UniMedVLConfig(llm=llm, vit=vit, ae=ae, visual_gen=visual_gen)
         if (directory / EXTRA_CONFIG).is_file():
-            extra = _read_json(directory / EXTRA_CONFIG)
+            extra = read_json_object(directory / EXTRA_CONFIG)
             where = str(directory / EXTRA_CONFIG)
             cfg.latent_patch_size = json_int(extra, "latent_patch_size", where, cfg.latent_patch_size)
             cfg.max_latent_size = json_int(extra, "max_latent_size", where, cfg.max_latent_size)

@@ -4,13 +4,12 @@ reference code - load."""
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 
 import torch
 
-from ..formats.checkpoint import CheckpointError, read_config, save_pretrained
+from ..formats.checkpoint import CheckpointError, read_config, read_json_object, save_pretrained
 from ..model import UniMedVL
 from ..tokenizer import Tokenizer, has_tokenizer
 from .checkpointing import CHECKPOINTS_DIR, SHARDED_DIR, _check_tensors, latest_checkpoint, load_weights_file
@@ -53,12 +52,7 @@ def load_training_weights(checkpoint: str | Path, which: str = "model") -> dict[
 def _empty_model(ckpt: Path) -> UniMedVL:
     model = UniMedVL.from_config(read_config(ckpt), dtype="fp32")  # the trained weights are cast on export only
     file = ckpt / "state.json"
-    try:
-        state = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{file}: expected a JSON object, got {type(state).__name__}")
+    state = read_json_object(file)
     lora = state.get("lora")
     if lora is not None and not (isinstance(lora, dict) and {"rank", "alpha", "targets"} <= set(lora)):
         raise CheckpointError(f"{file}: field 'lora' must be null or an object with rank, alpha and targets, got {lora!r:.80}")
