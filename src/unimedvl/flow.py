@@ -68,6 +68,21 @@ def sampling_timesteps(num_timesteps: int, shift: float) -> torch.Tensor:
     return ts
 
 
+def checked_interval(interval) -> tuple[float, float]:
+    """A guidance interval as floats ``(lo, hi)`` with ``0 <= lo < hi <= 1``, else ``ValueError``
+    (the message is the rule and the value, without the field's name).  ``lo == hi`` would leave
+    guidance off at every step without a word."""
+    try:
+        lo, hi = interval
+    except (TypeError, ValueError):
+        lo = hi = None
+    real = all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in (lo, hi))
+    if not (real and math.isfinite(lo) and math.isfinite(hi) and 0.0 <= lo < hi <= 1.0):
+        shown = tuple(interval) if isinstance(interval, (list, tuple)) else interval
+        raise ValueError(f"must be (lo, hi) with 0 <= lo < hi <= 1 (guidance is on for t in (lo, hi]), got {shown!r}")
+    return float(lo), float(hi)
+
+
 @dataclass(frozen=True)
 class GuidanceConfig:
     """Classifier-free guidance settings (names as in the official scripts)."""
@@ -81,13 +96,9 @@ class GuidanceConfig:
     def __post_init__(self):
         # NaN compares false both ways, so every check is written as "is in range" and negated
         try:
-            lo, hi = (float(v) for v in self.cfg_interval)
-        except (TypeError, ValueError):
-            raise ValueError(f"cfg_interval must be two numbers (lo, hi), got {self.cfg_interval!r}") from None
-        if not (math.isfinite(lo) and math.isfinite(hi) and 0.0 <= lo < hi <= 1.0):
-            # lo == hi would leave guidance off at every step without a word
-            raise ValueError(f"cfg_interval must be (lo, hi) with 0 <= lo < hi <= 1 (guidance is on for t in (lo, hi]), "
-                             f"got {tuple(self.cfg_interval)}")
+            checked_interval(self.cfg_interval)
+        except ValueError as e:
+            raise ValueError(f"cfg_interval {e}") from None
         for name in ("cfg_text_scale", "cfg_img_scale"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):

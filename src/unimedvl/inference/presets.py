@@ -19,7 +19,7 @@ import numbers
 from dataclasses import dataclass
 from typing import TypedDict
 
-from ..flow import RENORM_TYPES, GuidanceConfig, check_shift
+from ..flow import RENORM_TYPES, GuidanceConfig, check_shift, checked_interval
 
 TASKS = ("text-to-image", "image-to-image")
 
@@ -100,13 +100,9 @@ def check_fields(**fields) -> dict:
             out[field] = value
         elif field == "cfg_interval":
             try:
-                lo, hi = (_real(v) for v in value)
-            except (TypeError, ValueError):
-                lo = hi = None
-            if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi) and 0.0 <= lo < hi <= 1.0):
-                shown = tuple(value) if isinstance(value, (list, tuple)) else value
-                raise SettingError(field, f"must be (lo, hi) with 0 <= lo < hi <= 1 (guidance is on for t in (lo, hi]), got {shown!r}")
-            out[field] = (lo, hi)
+                out[field] = checked_interval(value)
+            except ValueError as e:
+                raise SettingError(field, str(e)) from None
         else:
             raise TypeError(f"unknown sampler setting {field!r}")
     return out
