@@ -37,15 +37,19 @@ class NonFiniteLatentsError(RuntimeError):
 
 
 def check_finite_latents(x: torch.Tensor, step: int, total: int) -> None:
-    """Raise :class:`NonFiniteLatentsError` if ``x`` holds a NaN or an infinity (checked after
-    every step, so that a broken setting or model never becomes a black "synthetic" image)."""
+    """Raise :class:`NonFiniteLatentsError` if ``x`` holds a NaN or an infinity, naming ``step``
+    (0: the initial noise), so that a broken setting or model never becomes a black "synthetic"
+    image."""
     if not bool(torch.isfinite(x).all()):
-        bad = int((~torch.isfinite(x)).sum())
-        where = "in the initial noise" if step == 0 else f"at step {step} of {total}"
-        raise NonFiniteLatentsError(
-            f"image sampling produced non-finite latents {where} ({bad} of {x.numel()} values NaN or "
-            "infinite); no image was written. Check the sampler settings (timestep_shift, guidance scales) and the "
-            "model's weights and dtype")
+        raise _non_finite(x, step, total)
+
+
+def _non_finite(x: torch.Tensor, step: int, total: int) -> NonFiniteLatentsError:
+    bad = int((~torch.isfinite(x)).sum())
+    where, when = ("in the initial noise", "") if step == 0 else (f"at step {step} of {total}", " at the end")
+    return NonFiniteLatentsError(
+        f"image sampling produced non-finite latents {where} ({bad} of {x.numel()} values NaN or infinite{when}); no image was written. Check the sampler settings (timestep_shift, guidance scales) and the model's "
+        "weights and dtype")
 
 
 def initial_noise(engine: Engine, grid_hw: tuple[int, int], generator: torch.Generator | None,
@@ -124,6 +128,9 @@ def sample_image(
         raise ValueError(f"noise has {x.shape[0]} tokens, the {grid_hw[0]}x{grid_hw[1]} latent grid needs {grid_hw[0] * grid_hw[1]}")
     queries: dict[int, DenoisingQuery] = {}  # by number of branches: at most two shapes per loop
     per_step = []
+    # the first step whose latents were not finite (0: none), kept on the device: testing each
+    # step with a Python bool would synchronise a GPU once per step; one test after the loop
+    first_bad = torch.zeros((), dtype=torch.int64, device=x.device)
     for k in range(settings.steps - 1):
         text_scale, img_scale = guidance.scales_at(float(ts[k]))
         branches = [ctx]
@@ -145,7 +152,9 @@ def sample_image(
         )
         per_step.append(v)
         x = euler_step(x, v, ts[k], ts[k + 1])
-        check_finite_latents(x, k + 1, settings.steps - 1)
+        first_bad = torch.where((first_bad == 0) & ~torch.isfinite(x).all(), k + 1, first_bad)
         if progress is not None:
             progress(k + 1, settings.steps - 1)
+    if int(first_bad):
+        raise _non_finite(x, int(first_bad), settings.steps - 1)
     return ImageSample(x, grid_hw, per_step)
