@@ -279,8 +279,7 @@ def load_pretrained(
     """
     directory = Path(directory)
     dtype = resolve_dtype(dtype, device)
-    if quantize is not None:
-        check_scheme(quantize, device)
+    scheme = check_scheme(quantize, device) if quantize is not None else None
     config = read_config(directory, visual_gen=visual_gen)
     weight_path = find_weights(directory, weights)
     header = read_header(weight_path)
@@ -290,7 +289,8 @@ def load_pretrained(
             raise CheckpointError(f"{weight_path}: the weights are stored quantised as {stored_scheme}; "
                                   f"they cannot be loaded as {quantize} (load the unquantised checkpoint for that)")
         try:
-            quantize = check_scheme(stored_scheme, device).name
+            scheme = check_scheme(stored_scheme, device)
+            quantize = scheme.name
         except QuantizationUnavailable as e:
             raise QuantizationUnavailable(f"{weight_path} is stored {stored_scheme}-quantised: {e}") from e
     if visual_gen and not (directory / AE_WEIGHTS).is_file():
@@ -320,7 +320,6 @@ def load_pretrained(
     with torch.device("meta"):
         model = UniMedVL(config)
     quantized = quantize_model(model, quantize) if quantize else []  # empty quantised layers on meta
-    scheme = check_scheme(quantize) if quantize else None
     keep: set[str] = set()  # quantised tensors of a fixed dtype (int8, uint8, fp8, float32 scales): never cast
     if stored_scheme is not None:  # the file holds the quantised layout (the scheme's tensors)
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -412,7 +411,9 @@ def _read_tensors(items, convert, dtype, device,
     state: dict[str, torch.Tensor] = {}
     handles: dict[Path, SafetensorsFile] = {}
     for key, path, file_key in items:
-        handle = handles.get(path) or handles.setdefault(path, open_safetensors(path))
+        if path not in handles:
+            handles[path] = open_safetensors(path)
+        handle = handles[path]
         tensor = handle.get_tensor(file_key)
         if not tensor.is_floating_point() and key not in keep:
             raise CheckpointError(f"{path}: tensor {file_key!r} is {str(tensor.dtype).removeprefix('torch.')}; "
