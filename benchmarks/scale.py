@@ -140,15 +140,14 @@ def ensure_checkpoint(preset: str, directory: Path, seed: int, reserve_bytes: in
 
     t0 = time.perf_counter()
     for name, specs in (("ema.safetensors", ema_specs), (AE_WEIGHTS, ae_specs)):
-        total = sum(torch.Size(s).numel() * (2 if d == torch.bfloat16 else 4) for _, d, s in specs)
-        with tqdm(total=total, unit="B", unit_scale=True, desc=f"writing {name}", file=sys.stderr) as bar:
-            dtypes = {k: d for k, d, _ in specs}
+        dtypes = {k: d for k, d, _ in specs}
+        sizes = {k: torch.Size(s).numel() * d.itemsize for k, d, s in specs}  # bytes per tensor
+        with tqdm(total=sum(sizes.values()), unit="B", unit_scale=True, desc=f"writing {name}", file=sys.stderr) as bar:
 
             def produce(key, dtypes=dtypes):
                 return random_tensor(key, shapes[key], dtypes[key], seed)
 
-            write_safetensors_stream(directory / name, specs, produce,
-                                     on_tensor=lambda k, dtypes=dtypes: bar.update(torch.Size(shapes[k]).numel() * (2 if dtypes[k] == torch.bfloat16 else 4)))
+            write_safetensors_stream(directory / name, specs, produce, on_tensor=lambda k, sizes=sizes: bar.update(sizes[k]))
     tokenizer = Tokenizer(FIXTURE)
     tokenizer.save(directory)
     write_config(config, directory, (tokenizer.special.bos, tokenizer.special.eos))
