@@ -85,3 +85,15 @@ def test_images_given_up_front_go_with_the_first_question_and_errors_default_to_
     assert "error: missing.png: no such image file\n" in term.out
     assert answer.conversation.turns[0]["images"] == 1
     assert answer.text == pipe.ask([img], "What is shown?", **DECODE).text
+
+
+@pytest.mark.parametrize("temperature", [float("nan"), float("inf"), -0.5])
+def test_conversation_ask_refuses_a_temperature_that_is_not_a_finite_non_negative_number(pipe, temperature):
+    from unimedvl.inference.engine import Sampler
+
+    conversation = pipe.chat()
+    with pytest.raises(ValueError, match="temperature"):
+        conversation.ask("What is shown?", max_new_tokens=2, temperature=temperature)
+    assert conversation.turns == []  # nothing was added to the conversation
+    with pytest.raises(ValueError, match="temperature"):
+        Sampler(temperature)

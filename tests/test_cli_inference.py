@@ -110,3 +110,13 @@ def test_presets_prints_the_sampler_table_with_the_task_defaults():
     for name in SAMPLER_PRESETS:
         assert f"{name}: {PRESET_SOURCES[name][:30]}" in r.output
     assert "--cfg-text-scale" in r.output and "text_channel" in r.output
+
+
+def test_chat_reports_a_question_that_is_not_utf8_and_goes_on(fixture_a):
+    # bytes that are not UTF-8 typed at the prompt: refused by name, then the next question is answered
+    script = b"\xff\xfe what is this?\nHello\n/quit\n"
+    r = runner.invoke(app, ["chat", "-m", str(fixture_a), "--max-new-tokens", "3", "--temperature", "0", "--dtype", "fp32"],
+                      input=script)
+    assert r.exit_code == 0, r.output
+    assert "not valid UTF-8 text" in r.output and "Traceback" not in r.output
+    assert r.output.count("model>") == 1  # only "Hello" was answered

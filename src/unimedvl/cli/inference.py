@@ -317,12 +317,12 @@ def chat(
     slice_index: Optional[int] = SliceOpt,
 ) -> None:
     """An interactive multi-turn conversation about images; earlier turns are never recomputed."""
-    from ..inference.chat_repl import run_chat
+    from ..inference.chat_repl import read_terminal_line, run_chat
 
     _check_decoding(temperature, max_new_tokens=max_new_tokens)
     pipe = load_pipeline(model, device, dtype, read_options(window, frame, axis, slice_index), visual_gen=False, quantize=quantize,
                          device_map=device_map, max_memory=max_memory)
-    run_chat(pipe, read_line=input, write=typer.echo, error=lambda message: typer.secho(message, fg=typer.colors.RED, err=True),
+    run_chat(pipe, read_line=read_terminal_line, write=typer.echo, error=lambda message: typer.secho(message, fg=typer.colors.RED, err=True),
              images=image or [], think=think, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
              recoverable=user_errors())
 

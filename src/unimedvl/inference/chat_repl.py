@@ -25,6 +25,21 @@ QUIT_COMMANDS = ("/quit", "/exit")
 RECOVERABLE_ERRORS: tuple[type[BaseException], ...] = (ValueError, RuntimeError, FileNotFoundError)
 
 
+def read_terminal_line(prompt: str) -> str:
+    """``input(prompt)``, with bytes that are not valid in the terminal's encoding kept as lone
+    surrogates (``surrogateescape``) instead of raising: the question is then refused by name as
+    not valid UTF-8 text, and the conversation goes on."""
+    import sys
+
+    reconfigure = getattr(sys.stdin, "reconfigure", None)
+    if reconfigure is not None and getattr(sys.stdin, "errors", None) != "surrogateescape":
+        try:
+            reconfigure(errors="surrogateescape")
+        except (ValueError, OSError):  # a stream that cannot change its error handler mid-read
+            pass
+    return input(prompt)
+
+
 def run_chat(
     pipeline: "UniMedVLPipeline",
     *,
