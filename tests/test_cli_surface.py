@@ -28,6 +28,9 @@ ADDED = {
     # an existing --out is refused unless --overwrite says to replace it
     "generate --overwrite",
     "edit --overwrite",
+    # upload limits of the server, applied from the header before decoding
+    "serve --max-image-pixels",
+    "serve --max-volume-voxels",
 }
 
 # (command, parameter) -> new default: dtype "auto" (one precision policy); image-sampler fields

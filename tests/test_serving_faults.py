@@ -295,6 +295,8 @@ def test_a_decompression_bomb_png_names_the_pixel_limit(server):
     (["--timeout", "nan"], "timeout"),
     (["--port", "99999"], "port must be an integer in 1..65535"),
     (["--port", "0"], "port"),
+    (["--max-image-pixels", "0"], "max_image_pixels must be >= 1"),
+    (["--max-volume-voxels", "-5"], "max_volume_voxels must be >= 1"),
 ])
 def test_serve_refuses_impossible_options_before_loading(monkeypatch, args, message):
     from typer.testing import CliRunner

@@ -21,6 +21,10 @@ def serve(
     timeout: float = typer.Option(300.0, "--timeout", help="Seconds a request may queue and run before it is cancelled (504)."),
     allow_files: list[Path] = typer.Option([], "--allow-files", help="Folder whose files image_url may name (repeatable); none by default."),
     max_image_side: int = typer.Option(1024, "--max-image-side", help="Largest generated width/height."),
+    max_image_pixels: int = typer.Option(4096 * 4096, "--max-image-pixels",
+                                         help="Largest uploaded image (a DICOM frame or NIfTI slice), checked before decoding (413)."),
+    max_volume_voxels: int = typer.Option(1024 * 1024 * 512, "--max-volume-voxels",
+                                          help="Largest uploaded NIfTI volume, from its header (413); only the asked slice is decoded."),
     no_ui: bool = typer.Option(False, "--no-ui", help="Serve the API only."),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
@@ -36,7 +40,8 @@ def serve(
 
     try:
         config = ServeConfig(host=host, port=port, api_key=api_key, max_concurrency=max_concurrency, max_queue=max_queue,
-                             request_timeout_s=timeout, allowed_file_roots=tuple(allow_files), max_image_side=max_image_side, ui=not no_ui)
+                             request_timeout_s=timeout, allowed_file_roots=tuple(allow_files), max_image_side=max_image_side,
+                             max_image_pixels=max_image_pixels, max_volume_voxels=max_volume_voxels, ui=not no_ui)
     except ValueError as e:
         fail(str(e))
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")

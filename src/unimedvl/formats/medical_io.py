@@ -81,6 +81,15 @@ class MedicalImageError(ValueError):
     """A medical image cannot be read as asked; the message names the file."""
 
 
+class ImageTooLargeError(MedicalImageError):
+    """The header says the image (``limit == "max_pixels"``: a frame, slice or raster image) or the
+    volume (``"max_voxels"``) is over the caller's limit; nothing was decoded."""
+
+    def __init__(self, message: str, limit: str):
+        super().__init__(message)
+        self.limit = limit
+
+
 @dataclass
 class MedicalImage:
     pixels: np.ndarray  # [H, W, 3] uint8, what the model sees
@@ -267,7 +276,8 @@ def read_dicom(path: str | Path, window: str | tuple[float, float] | None = None
         raise MedicalImageError(f"{path}: frame {frame} requested but the file has a single frame")
     rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     if max_pixels is not None and rows * cols > max_pixels:
-        raise MedicalImageError(f"{path}: a frame of {rows}x{cols} = {rows * cols} pixels exceeds the limit of {max_pixels} pixels")
+        raise ImageTooLargeError(f"{path}: a frame of {rows}x{cols} = {rows * cols} pixels exceeds the limit of {max_pixels} pixels",
+                                 "max_pixels")
     if window is not None:  # a bad explicit window is refused before decoding
         try:
             win, source = resolve_window(window, ds)
@@ -364,8 +374,8 @@ def _open_nifti(path: Path, volume: int, max_voxels: int | None):
         raise MedicalImageError(f"{path}: volume {volume} requested but the file holds a single 3D volume")
     voxels = shape[0] * shape[1] * shape[2]
     if max_voxels is not None and voxels > max_voxels:
-        raise MedicalImageError(f"{path}: the volume's shape {list(shape[:3])} has {voxels} voxels, over the limit of "
-                                f"{max_voxels} voxels; nothing was decoded")
+        raise ImageTooLargeError(f"{path}: the volume's shape {list(shape[:3])} has {voxels} voxels, over the limit of "
+                                 f"{max_voxels} voxels; nothing was decoded", "max_voxels")
     if np.isnan(ornt).any():
         raise MedicalImageError(f"{path}: the affine has no usable orientation (degenerate axes)")
     return img, ornt.astype(int), shape[:3]
@@ -437,7 +447,8 @@ def read_nifti(
         raise MedicalImageError(f"{path}: slice {index} requested along axis {ax} of {n} slices")
     plane_pixels = shape[0] * shape[1] * shape[2] // n
     if max_pixels is not None and plane_pixels > max_pixels:
-        raise MedicalImageError(f"{path}: a slice along axis {ax} has {plane_pixels} pixels, over the limit of {max_pixels} pixels")
+        raise ImageTooLargeError(f"{path}: a slice along axis {ax} has {plane_pixels} pixels, over the limit of {max_pixels} pixels",
+                                 "max_pixels")
     try:
         plane = _read_ras_plane(img, ornt, shape, ax, index, volume)
         lo, hi, sample = _volume_percentiles(img, shape, volume, percentiles, path)
@@ -486,7 +497,8 @@ def _volume_percentiles(img, shape, volume: int, percentiles, path: Path):
     if bad:
         where = "the volume" if sample is None else f"the sampled slices ({sample})"
         raise MedicalImageError(f"{path}: {where} contains {bad} NaN/infinite voxels")
-    lo, hi = np.percentile(values, percentiles)
+    # the sample is a fresh array (partitioned in place, not copied) unless a reader handed back a view
+    lo, hi = np.percentile(values, percentiles, overwrite_input=bool(values.flags.owndata and values.flags.writeable))
     return lo, hi, sample
 
 
@@ -496,21 +508,29 @@ def _volume_percentiles(img, shape, volume: int, percentiles, path: Path):
 EIGHT_BIT_MODES = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "YCbCr", "LAB", "HSV"}
 
 
-def read_raster(path: str | Path) -> MedicalImage:
+def read_raster(path: str | Path, max_pixels: int | None = MAX_PIXELS) -> MedicalImage:
     """PNG / TIFF / JPEG.  8-bit images (grey, palette, RGB, with or without alpha) are converted to
     RGB as they are; deeper data (16-bit, 32-bit, float) is scaled from its own min..max to 0..255,
-    never clipped at 255."""
+    never clipped at 255.  Images over ``max_pixels`` are refused from the header, before decoding."""
     from ..image_transforms import to_rgb
 
     path = Path(path)
     try:
         with Image.open(path) as im:
+            w, h = im.size
+            if max_pixels is not None and w * h > max_pixels:
+                raise ImageTooLargeError(f"{path}: the image has {w}x{h} = {w * h} pixels, over the limit of {max_pixels} pixels",
+                                         "max_pixels")
             im.load()
             mode = im.mode
             if mode in EIGHT_BIT_MODES:
                 rgb, deep = np.asarray(to_rgb(im)), None
             else:
                 rgb, deep = None, np.asarray(im).astype(np.float64)
+    except ImageTooLargeError:
+        raise
+    except Image.DecompressionBombError as e:  # PIL's own bound, met before ours: its message has the pixel count
+        raise ImageTooLargeError(f"{path}: {e}", "max_pixels") from None
     except Exception as e:
         raise MedicalImageError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
     meta: dict[str, Any] = {"format": path.suffix.lower().lstrip(".") or "image", "source_mode": mode}
@@ -527,15 +547,18 @@ def read_raster(path: str | Path) -> MedicalImage:
     return MedicalImage(_gray_to_rgb(_minmax(deep)), meta)
 
 
-def read_medical_image(path: str | Path, **options) -> MedicalImage:
-    """Dispatch on the file: DICOM (by suffix or the ``DICM`` preamble), NIfTI, else a raster image."""
+def read_medical_image(path: str | Path, *, max_pixels: int | None = MAX_PIXELS, max_voxels: int | None = MAX_VOLUME_VOXELS,
+                       **options) -> MedicalImage:
+    """Dispatch on the file: DICOM (by suffix or the ``DICM`` preamble), NIfTI, else a raster image.
+    ``max_pixels`` bounds the decoded image (frame, slice or raster image) and ``max_voxels`` a NIfTI
+    volume, both checked from the header (:class:`ImageTooLargeError`)."""
     path = Path(path)
     if not path.is_file():
         raise MedicalImageError(f"{path}: no such file")
     if is_nifti(path):
-        return read_nifti(path, **options)
+        return read_nifti(path, max_voxels=max_voxels, max_pixels=max_pixels, **options)
     if is_dicom(path):
-        return read_dicom(path, **options)
+        return read_dicom(path, max_pixels=max_pixels, **options)
     if options:
         raise MedicalImageError(f"{path}: options {sorted(options)} apply to DICOM/NIfTI only")
-    return read_raster(path)
+    return read_raster(path, max_pixels=max_pixels)

@@ -25,7 +25,6 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from starlette.concurrency import run_in_threadpool
 
 from .. import __version__
 from .chat import answer_chat
@@ -199,10 +198,10 @@ def create_app(pipeline, config: ServeConfig | None = None):
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         req = parse_chat(parse_json(await request.body()), config, served)
-        await run_in_threadpool(decode_chat_images, req)
+        prepare = (lambda: decode_chat_images(req)) if any(m.images for m in req.messages) else None
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if not req.stream:
-            out = await _run_model(worker, lambda token: answer(req, token), request)
+            out = await _run_model(worker, lambda token: answer(req, token), request, prepare=prepare)
             return {"id": cid, "object": "chat.completion", "created": created, "model": served,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": out["text"]},
                                  "finish_reason": out["finish_reason"]}], "usage": out["usage"]}
@@ -219,7 +218,7 @@ def create_app(pipeline, config: ServeConfig | None = None):
             finally:
                 emit(_END)
 
-        task = asyncio.create_task(_run_model(worker, work, request, token=token, watch_client=False))
+        task = asyncio.create_task(_run_model(worker, work, request, prepare=prepare, token=token, watch_client=False))
         task.add_done_callback(_collect)  # a stream the client abandoned never awaits it
         getter = asyncio.ensure_future(queue.get())
         await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
@@ -285,9 +284,11 @@ def create_app(pipeline, config: ServeConfig | None = None):
         if len(uploads) > config.max_images_per_request:
             raise APIError(413, f"image: {len(uploads)} images; the limit is {config.max_images_per_request} (max_images_per_request)",
                            param="image", code="too_many_images")
-        images = await run_in_threadpool(lambda: [decode_image(data, options, config, f"image[{i}]") if isinstance(data, bytes)
-                                                  else image_from_url(data, options, config, f"image[{i}]")
-                                                  for i, data in enumerate(uploads)])
+        images: list = []
+
+        def decode_uploads() -> None:  # after admission, on a decoding thread
+            images.extend(decode_image(data, options, config, f"image[{i}]") if isinstance(data, bytes)
+                          else image_from_url(data, options, config, f"image[{i}]") for i, data in enumerate(uploads))
 
         def work(token: CancelToken):
             size = {"height": req.height, "width": req.width} if has_size else {}
@@ -295,7 +296,7 @@ def create_app(pipeline, config: ServeConfig | None = None):
                                   cfg_img_scale=req.image_guidance, seed=req.seed + k, progress=token.check, **size)
                     for k in range(req.n)]
 
-        return image_response(await _run_model(worker, work, request))
+        return image_response(await _run_model(worker, work, request, prepare=decode_uploads))
 
     if config.ui:
         try:
@@ -310,11 +311,13 @@ def create_app(pipeline, config: ServeConfig | None = None):
     return Gate(app, config.max_body_bytes, metrics)
 
 
-async def _run_model(worker: ModelWorker, work, request, *, token: CancelToken | None = None, watch_client: bool = True):
+async def _run_model(worker: ModelWorker, work, request, *, prepare=None, token: CancelToken | None = None, watch_client: bool = True):
+    """``work`` on the model after admission (and after ``prepare``, which decodes the request's
+    images under the same admission); the model's own refusals become 400s."""
     from ..inference.engine import PromptTooLongError
 
     try:
-        return await worker.run(work, is_disconnected=request.is_disconnected if watch_client else None, token=token)
+        return await worker.run(work, prepare=prepare, is_disconnected=request.is_disconnected if watch_client else None, token=token)
     except PromptTooLongError as e:
         raise APIError(400, str(e), param="messages", code="context_length_exceeded") from None
     except ValueError as e:  # bad sizes, empty texts and the like, found by the pipeline

@@ -19,6 +19,7 @@ class ServeConfig:
     request_timeout_s: float = 300.0  # queueing + running; past it: 504, and the work is cancelled
     max_body_bytes: int = 32 * 1024 * 1024
     max_image_pixels: int = 4096 * 4096  # per decoded image (a DICOM frame or NIfTI slice included)
+    max_volume_voxels: int = 1024 * 1024 * 512  # per uploaded NIfTI volume, from its header (only the asked slice is decoded)
     max_images_per_request: int = 8
     max_prompt_chars: int = 16_000  # per request, all text parts together
     max_new_tokens: int = 2048  # cap on max_tokens
@@ -41,7 +42,7 @@ class ServeConfig:
             raise ValueError(f"port must be an integer in 1..65535, got {self.port}")
         if not isinstance(self.request_timeout_s, (int, float)) or not math.isfinite(self.request_timeout_s) or self.request_timeout_s <= 0:
             raise ValueError(f"the request timeout (--timeout, request_timeout_s) must be a positive number of seconds, got {self.request_timeout_s}")
-        for name in ("max_body_bytes", "max_image_pixels", "max_prompt_chars", "max_image_side", "min_image_side"):
+        for name in ("max_body_bytes", "max_image_pixels", "max_volume_voxels", "max_prompt_chars", "max_image_side", "min_image_side"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.min_image_side > self.max_image_side:

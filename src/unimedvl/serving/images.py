@@ -29,7 +29,7 @@ class ReadOptions:
 
     window: str | tuple[float, float] | None = None
     frame: int = 0
-    axis: str = "axial"
+    axis: str | int = "axial"  # a plane name, or a RAS voxel axis 0/1/2
     slice_index: int | None = None
 
     @classmethod
@@ -45,8 +45,11 @@ class ReadOptions:
             if raw.get(key) is not None and (not isinstance(raw[key], int) or raw[key] < 0):
                 raise bad_request(f"{where}.{key}: expected a non-negative integer", f"{where}.{key}")
         axis = raw.get("axis", "axial")
-        if axis not in ("axial", "coronal", "sagittal"):
-            raise bad_request(f"{where}.axis: expected axial, coronal or sagittal", f"{where}.axis")
+        if isinstance(axis, str) and axis in ("0", "1", "2"):
+            axis = int(axis)
+        if not (axis in ("axial", "coronal", "sagittal") if isinstance(axis, str) else type(axis) is int and axis in (0, 1, 2)):
+            raise bad_request(f"{where}.axis: expected axial, coronal or sagittal, or a RAS voxel axis 0, 1 or 2; got {axis!r}",
+                              f"{where}.axis")
         return cls(window, raw.get("frame") or 0, axis, raw.get("slice_index"))
 
     def reader_kwargs(self, kind: str) -> dict:
@@ -89,14 +92,19 @@ def decode_image(data: bytes, options: ReadOptions, config: ServeConfig, where: 
             raise _bomb(e, config, where) from None
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
             raise bad_request(f"{where}: not a readable image (PNG, JPEG, TIFF, BMP, DICOM or NIfTI expected)", where, "invalid_image") from None
-    from ..formats.medical_io import MedicalImageError, read_medical_image
+    from ..formats.medical_io import ImageTooLargeError, MedicalImageError, read_medical_image
 
     suffix = ".dcm" if kind == "dicom" else (".nii.gz" if data[:2] == b"\x1f\x8b" else ".nii")
     with tempfile.TemporaryDirectory(prefix="unimedvl-upload-") as tmp:
         path = Path(tmp) / f"upload{suffix}"
         path.write_bytes(data)
-        try:
-            medical = read_medical_image(path, **options.reader_kwargs(kind))
+        try:  # the limits are checked from the header, before any pixel is decoded
+            medical = read_medical_image(path, max_pixels=config.max_image_pixels, max_voxels=config.max_volume_voxels,
+                                         **options.reader_kwargs(kind))
+        except ImageTooLargeError as e:
+            limit = "max_image_pixels" if e.limit == "max_pixels" else "max_volume_voxels"
+            message = str(e).replace(str(path), "the uploaded file")
+            raise too_large(f"{where}: {message} ({limit})", where, "image_too_large") from None
         except (MedicalImageError, ValueError, OSError) as e:
             message = str(e).replace(str(path), "the uploaded file")
             raise bad_request(f"{where}: {message}", where, "invalid_image") from None

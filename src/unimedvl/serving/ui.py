@@ -63,9 +63,13 @@ def mount_ui(app, pipeline, worker, config: ServeConfig):
         except APIError as e:
             raise gr.Error(e.message) from None
 
-    def run(fn):
+    def run(fn, upload=None):
+        """``fn(token, image)`` on the model; ``upload`` (``(file, window, slice_index)``) is decoded
+        first, after admission, as the API does; ``image`` is None without one."""
+        decoded: list = []
+        prepare = (lambda: decoded.append(load(*upload))) if upload is not None else None
         try:
-            return worker.run_sync(fn)
+            return worker.run_sync(lambda token: fn(token, decoded[0] if decoded else None), prepare=prepare)
         except APIError as e:
             raise gr.Error(e.message) from None
         except ValueError as e:
@@ -75,20 +79,23 @@ def mount_ui(app, pipeline, worker, config: ServeConfig):
         history = list(history or [])
         if not question or not question.strip():
             raise gr.Error("type a question")
-        image = load(file, window, slice_index)
         turns = [ChatMessage(t["role"], _message_text(t["content"]) or " ") for t in history] + [ChatMessage("user", question)]
         first_user = next(m for m in turns if m.role == "user")
-        first_user.images = [image] if image is not None else []  # the uploaded image belongs to the conversation's start
         req = ChatRequest(turns, max_tokens=min(512, config.max_new_tokens), temperature=0.1, top_p=1.0, seed=42, stream=False)
-        text = run(lambda token: answer_chat(pipeline, req, token)["text"])
+
+        def answer(token, image):
+            first_user.images = [image] if image is not None else []  # the uploaded image belongs to the conversation's start
+            return answer_chat(pipeline, req, token)["text"]
+
+        text = run(answer, (file, window, slice_index))
         history += [{"role": "user", "content": question}, {"role": "assistant", "content": text}]
         return history, ""
 
     def report(file, window, slice_index, modality):
         if file is None:
             raise gr.Error("upload an image")
-        image = load(file, window, slice_index)
-        r = run(lambda token: pipeline.report(image, modality or None, max_new_tokens=min(512, config.max_new_tokens)))
+        r = run(lambda token, image: pipeline.report(image, modality or None, max_new_tokens=min(512, config.max_new_tokens)),
+                (file, window, slice_index))
         return r.findings or "", r.impression or "", r.text
 
     def _save(result) -> str:
@@ -101,7 +108,7 @@ def mount_ui(app, pipeline, worker, config: ServeConfig):
             raise gr.Error("type a description of the image")
         full = prompt if modality in (None, "", "any") else f"{MODALITY_PHRASES[modality]}: {prompt}"
         side = int(size)
-        result = run(lambda token: pipeline.generate_image(full, preset=preset, height=side, width=side, steps=int(steps),
+        result = run(lambda token, _image: pipeline.generate_image(full, preset=preset, height=side, width=side, steps=int(steps),
                                                            cfg_text_scale=float(guidance), seed=int(seed), progress=token.check))
         return _save(result), (f"**{SYNTHETIC_LABEL}** · seed {int(seed)} · {preset} · {int(steps)} steps · "
                                f"guidance {float(guidance):g}")
@@ -109,9 +116,9 @@ def mount_ui(app, pipeline, worker, config: ServeConfig):
     def edit(file, window, slice_index, instruction, preset, seed, steps, guidance):
         if file is None or not instruction or not instruction.strip():
             raise gr.Error("upload an image and type an instruction")
-        image = load(file, window, slice_index)
-        result = run(lambda token: pipeline.edit([image], instruction, preset=preset, steps=int(steps), cfg_text_scale=float(guidance),
-                                                 seed=int(seed), progress=token.check))
+        result = run(lambda token, image: pipeline.edit([image], instruction, preset=preset, steps=int(steps),
+                                                        cfg_text_scale=float(guidance), seed=int(seed), progress=token.check),
+                     (file, window, slice_index))
         return _save(result), f"**{SYNTHETIC_LABEL}** · seed {int(seed)} · {preset}", result.analysis or ""
 
     windows = ["file default", *WINDOW_PRESETS]

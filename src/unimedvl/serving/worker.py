@@ -2,7 +2,9 @@
 timeouts and cooperative cancellation.
 
 At most ``max_concurrency`` jobs run on the model and ``max_queue`` wait; a job beyond that is
-refused at once (429) instead of piling up.  A job that passes ``request_timeout_s`` (waiting plus
+refused at once (429) instead of piling up.  A job's ``prepare`` step (decoding the request's
+uploaded images) runs only after it is admitted, on at most ``max_concurrency`` decoding threads,
+so decoded pixels never pile up beyond the queue's limits.  A job that passes ``request_timeout_s`` (waiting plus
 running), or whose client went away, gets its :class:`CancelToken` set; model loops check it
 between decoding/denoising steps (:meth:`CancelToken.check`) and stop.
 """
@@ -51,6 +53,7 @@ class ModelWorker:
     def __init__(self, max_concurrency: int, max_queue: int, timeout_s: float):
         self.max_concurrency, self.max_queue, self.timeout_s = max_concurrency, max_queue, timeout_s
         self._executor = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="unimedvl-model")
+        self._decoder = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="unimedvl-decode")
         self._lock = threading.Lock()
         self.admitted = 0  # queued + running
         self.running = 0
@@ -71,6 +74,12 @@ class ModelWorker:
         with self._lock:
             self.admitted -= 1
 
+    def _prepare(self, prepare: Callable[[], object], token: CancelToken, deadline: float) -> None:
+        if time.monotonic() > deadline:
+            token.cancel("timed out in the queue")
+        token.check()
+        prepare()
+
     def _run(self, fn: Callable[[CancelToken], T], token: CancelToken, deadline: float) -> T:
         with self._lock:
             self.running += 1
@@ -86,55 +95,71 @@ class ModelWorker:
     def _timeout_error(self) -> APIError:
         return APIError(504, f"the request took longer than request_timeout_s ({self.timeout_s:g} s) and was cancelled", code="timeout")
 
-    async def run(self, fn: Callable[[CancelToken], T], *, is_disconnected: Callable | None = None,
-                  token: CancelToken | None = None) -> T:
-        """Run ``fn(token)`` on a model thread; 504 past the timeout (queued or running), 499 when the client left."""
+    async def run(self, fn: Callable[[CancelToken], T], *, prepare: Callable[[], object] | None = None,
+                  is_disconnected: Callable | None = None, token: CancelToken | None = None) -> T:
+        """Run ``prepare()`` on a decoding thread, then ``fn(token)`` on a model thread, both after
+        admission; 504 past the timeout (queued, preparing or running), 499 when the client left.
+        ``prepare``'s own errors (an unreadable upload...) are raised as they are."""
         self.admit()
         token = token or CancelToken()
         deadline = time.monotonic() + self.timeout_s
         try:
-            future = asyncio.get_running_loop().run_in_executor(self._executor, self._run, fn, token, deadline)
-            # A request answered 504/499 leaves its work to stop on its own; whatever that work ends
-            # with is collected here, so asyncio never reports an exception nobody retrieved.
-            future.add_done_callback(_collect)
-            while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    token.cancel("timed out")
-                    raise self._timeout_error()
-                done, _ = await asyncio.wait({future}, timeout=min(0.25, remaining))
-                if done:
-                    try:
-                        return future.result()
-                    except Cancelled:
-                        if token.timed_out:  # e.g. it waited in the queue past the deadline
-                            raise self._timeout_error() from None
-                        raise APIError(499, f"cancelled: {token.reason}", code="cancelled") from None
-                if is_disconnected is not None and await is_disconnected():
-                    token.cancel("the client disconnected")
-                    raise APIError(499, "the client disconnected", code="cancelled")
+            loop = asyncio.get_running_loop()
+            if prepare is not None:
+                await self._wait(loop.run_in_executor(self._decoder, self._prepare, prepare, token, deadline),
+                                 token, deadline, is_disconnected)
+            return await self._wait(loop.run_in_executor(self._executor, self._run, fn, token, deadline),
+                                    token, deadline, is_disconnected)
         finally:
             self.release()
 
-    def run_sync(self, fn: Callable[[CancelToken], T]) -> T:
-        """The same admission and timeout for synchronous callers (the web UI's handlers)."""
+    async def _wait(self, future, token: CancelToken, deadline: float, is_disconnected: Callable | None):
+        # A request answered 504/499 leaves its work to stop on its own; whatever that work ends
+        # with is collected here, so asyncio never reports an exception nobody retrieved.
+        future.add_done_callback(_collect)
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                token.cancel("timed out")
+                raise self._timeout_error()
+            done, _ = await asyncio.wait({future}, timeout=min(0.25, remaining))
+            if done:
+                try:
+                    return future.result()
+                except Cancelled:
+                    if token.timed_out:  # e.g. it waited in the queue past the deadline
+                        raise self._timeout_error() from None
+                    raise APIError(499, f"cancelled: {token.reason}", code="cancelled") from None
+            if is_disconnected is not None and await is_disconnected():
+                token.cancel("the client disconnected")
+                raise APIError(499, "the client disconnected", code="cancelled")
+
+    def run_sync(self, fn: Callable[[CancelToken], T], *, prepare: Callable[[], object] | None = None) -> T:
+        """The same admission, preparation and timeout for synchronous callers (the web UI's handlers)."""
         self.admit()
         token = CancelToken()
+        deadline = time.monotonic() + self.timeout_s
         try:
-            future = self._executor.submit(self._run, fn, token, time.monotonic() + self.timeout_s)
-            try:
-                return future.result(timeout=self.timeout_s)
-            except TimeoutError:
-                token.cancel("timed out")
-                raise APIError(504, f"the request took longer than request_timeout_s ({self.timeout_s:g} s)", code="timeout") from None
-            except Cancelled:
-                if token.timed_out:
-                    raise self._timeout_error() from None
-                raise
+            if prepare is not None:
+                self._result(self._decoder.submit(self._prepare, prepare, token, deadline), token, deadline)
+            return self._result(self._executor.submit(self._run, fn, token, deadline), token, deadline)
         finally:
             self.release()
 
+    def _result(self, future, token: CancelToken, deadline: float):
+        try:
+            return future.result(timeout=max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            token.cancel("timed out")
+            future.add_done_callback(_collect)
+            raise self._timeout_error() from None
+        except Cancelled:
+            if token.timed_out:
+                raise self._timeout_error() from None
+            raise
+
     def shutdown(self) -> None:
+        self._decoder.shutdown(wait=False, cancel_futures=True)
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
