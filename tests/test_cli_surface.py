@@ -31,6 +31,8 @@ ADDED = {
     # upload limits of the server, applied from the header before decoding
     "serve --max-image-pixels",
     "serve --max-volume-voxels",
+    # continuous batching of chat answers
+    "serve --max-batch",
 }
 
 # (command, parameter) -> new default: dtype "auto" (one precision policy); image-sampler fields

@@ -18,6 +18,7 @@ def serve(
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="UNIMEDVL_API_KEY", help="Bearer key required on /v1, /metrics and /ui."),
     max_concurrency: int = typer.Option(1, "--max-concurrency", help="Requests running on the model at once."),
     max_queue: int = typer.Option(16, "--max-queue", help="Requests waiting beyond those; more are refused with 429."),
+    max_batch: int = typer.Option(8, "--max-batch", help="Chat answers decoded together, one forward per step for all (1: one at a time)."),
     timeout: float = typer.Option(300.0, "--timeout", help="Seconds a request may queue and run before it is cancelled (504)."),
     allow_files: list[Path] = typer.Option([], "--allow-files", help="Folder whose files image_url may name (repeatable); none by default."),
     max_image_side: int = typer.Option(1024, "--max-image-side", help="Largest generated width/height."),
@@ -39,7 +40,7 @@ def serve(
     from ..serving.config import uvicorn_log_config
 
     try:
-        config = ServeConfig(host=host, port=port, api_key=api_key, max_concurrency=max_concurrency, max_queue=max_queue,
+        config = ServeConfig(host=host, port=port, api_key=api_key, max_concurrency=max_concurrency, max_queue=max_queue, max_batch=max_batch,
                              request_timeout_s=timeout, allowed_file_roots=tuple(allow_files), max_image_side=max_image_side,
                              max_image_pixels=max_image_pixels, max_volume_voxels=max_volume_voxels, ui=not no_ui)
     except ValueError as e:
