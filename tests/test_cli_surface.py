@@ -33,6 +33,7 @@ ADDED = {
     "serve --max-volume-voxels",
     # continuous batching of chat answers
     "serve --max-batch",
+    "serve --max-image-batch",
 }
 
 # (command, parameter) -> new default: dtype "auto" (one precision policy); image-sampler fields

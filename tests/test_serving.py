@@ -69,8 +69,11 @@ def test_chat_answers_like_the_pipeline_and_streaming_matches(server, pipe):
     usage = body["usage"]
     assert usage["completion_tokens"] >= 1 and usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
     image = Image.open(io.BytesIO(base64.b64decode(png_data_url(0).split(",", 1)[1])))
-    direct = pipe.ask([image], "What is shown?", max_new_tokens=12, temperature=0)
+    # max_tokens counts generated tokens (OpenAI); the pipeline follows the reference, whose last
+    # decoding step's prediction is dropped: max_new_tokens = max_tokens + 1 gives the same tokens
+    direct = pipe.ask([image], "What is shown?", max_new_tokens=13, temperature=0)
     assert choice["message"]["content"] == direct.text
+    assert usage["completion_tokens"] == len(direct.token_ids)
 
     streamed = post(server, "/v1/chat/completions", chat_body(stream=True))
     assert streamed.status_code == 200 and streamed.headers["content-type"].startswith("text/event-stream")
@@ -93,9 +96,9 @@ def test_chat_replays_a_transcript_like_a_conversation(server, pipe):
     messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "Describe the image."}]},
                 {"role": "assistant", "content": first.text},
                 {"role": "user", "content": "Anything else?"}]
-    r = post(server, "/v1/chat/completions", {"messages": messages, "max_tokens": 8, "temperature": 0})
+    r = post(server, "/v1/chat/completions", {"messages": messages, "max_tokens": 7, "temperature": 0})
     assert r.status_code == 200, r.text
-    assert r.json()["choices"][0]["message"]["content"] == second.text
+    assert r.json()["choices"][0]["message"]["content"] == second.text  # 7 tokens = the pipeline's max_new_tokens=8
 
 
 def test_image_generation_returns_synthetic_pngs(server):
@@ -196,7 +199,7 @@ def test_api_key_is_required_and_checked(server):
 
 def test_a_full_queue_answers_429_and_frees_up(server):
     worker = server.app.app.state.worker
-    held = [worker.admit() for _ in range(worker.max_concurrency + worker.max_queue)]  # occupy every slot
+    held = [worker.admit() for _ in range(worker.capacity)]  # occupy every slot
     try:
         r = post(server, "/v1/chat/completions", chat_body())
         assert r.status_code == 429 and r.headers["retry-after"] == "1" and "busy" in r.json()["error"]["message"]
@@ -303,3 +306,16 @@ def test_nifti_uploads_take_axis_and_slice_options(server, tmp_path):
     assert out_of_range.status_code == 400 and "slice" in out_of_range.json()["error"]["message"]
     assert "the uploaded file" in out_of_range.json()["error"]["message"] and "/tmp" not in out_of_range.json()["error"]["message"]
     assert ask(axis="oblique").status_code == 400
+
+
+def test_startup_line_names_only_the_routes_served(server, pipe):
+    from unimedvl.cli.serve import startup_line
+    from unimedvl.serving import ServeConfig, create_app
+
+    assert server.app.app.state.ui is False  # built with ui=False
+    line = startup_line("m", "127.0.0.1", 8000, ui=server.app.app.state.ui, api_key=True)
+    assert "/ui" not in line and "/v1" in line and "/openapi.json" in line and "loopback only" not in line
+    pytest.importorskip("gradio")
+    with_ui = create_app(pipe, ServeConfig(ui=True))
+    assert with_ui.app.state.ui is True
+    assert "UI: /ui" in startup_line("m", "127.0.0.1", 8000, ui=with_ui.app.state.ui, api_key=False)

@@ -63,7 +63,7 @@ def test_a_full_queue_refuses_uploads_without_decoding_them(server, tmp_path, mo
     monkeypatch.setattr(app_module, "image_from_url", lambda *a, **k: decoded.append(1) or real(*a, **k))
     url = data_url(nifti_bytes(np.ones((32, 32, 8), np.float32), tmp_path))
     worker = server.app.app.state.worker
-    held = [worker.admit() for _ in range(worker.max_concurrency + worker.max_queue)]
+    held = [worker.admit() for _ in range(worker.capacity)]
     try:
         for stream in (False, True):
             r = post(server, "/v1/chat/completions", {**chat_with(url), "stream": stream})

@@ -11,6 +11,12 @@ import typer
 from .common import DeviceMapOpt, DeviceOpt, DtypeOpt, MaxMemoryOpt, QuantizeOpt, ModelOpt, fail, load_pipeline, read_options
 
 
+def startup_line(name: str, host: str, port: int, *, ui: bool, api_key: bool) -> str:
+    """What the server announces: the routes it really serves (``/ui`` only when the UI is mounted)."""
+    parts = ["API: /v1"] + (["UI: /ui"] if ui else []) + ["docs: /docs", "schema: /openapi.json"]
+    return f"serving {name} on http://{host}:{port}  ({', '.join(parts)})" + ("" if api_key else "  [no API key: loopback only]")
+
+
 def serve(
     model: Optional[Path] = ModelOpt,
     host: str = typer.Option("127.0.0.1", "--host", help="Listen address; anything but loopback requires --api-key."),
@@ -19,6 +25,8 @@ def serve(
     max_concurrency: int = typer.Option(1, "--max-concurrency", help="Requests running on the model at once."),
     max_queue: int = typer.Option(16, "--max-queue", help="Requests waiting beyond those; more are refused with 429."),
     max_batch: int = typer.Option(8, "--max-batch", help="Chat answers decoded together, one forward per step for all (1: one at a time)."),
+    max_image_batch: int = typer.Option(4, "--max-image-batch",
+                                        help="Text-to-image images of one size and setting denoised together (1: one at a time)."),
     timeout: float = typer.Option(300.0, "--timeout", help="Seconds a request may queue and run before it is cancelled (504)."),
     allow_files: list[Path] = typer.Option([], "--allow-files", help="Folder whose files image_url may name (repeatable); none by default."),
     max_image_side: int = typer.Option(1024, "--max-image-side", help="Largest generated width/height."),
@@ -41,6 +49,7 @@ def serve(
 
     try:
         config = ServeConfig(host=host, port=port, api_key=api_key, max_concurrency=max_concurrency, max_queue=max_queue, max_batch=max_batch,
+                             max_image_batch=max_image_batch,
                              request_timeout_s=timeout, allowed_file_roots=tuple(allow_files), max_image_side=max_image_side,
                              max_image_pixels=max_image_pixels, max_volume_voxels=max_volume_voxels, ui=not no_ui)
     except ValueError as e:
@@ -49,6 +58,6 @@ def serve(
     pipe = load_pipeline(model, device, dtype, read_options(), quantize=quantize,
                          device_map=device_map, max_memory=max_memory)
     application = create_app(pipe, config)
-    typer.echo(f"serving {pipe.name} on http://{host}:{port}  (API: /v1, UI: /ui, docs: /docs)" + ("" if api_key else "  [no API key: loopback only]"))
+    typer.echo(startup_line(pipe.name, host, port, ui=application.app.state.ui, api_key=bool(api_key)))
     # uvicorn's access lines could carry query strings; ours carry the route template, status and latency
     uvicorn.run(application, host=host, port=port, log_level="info", access_log=False, log_config=uvicorn_log_config())

@@ -227,9 +227,9 @@ class Engine:
     # ---- text ---------------------------------------------------------------------------------
     def _decode_step(self, ctx: KVCache, token: int) -> torch.Tensor:
         """Feed one token at the end of ``ctx`` (appended to it); returns its next-token logits ``[V]``."""
-        return self._decode_steps([ctx], [token])[0]
+        return self.decode_steps([ctx], [token])[0]
 
-    def _decode_steps(self, contexts: Sequence[KVCache], tokens: Sequence[int]) -> torch.Tensor:
+    def decode_steps(self, contexts: Sequence[KVCache], tokens: Sequence[int]) -> torch.Tensor:
         """Feed ``tokens[i]`` at the end of ``contexts[i]`` (appended to it), all in one packed forward.
 
         Returns the next-token logits ``[len(contexts), V]`` float32.  The contexts must be distinct
@@ -313,7 +313,7 @@ class Engine:
         active = list(range(n))
         step = 0
         while active:
-            logits = self._decode_steps([forks[i] for i in active], [fed[i] for i in active])
+            logits = self.decode_steps([forks[i] for i in active], [fed[i] for i in active])
             predictions = torch.argmax(logits, dim=-1).tolist()  # first index on ties, as Sampler
             still = []
             for i, nxt in zip(active, predictions):
@@ -336,5 +336,5 @@ class Engine:
         contexts = [g.context for g in generations]
         if contexts:
             with torch.no_grad():
-                self._decode_steps(contexts, [self.special.eos] * len(contexts))
+                self.decode_steps(contexts, [self.special.eos] * len(contexts))
         return contexts

@@ -39,12 +39,13 @@ from ..model import KVCache, UniMedVL
 from ..precision import resolve_dtype
 from ..tokenizer import Tokenizer
 from . import prompts
+from . import prompts as _prompts  # where a parameter is named ``prompts``
 from .conversation import Answer, AnswerStream, Conversation, raw_text, require_text
 from .engine import Engine, Sampler, check_max_new_tokens
 from .inputs import ImageInput, ImageReadOptions, load_image_with_meta
 from .placement import Placement, Planner, apply_placement, placement_of
 from .presets import SamplerOverrides, SamplerSettings, SettingError, check_finite, check_whole, sampler_settings
-from .sampling import ImageSample, NonFiniteLatentsError, Progress, initial_noise, sample_image
+from .sampling import ImageSample, ImageToSample, NonFiniteLatentsError, Progress, initial_noise, sample_image, sample_images
 
 
 def check_text(text, what: str) -> str:
@@ -337,12 +338,15 @@ class UniMedVLPipeline:
         """Sample latents from the three contexts and decode them to an 8-bit image."""
         noise = initial_noise(self.engine, grid, generator, noise)
         sample = sample_image(self.engine, ctx, ctx_text, ctx_img, noise, grid, settings, progress)  # raises on NaN latents
-        pixels = self.engine.decode_latents(sample.latents, grid)
-        if not bool(torch.isfinite(pixels).all()):  # never a black "synthetic" image from NaN pixels
+        return sample, self._decode_image(sample)
+
+    def _decode_image(self, sample: ImageSample) -> Image.Image:
+        """Final latents -> an 8-bit image; never a black "synthetic" image from NaN pixels."""
+        pixels = self.engine.decode_latents(sample.latents, sample.grid_hw)
+        if not bool(torch.isfinite(pixels).all()):
             raise NonFiniteLatentsError("the autoencoder decoded non-finite pixels; no image was written (check the model's "
                                         "weights and dtype)")
-        image = Image.fromarray(to_uint8_image(pixels))
-        return sample, image
+        return Image.fromarray(to_uint8_image(pixels))
 
     def generate_image(
         self,
@@ -372,30 +376,69 @@ class UniMedVLPipeline:
         image.  ``noise [h*w, 64]`` overrides the seeded initial noise.  ``height`` and ``width``
         default to :attr:`default_image_size` (1024 for the official weights).
         """
+        (result,) = self.generate_images([prompt], seeds=[seed], preset=preset, height=height, width=width, think=think,
+                                         max_think_tokens=max_think_tokens, noises=None if noise is None else [noise],
+                                         progress=progress, **overrides)
+        return result
+
+    def generate_images(
+        self,
+        prompts: Sequence[str],
+        *,
+        seeds: Sequence[int],
+        preset: str | SamplerSettings | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        think: bool = False,
+        max_think_tokens: int = 1000,
+        noises: Sequence[torch.Tensor] | None = None,
+        progress: Progress | None = None,
+        keep=None,
+        **overrides: Unpack[SamplerOverrides],
+    ) -> list[GeneratedImage | None]:
+        """Text-to-image for several prompts of one size and one sampler setting, denoised together:
+        each step runs every guidance branch of every image in one packed forward.  Image ``i`` is
+        ``generate_image(prompts[i], seed=seeds[i], ...)`` (equal up to the packing's float
+        rounding).  ``keep(i)``, asked before each step, drops image ``i`` (its result is then
+        ``None``): a server's cancelled request stops costing forwards."""
         # 1. check inputs before any model work
         self._require_generation()
-        check_text(prompt, "prompt")
+        if len(seeds) != len(prompts) or (noises is not None and len(noises) != len(prompts)):
+            raise ValueError(f"got {len(prompts)} prompts, {len(seeds)} seeds and {'no' if noises is None else len(noises)} noises")
+        for prompt in prompts:
+            check_text(prompt, "prompt")
         settings = sampler_settings("text-to-image", preset, **overrides)
         height, width = self.output_size(height, width, self.default_image_size, self.default_image_size)  # 0 is refused, not the default
         grid = self.engine.latent_grid(height, width)
-        generator = torch.Generator().manual_seed(seed)
-        # 2. contexts: c_T = (system prompt), c = c_I = c_T + prompt (+ the plan in think mode, c only)
-        ctx = self.engine.new_context()
-        if think:
-            self._add_text(ctx, prompts.GENERATION_SYSTEM_PROMPT)
-        ctx_text = ctx.fork()
-        self._add_text(ctx, prompt)
-        ctx_img = ctx
-        thinking = None
-        if think:
-            thinking, stream = self._greedy_text(ctx, max_think_tokens)
-            ctx = self.engine.close_answer(stream)
-        # 3. denoise and decode
-        sample, image = self._draw(ctx, ctx_text, ctx_img, grid, noise, generator, settings, progress)
-        record = generation_record(
-            model=self.name, task="text-to-image", prompt=prompt, seed=seed, sampler=settings.record(height, width), thinking=thinking
-        )
-        return GeneratedImage(image, sample.latents, record, thinking=thinking, velocities=sample.velocities)
+        items, thoughts = [], []
+        for i, (prompt, seed) in enumerate(zip(prompts, seeds)):
+            # 2. contexts: c_T = (system prompt), c = c_I = c_T + prompt (+ the plan in think mode, c only)
+            ctx = self.engine.new_context()
+            if think:
+                self._add_text(ctx, _prompts.GENERATION_SYSTEM_PROMPT)
+            ctx_text = ctx.fork()
+            self._add_text(ctx, prompt)
+            ctx_img = ctx
+            thinking = None
+            if think:
+                thinking, stream = self._greedy_text(ctx, max_think_tokens)
+                ctx = self.engine.close_answer(stream)
+            noise = initial_noise(self.engine, grid, torch.Generator().manual_seed(seed), None if noises is None else noises[i])
+            items.append(ImageToSample(ctx, ctx_text, ctx_img, noise))
+            thoughts.append(thinking)
+        # 3. denoise together, decode each
+        samples = sample_images(self.engine, items, grid, settings, progress, keep)  # raises on NaN latents
+        results: list[GeneratedImage | None] = []
+        for prompt, seed, thinking, sample in zip(prompts, seeds, thoughts, samples):
+            if sample is None:
+                results.append(None)
+                continue
+            image = self._decode_image(sample)
+            record = generation_record(
+                model=self.name, task="text-to-image", prompt=prompt, seed=seed, sampler=settings.record(height, width), thinking=thinking
+            )
+            results.append(GeneratedImage(image, sample.latents, record, thinking=thinking, velocities=sample.velocities))
+        return results
 
     def edit(
         self,

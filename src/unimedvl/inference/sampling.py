@@ -7,7 +7,9 @@ Plain functions over an :class:`~.engine.Engine`:
 * :class:`DenoisingQuery` / :func:`velocities` - a noisy latent block queried against several
   contexts in **one** packed forward (one guidance branch per context), never written to a cache;
 * :func:`sample_image` - the loop: at each step the branches the guidance needs, their
-  combination (:func:`unimedvl.flow.combine_guidance`) and one Euler step (:func:`unimedvl.flow.euler_step`).
+  combination (:func:`unimedvl.flow.combine_guidance`) and one Euler step (:func:`unimedvl.flow.euler_step`);
+* :func:`sample_images` - the same loop for several images of one size and one sampler setting,
+  every branch of every image in one packed forward per step (the server batches requests so).
 """
 
 from __future__ import annotations
@@ -64,14 +66,19 @@ def initial_noise(engine: Engine, grid_hw: tuple[int, int], generator: torch.Gen
 
 
 class DenoisingQuery:
-    """A noisy latent block queried against several contexts in one packed forward.
+    """Noisy latent blocks queried against several contexts in one packed forward.
 
-    Positions, indices, routing, masks and RoPE tables are computed once; each call only swaps in
-    the latents and the time.  The contexts must not change while the query is in use.
+    ``groups[j]`` consecutive contexts query image ``j``'s block (default: one image for all
+    contexts, i.e. the guidance branches of one image).  Positions, indices, routing, masks and
+    RoPE tables are computed once; each call only swaps in the latents and the times.  The contexts
+    must not change while the query is in use.
     """
 
-    def __init__(self, engine: Engine, contexts: list[KVCache], grid_hw: tuple[int, int]):
+    def __init__(self, engine: Engine, contexts: list[KVCache], grid_hw: tuple[int, int], groups: list[int] | None = None):
         self.engine, self.contexts, self.grid_hw = engine, list(contexts), grid_hw
+        self.groups = [len(self.contexts)] if groups is None else list(groups)
+        if sum(self.groups) != len(self.contexts) or min(self.groups, default=1) < 1:
+            raise ValueError(f"groups {self.groups} do not split {len(self.contexts)} contexts")
         n = grid_hw[0] * grid_hw[1]
         placeholder = torch.zeros(n, engine.config.patch_latent_dim)  # replaced by x at every call
         b = engine.batch_builder()
@@ -82,15 +89,25 @@ class DenoisingQuery:
         self.plan = engine.model.plan(self.batch, self.contexts, update_cache=False)
         self.lengths = [c.length for c in self.contexts]
         self.num_tokens = n
+        self._repeats = torch.tensor(self.groups)
 
     @torch.no_grad()
-    def __call__(self, x: torch.Tensor, t: float | torch.Tensor) -> list[torch.Tensor]:
-        """``x [h*w, p*p*C]`` at time ``t`` -> one float32 velocity ``[h*w, p*p*C]`` per context."""
+    def __call__(self, x: torch.Tensor | list[torch.Tensor], t: float | torch.Tensor | list) -> list[torch.Tensor]:
+        """``x [h*w, p*p*C]`` at time ``t`` (or one block and time per image of ``groups``) -> one
+        float32 velocity ``[h*w, p*p*C]`` per context."""
         if [c.length for c in self.contexts] != self.lengths:
             raise RuntimeError("a context changed after its denoising query was built")
-        nb = len(self.contexts)
-        self.batch.latents = x.to(self.engine.model.device).repeat(nb, 1)  # [nb*h*w, p*p*C]: the same block per branch
-        self.batch.latent_timesteps = torch.as_tensor(t, dtype=torch.float32, device=self.batch.latents.device).reshape(1).repeat(nb)
+        device = self.engine.model.device
+        blocks = [x] if isinstance(x, torch.Tensor) else list(x)
+        times = [t] * len(blocks) if not isinstance(t, (list, tuple)) else list(t)
+        if len(blocks) != len(self.groups) or len(times) != len(self.groups):
+            raise ValueError(f"got {len(blocks)} latent blocks and {len(times)} times for {len(self.groups)} images")
+        if len(blocks) == 1:
+            self.batch.latents = blocks[0].to(device).repeat(len(self.contexts), 1)  # [nb*h*w, p*p*C]: the same block per branch
+        else:
+            self.batch.latents = torch.cat([b.to(device).repeat(g, 1) for b, g in zip(blocks, self.groups)])
+        per_image = torch.stack([torch.as_tensor(ti, dtype=torch.float32).reshape(()) for ti in times]).to(device)
+        self.batch.latent_timesteps = per_image.repeat_interleave(self._repeats.to(device))  # [contexts]
         out = self.engine.forward(self.batch, self.contexts, update_cache=False, plan=self.plan)
         return list(out.velocities.float().split(self.num_tokens))
 
@@ -100,6 +117,16 @@ def velocities(engine: Engine, contexts: list[KVCache], x: torch.Tensor, t: floa
     """Velocity of the noisy latent block ``x [h*w, p*p*C]`` at time ``t`` under each context, all
     in one packed forward; the block sits at each context's RoPE position and is not cached."""
     return DenoisingQuery(engine, contexts, grid_hw)(x, t)
+
+
+@dataclass
+class ImageToSample:
+    """One image of :func:`sample_images`: its contexts (ARCHITECTURE 9.4) and starting noise."""
+
+    ctx: KVCache  # conditional
+    ctx_text_uncond: KVCache | None  # without the last text item
+    ctx_img_uncond: KVCache | None  # without images
+    noise: torch.Tensor  # [h*w, p*p*C] at t = 1
 
 
 def sample_image(
@@ -120,41 +147,75 @@ def sample_image(
     guidance) are built once for the whole loop.  ``progress(step, total)`` is called after each
     step (a cancellation point for the server).
     """
+    (sample,) = sample_images(engine, [ImageToSample(ctx, ctx_text_uncond, ctx_img_uncond, noise)], grid_hw, settings, progress)
+    return sample
+
+
+def sample_images(
+    engine: Engine,
+    images: list[ImageToSample],
+    grid_hw: tuple[int, int],
+    settings: SamplerSettings,
+    progress: Progress | None = None,
+    keep: Callable[[int], bool] | None = None,
+) -> list[ImageSample | None]:
+    """:func:`sample_image` for several images of one grid and one sampler setting: at each step
+    every branch of every image runs in one packed forward (each image's latents and contexts its
+    own, so each image is the one :func:`sample_image` draws alone, up to the packing's float
+    rounding).  ``keep(i)`` is asked before each step: an image it drops (a cancelled request) leaves
+    the batch and gets ``None``.  Non-finite latents of any image raise :class:`NonFiniteLatentsError`.
+    """
     ts = sampling_timesteps(settings.steps, settings.timestep_shift)  # [steps] from 1 to 0
     guidance = settings.guidance
-    x = noise.to(torch.float32).to(engine.model.device)
-    check_finite_latents(x, 0, settings.steps - 1)  # the starting noise (a caller's own may be broken)
-    if x.shape[0] != grid_hw[0] * grid_hw[1]:
-        raise ValueError(f"noise has {x.shape[0]} tokens, the {grid_hw[0]}x{grid_hw[1]} latent grid needs {grid_hw[0] * grid_hw[1]}")
-    queries: dict[int, DenoisingQuery] = {}  # by number of branches: at most two shapes per loop
-    per_step = []
+    xs: list[torch.Tensor] = []
+    for item in images:
+        x = item.noise.to(torch.float32).to(engine.model.device)
+        check_finite_latents(x, 0, settings.steps - 1)  # the starting noise (a caller's own may be broken)
+        if x.shape[0] != grid_hw[0] * grid_hw[1]:
+            raise ValueError(f"noise has {x.shape[0]} tokens, the {grid_hw[0]}x{grid_hw[1]} latent grid needs {grid_hw[0] * grid_hw[1]}")
+        xs.append(x)
+    active = list(range(len(images)))
+    queries: dict[tuple, DenoisingQuery] = {}  # by (branches, images): at most two shapes per loop unless images leave
+    per_step: list[list[torch.Tensor]] = [[] for _ in images]
     # the first step whose latents were not finite (0: none), kept on the device: testing each
     # step with a Python bool would synchronise a GPU once per step; one test after the loop
-    first_bad = torch.zeros((), dtype=torch.int64, device=x.device)
+    first_bad = [torch.zeros((), dtype=torch.int64, device=x.device) for x in xs]
     for k in range(settings.steps - 1):
+        if keep is not None:
+            active = [i for i in active if keep(i)]
+            if not active:
+                break
         text_scale, img_scale = guidance.scales_at(float(ts[k]))
-        branches = [ctx]
+        n_branches = 1
         if text_scale > 1.0:  # as in the reference, image guidance only acts together with text guidance
-            branches.append(ctx_text_uncond)
-            if img_scale > 1.0:
-                branches.append(ctx_img_uncond)
-        if any(c is None for c in branches):
-            raise ValueError("guidance is on but an unconditional context is missing")
-        # A branch whose context *is* another branch's (text-to-image: c_I equals c) is not run twice.
-        unique = list({id(c): c for c in branches}.values())
-        if len(branches) not in queries:
-            queries[len(branches)] = DenoisingQuery(engine, unique, grid_hw)
-        by_id = dict(zip((id(c) for c in unique), queries[len(branches)](x, ts[k])))
-        vs = [by_id[id(c)] for c in branches]
-        v = combine_guidance(
-            vs[0], vs[1] if len(vs) > 1 else None, vs[2] if len(vs) > 2 else None,
-            text_scale, img_scale, guidance.cfg_renorm_type, guidance.cfg_renorm_min,
-        )
-        per_step.append(v)
-        x = euler_step(x, v, ts[k], ts[k + 1])
-        first_bad = torch.where((first_bad == 0) & ~torch.isfinite(x).all(), k + 1, first_bad)
+            n_branches = 3 if img_scale > 1.0 else 2
+        branches, unique = {}, {}
+        for i in active:
+            item = images[i]
+            branches[i] = [item.ctx, item.ctx_text_uncond, item.ctx_img_uncond][:n_branches]
+            if any(c is None for c in branches[i]):
+                raise ValueError("guidance is on but an unconditional context is missing")
+            # A branch whose context *is* another branch's (text-to-image: c_I equals c) is not run twice.
+            unique[i] = list({id(c): c for c in branches[i]}.values())
+        key = (n_branches, tuple(active))
+        if key not in queries:
+            queries[key] = DenoisingQuery(engine, [c for i in active for c in unique[i]], grid_hw, [len(unique[i]) for i in active])
+        out = iter(queries[key]([xs[i] for i in active], [ts[k]] * len(active)))
+        for i in active:
+            by_id = {id(c): next(out) for c in unique[i]}
+            vs = [by_id[id(c)] for c in branches[i]]
+            v = combine_guidance(
+                vs[0], vs[1] if len(vs) > 1 else None, vs[2] if len(vs) > 2 else None,
+                text_scale, img_scale, guidance.cfg_renorm_type, guidance.cfg_renorm_min,
+            )
+            per_step[i].append(v)
+            xs[i] = euler_step(xs[i], v, ts[k], ts[k + 1])
+            first_bad[i] = torch.where((first_bad[i] == 0) & ~torch.isfinite(xs[i]).all(), k + 1, first_bad[i])
         if progress is not None:
             progress(k + 1, settings.steps - 1)
-    if int(first_bad):
-        raise _non_finite(x, int(first_bad), settings.steps - 1)
-    return ImageSample(x, grid_hw, per_step)
+    results: list[ImageSample | None] = [None] * len(images)
+    for i in active:
+        if int(first_bad[i]):
+            raise _non_finite(xs[i], int(first_bad[i]), settings.steps - 1)
+        results[i] = ImageSample(xs[i], grid_hw, per_step[i])
+    return results

@@ -27,12 +27,14 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from .. import __version__
-from .chat import answer_chat
 from .config import ServeConfig
 from .errors import APIError, bad_request
 from .images import ReadOptions, decode_image, image_from_url
 from .metrics import UNMATCHED, Metrics
-from .schemas import ChatRequest, parse_chat, parse_image_request, parse_json
+from .api_models import document_routes
+from .schemas import ChatRequest, FormFields, parse_chat, parse_image_request, parse_json
+from .batcher import ChatBatcher, ChatJob
+from .image_batcher import ImageBatcher, ImageJob
 from .worker import CancelToken, ModelWorker, _collect
 
 log = logging.getLogger("unimedvl.serve")
@@ -140,8 +142,10 @@ async def _send_error(send, error: APIError) -> None:
 def create_app(pipeline, config: ServeConfig | None = None):
     """The FastAPI application serving ``pipeline`` (loaded once, by the caller)."""
     config = config or ServeConfig()
-    worker = ModelWorker(config.max_concurrency, config.max_queue, config.request_timeout_s)
     metrics = Metrics()
+    batcher = ChatBatcher(pipeline, config.max_batch, metrics)
+    image_batcher = ImageBatcher(pipeline, config.max_image_batch)
+    worker = ModelWorker(config.max_concurrency, config.max_queue, config.request_timeout_s, batchers=(batcher, image_batcher))
     served = pipeline.name
     started = int(time.time())
     @asynccontextmanager
@@ -190,10 +194,13 @@ def create_app(pipeline, config: ServeConfig | None = None):
         for m in req.messages:
             m.images = [image_from_url(url, opts, config, where) for url, opts, where in m.images]
 
-    def answer(req: ChatRequest, token: CancelToken, emit=None) -> dict:
-        out = answer_chat(pipeline, req, token, on_start=(lambda: emit(_READY)) if emit else None, on_piece=emit)
-        metrics.add_tokens(out["usage"]["completion_tokens"])
-        return out
+    def submit_chat(req: ChatRequest, on_start=None, on_piece=None):
+        def submit(token: CancelToken):
+            future = batcher.submit(ChatJob(req, token, on_start=on_start, on_piece=on_piece))
+            future.add_done_callback(lambda f: not f.cancelled() and f.exception() is None
+                                     and metrics.add_tokens(f.result()["usage"]["completion_tokens"]))
+            return future
+        return submit
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -201,7 +208,7 @@ def create_app(pipeline, config: ServeConfig | None = None):
         prepare = (lambda: decode_chat_images(req)) if any(m.images for m in req.messages) else None
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if not req.stream:
-            out = await _run_model(worker, lambda token: answer(req, token), request, prepare=prepare)
+            out = await _run_model(worker, submit_chat(req), request, prepare=prepare, batched=True)
             return {"id": cid, "object": "chat.completion", "created": created, "model": served,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": out["text"]},
                                  "finish_reason": out["finish_reason"]}], "usage": out["usage"]}
@@ -212,13 +219,9 @@ def create_app(pipeline, config: ServeConfig | None = None):
         def emit(item):
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
-        def work(tok: CancelToken):
-            try:
-                return answer(req, tok, emit)
-            finally:
-                emit(_END)
-
-        task = asyncio.create_task(_run_model(worker, work, request, prepare=prepare, token=token, watch_client=False))
+        task = asyncio.create_task(_run_model(worker, submit_chat(req, lambda: emit(_READY), emit), request, prepare=prepare,
+                                              token=token, watch_client=False, batched=True))
+        task.add_done_callback(lambda t: emit(_END))  # after the last piece: the batcher emits before it finishes
         task.add_done_callback(_collect)  # a stream the client abandoned never awaits it
         getter = asyncio.ensure_future(queue.get())
         await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
@@ -230,8 +233,11 @@ def create_app(pipeline, config: ServeConfig | None = None):
             raise APIError(500, "the answer ended before it started")
 
         def chunk(delta: dict, finish=None) -> str:
-            return "data: " + json.dumps({"id": cid, "object": "chat.completion.chunk", "created": created, "model": served,
-                                          "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}) + "\n\n"
+            body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": served,
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+            if req.include_usage:
+                body["usage"] = None  # OpenAI: null on every chunk but the last, usage-only one
+            return "data: " + json.dumps(body) + "\n\n"
 
         async def events():
             try:
@@ -241,6 +247,9 @@ def create_app(pipeline, config: ServeConfig | None = None):
                 try:
                     out = await task
                     yield chunk({}, out["finish_reason"])
+                    if req.include_usage:
+                        yield "data: " + json.dumps({"id": cid, "object": "chat.completion.chunk", "created": created, "model": served,
+                                                     "choices": [], "usage": out["usage"]}) + "\n\n"
                 except APIError as e:
                     yield "data: " + json.dumps(e.body()) + "\n\n"
                 yield "data: [DONE]\n\n"
@@ -265,12 +274,10 @@ def create_app(pipeline, config: ServeConfig | None = None):
     async def generations(request: Request):
         req = parse_image_request(parse_json(await request.body()), config, served, default_size=default_size)
 
-        def work(token: CancelToken):
-            return [pipeline.generate_image(req.prompt, preset=req.preset, height=req.height, width=req.width, steps=req.steps,
-                                            cfg_text_scale=req.guidance, seed=req.seed + k, progress=token.check)
-                    for k in range(req.n)]
+        def submit(token: CancelToken):  # denoised together with waiting requests of the same size and setting
+            return image_batcher.submit(ImageJob(req, token))
 
-        return image_response(await _run_model(worker, work, request))
+        return image_response(await _run_model(worker, submit, request, batched=True))
 
     @app.post("/v1/images/edits")
     async def edits(request: Request):
@@ -298,6 +305,8 @@ def create_app(pipeline, config: ServeConfig | None = None):
 
         return image_response(await _run_model(worker, work, request, prepare=decode_uploads))
 
+    document_routes(app)
+    app.state.ui = False  # whether /ui is served: asked for and gradio importable
     if config.ui:
         try:
             import gradio  # noqa: F401
@@ -307,17 +316,21 @@ def create_app(pipeline, config: ServeConfig | None = None):
             from .ui import mount_ui
 
             app = mount_ui(app, pipeline, worker, config)
+            app.state.ui = True
 
     return Gate(app, config.max_body_bytes, metrics)
 
 
-async def _run_model(worker: ModelWorker, work, request, *, prepare=None, token: CancelToken | None = None, watch_client: bool = True):
+async def _run_model(worker: ModelWorker, work, request, *, prepare=None, token: CancelToken | None = None, watch_client: bool = True,
+                     batched: bool = False):
     """``work`` on the model after admission (and after ``prepare``, which decodes the request's
-    images under the same admission); the model's own refusals become 400s."""
+    images under the same admission); ``batched``: ``work(token)`` hands the request to the chat
+    batcher and returns its future.  The model's own refusals become 400s."""
     from ..inference.engine import PromptTooLongError
 
+    run = worker.run_batched if batched else worker.run
     try:
-        return await worker.run(work, prepare=prepare, is_disconnected=request.is_disconnected if watch_client else None, token=token)
+        return await run(work, prepare=prepare, is_disconnected=request.is_disconnected if watch_client else None, token=token)
     except PromptTooLongError as e:
         raise APIError(400, str(e), param="messages", code="context_length_exceeded") from None
     except ValueError as e:  # bad sizes, empty texts and the like, found by the pipeline
@@ -340,13 +353,19 @@ async def _edit_fields(request, config: ServeConfig) -> tuple[dict, list]:
         except Exception as e:  # malformed multipart
             raise bad_request(f"the multipart body could not be parsed ({type(e).__name__})", code="invalid_multipart") from None
         uploads = [await f.read() for key in ("image", "image[]") for f in form.getlist(key) if hasattr(f, "read")]
-        fields = {k: v for k, v in form.items() if isinstance(v, str)}
+        fields = FormFields((k, v) for k, v in form.items() if isinstance(v, str))
+        if form.getlist("mask"):  # an uploaded mask file: the parser refuses it (no inpainting)
+            fields["mask"] = "(uploaded file)"
+        if fields.get("size") == "auto":  # auto = absent: the input's size
+            del fields["size"]
         return fields, uploads
     data = parse_json(await request.body())
     image = data.get("image")
     uploads = image if isinstance(image, list) else ([image] if image else [])
     if not all(isinstance(u, str) for u in uploads):
         raise bad_request("image: expected a data URL or a list of them", "image")
+    if data.get("size") == "auto":
+        del data["size"]
     return data, uploads
 
 

@@ -16,6 +16,7 @@ class ServeConfig:
     api_key: str | None = None  # required whenever host is not a loopback address
     max_concurrency: int = 1  # image requests running on the model at once (chat answers are batched: max_batch)
     max_batch: int = 8  # chat answers decoded together, one forward per step for all (1: one at a time)
+    max_image_batch: int = 4  # text-to-image images of one size and setting denoised together (1: one at a time)
     max_queue: int = 16  # requests waiting beyond those; more get 429
     request_timeout_s: float = 300.0  # queueing + running; past it: 504, and the work is cancelled
     max_body_bytes: int = 32 * 1024 * 1024
@@ -34,7 +35,7 @@ class ServeConfig:
     def __post_init__(self):
         if not is_loopback(self.host) and not self.api_key:
             raise ValueError(f"host {self.host!r} is reachable from other machines: set an API key (--api-key or UNIMEDVL_API_KEY)")
-        for name in ("max_concurrency", "max_batch", "max_images_per_request", "max_new_tokens", "max_images_generated", "max_steps"):
+        for name in ("max_concurrency", "max_batch", "max_image_batch", "max_images_per_request", "max_new_tokens", "max_images_generated", "max_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_queue < 0:

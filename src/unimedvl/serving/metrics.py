@@ -25,6 +25,10 @@ class Metrics:
         self.latency_count: dict[str, int] = defaultdict(int)
         self.completion_tokens = 0
         self.images_generated = 0
+        self.prefill_seconds = 0.0  # chat prompts put into context (images included)
+        self.decode_seconds = 0.0  # batched decoding steps
+        self.decode_steps = 0
+        self.decoded_tokens = 0  # sum over steps of the answers in the batch (mean batch = this / steps)
 
     def observe(self, route: str, status: int, seconds: float) -> None:
         with self._lock:
@@ -35,6 +39,16 @@ class Metrics:
     def add_tokens(self, n: int) -> None:
         with self._lock:
             self.completion_tokens += n
+
+    def add_prefill(self, seconds: float) -> None:
+        with self._lock:
+            self.prefill_seconds += seconds
+
+    def add_decode(self, seconds: float, batch: int) -> None:
+        with self._lock:
+            self.decode_seconds += seconds
+            self.decode_steps += 1
+            self.decoded_tokens += batch
 
     def add_images(self, n: int) -> None:
         with self._lock:
@@ -50,6 +64,13 @@ class Metrics:
                 lines.append(f'unimedvl_request_seconds_count{{route="{_label(r)}"}} {self.latency_count[r]}')
             lines += ["# TYPE unimedvl_completion_tokens_total counter", f"unimedvl_completion_tokens_total {self.completion_tokens}",
                       "# TYPE unimedvl_images_generated_total counter", f"unimedvl_images_generated_total {self.images_generated}",
+                      "# HELP unimedvl_prefill_seconds_total Time spent putting chat prompts into context.",
+                      "# TYPE unimedvl_prefill_seconds_total counter", f"unimedvl_prefill_seconds_total {self.prefill_seconds:.6f}",
+                      "# HELP unimedvl_decode_seconds_total Time spent in batched decoding steps.",
+                      "# TYPE unimedvl_decode_seconds_total counter", f"unimedvl_decode_seconds_total {self.decode_seconds:.6f}",
+                      "# TYPE unimedvl_decode_steps_total counter", f"unimedvl_decode_steps_total {self.decode_steps}",
+                      "# HELP unimedvl_decode_batch_tokens_total Answers advanced, summed over decoding steps (mean batch = this / steps).",
+                      "# TYPE unimedvl_decode_batch_tokens_total counter", f"unimedvl_decode_batch_tokens_total {self.decoded_tokens}",
                       "# TYPE unimedvl_requests_running gauge", f"unimedvl_requests_running {running}",
                       "# TYPE unimedvl_requests_queued gauge", f"unimedvl_requests_queued {queued}"]
         return "\n".join(lines) + "\n"

@@ -1,4 +1,18 @@
-"""Parsing and checking request bodies (OpenAI shapes), with errors that name the field and limit."""
+"""Parsing and checking request bodies (OpenAI shapes), with errors that name the field and limit.
+
+Each body is first checked against its pydantic model (:mod:`.api_models`: types, required fields,
+enumerations), then against the server's semantics here: limits of :class:`.config.ServeConfig`,
+the served model, and OpenAI parameters this server cannot honour.
+
+OpenAI parameters that would change the answer and are not implemented (penalties, logit biases,
+log probabilities, tools and functions, structured output, audio, predicted outputs, more than one
+choice, image quality/style/background/format options, inpainting masks...) are answered 400 with
+``param`` naming them and ``code`` ``unsupported_parameter`` - unless they hold their neutral value
+(``0``, ``{}``, ``[]``, ``false``, ``{"type": "text"}``, ``"auto"``, ``"png"``...), which asks for
+nothing this server does not do.  Silently ignoring them would give a client an answer it did not ask
+for.  Harmless bookkeeping (``user``, ``metadata``, ``store: false``, ``service_tier``) is accepted.
+Keys that are not parameters of OpenAI's API at all are accepted and ignored: clients send extras.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +23,7 @@ from dataclasses import dataclass, field
 
 from ..inference.presets import sampler_settings
 from .config import ServeConfig
+from .api_models import ChatCompletionRequest, ImageEditFields, ImageEditRequest, ImageGenerationRequest, validate
 from .errors import APIError, bad_request
 from .images import ReadOptions
 
@@ -91,18 +106,97 @@ class ChatRequest:
     top_p: float
     seed: int | None
     stream: bool
+    stop: tuple[str, ...] = ()  # the answer ends before the first of these (not included)
+    include_usage: bool = False  # stream_options.include_usage: a last chunk carries the usage
+
+
+class FormFields(dict):
+    """The text fields of a multipart request (every value a string: numbers are converted, and the
+    shape is checked without strict types)."""
+
+
+# OpenAI parameters this server does not implement: name -> (its neutral values, why it is refused)
+UNSUPPORTED_CHAT = {
+    "frequency_penalty": ((None, 0), "repetition penalties are not implemented"),
+    "presence_penalty": ((None, 0), "repetition penalties are not implemented"),
+    "logit_bias": ((None, {}), "token biases are not implemented"),
+    "logprobs": ((None, False), "log probabilities are not returned"),
+    "top_logprobs": ((None, 0), "log probabilities are not returned"),
+    "tools": ((None, []), "tool calling is not supported"),
+    "tool_choice": ((None, "none", "auto"), "tool calling is not supported"),
+    "functions": ((None, []), "function calling is not supported"),
+    "function_call": ((None, "none", "auto"), "function calling is not supported"),
+    "parallel_tool_calls": ((None, True), "tool calling is not supported"),
+    "response_format": ((None, {"type": "text"}), "structured output (JSON mode, JSON schemas) is not supported; answers are plain text"),
+    "audio": ((None,), "audio output is not supported"),
+    "modalities": ((None, ["text"]), "only text output is supported"),
+    "prediction": ((None,), "predicted outputs are not supported"),
+    "reasoning_effort": ((None,), "reasoning effort cannot be set for this model"),
+    "verbosity": ((None,), "answer verbosity cannot be set for this model"),
+    "web_search_options": ((None,), "web search is not available"),
+    "service_tier": ((None, "auto", "default"), "there is one service tier"),
+    "store": ((None, False), "completions are never stored"),
+}
+UNSUPPORTED_IMAGES = {
+    "quality": ((None, "auto", "standard"), "the model has one quality level"),
+    "style": ((None,), "style options are not supported (a sampler preset is chosen with `preset`)"),
+    "background": ((None, "auto", "opaque"), "images are always opaque"),
+    "output_format": ((None, "png"), "images are always PNG"),
+    "output_compression": ((None, 100), "images are always lossless PNG"),
+    "moderation": ((None, "auto"), "there is no moderation level to choose"),
+    "partial_images": ((None, 0), "partial images are not streamed"),
+    "stream": ((None, False), "image generation is not streamed"),
+}
+UNSUPPORTED_EDITS = {
+    "input_fidelity": ((None, "low"), "input fidelity cannot be chosen"),
+}
+
+
+def _is_neutral(value, neutral: tuple) -> bool:
+    if value is None:
+        return None in neutral
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):  # objects, lists, booleans: equal and same kind
+        return any(type(n) is type(value) and n == value for n in neutral)
+    if isinstance(value, (int, float)):
+        return any(type(n) in (int, float) and n == value for n in neutral)  # 0.0 is 0
+    # a string: the neutral string, or (a multipart form field) one that spells the neutral number or boolean
+    return value in {n if isinstance(n, str) else json.dumps(n) for n in neutral if n is not None}
+
+
+def check_unsupported(data: dict, table: dict) -> None:
+    """400 naming the first parameter of ``table`` that ``data`` gives a value other than a neutral one."""
+    for name, (neutral, why) in table.items():
+        if name in data and not _is_neutral(data[name], neutral):
+            allowed = [n if isinstance(n, str) else json.dumps(n) for n in neutral if n is not None]
+            only = f" (only {' or '.join(allowed)} is accepted)" if allowed else ""
+            raise bad_request(f"{name}: not supported by this server: {why}{only}", name, "unsupported_parameter")
+
+
+def _stop(data: dict) -> tuple[str, ...]:
+    stop = data.get("stop")
+    if stop is None:
+        return ()
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or not 1 <= len(stops) <= 4 or not all(isinstance(s, str) and s for s in stops):
+        raise bad_request("stop: expected a string or a list of 1 to 4 non-empty strings", "stop")
+    return tuple(stops)
 
 
 def parse_chat(data: dict, config: ServeConfig, served: str) -> ChatRequest:
+    validate(ChatCompletionRequest, data)
     check_model(data, served)
+    check_unsupported(data, UNSUPPORTED_CHAT)
+    if data.get("n") not in (None, 1):
+        raise bad_request("n: values other than 1 are not supported by this server: only 1 choice per request", "n",
+                          "unsupported_parameter")
     messages = data.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad_request("messages: expected a non-empty list", "messages")
     parsed, chars, n_images = [], 0, 0
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
-            raise bad_request(f"{where}: expected an object with role system, user or assistant", f"{where}.role")
+        if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant"):
+            raise bad_request(f"{where}: expected an object with role system, developer, user or assistant", f"{where}.role")
         content = m.get("content")
         texts, images = [], []
         if isinstance(content, str):
@@ -130,22 +224,26 @@ def parse_chat(data: dict, config: ServeConfig, served: str) -> ChatRequest:
             raise bad_request(f"{where}: the message has no text", f"{where}.content")
         chars += len(text)
         n_images += len(images)
-        parsed.append(ChatMessage(m["role"], text, images))
+        parsed.append(ChatMessage("system" if m["role"] == "developer" else m["role"], text, images))  # developer: OpenAI's new name
     if parsed[-1].role != "user":
         raise bad_request("messages: the last message must come from the user", "messages")
     if any(m.role == "system" for m in parsed[1:]):
-        raise bad_request("messages: a system message may only come first", "messages")
+        raise bad_request("messages: a system (or developer) message may only come first", "messages")
     if chars > config.max_prompt_chars:
         raise bad_request(f"messages: the prompt has {chars} characters; the limit is {config.max_prompt_chars} (max_prompt_chars)",
                           "messages", "prompt_too_long")
     if n_images > config.max_images_per_request:
         raise APIError(413, f"messages: {n_images} images; the limit is {config.max_images_per_request} per request "
                             "(max_images_per_request)", param="messages", code="too_many_images")
-    if data.get("n", 1) != 1:
-        raise bad_request("n: only 1 choice per request is supported", "n")
-    stream = data.get("stream", False)
+    stream = data.get("stream")
+    stream = False if stream is None else stream
     if not isinstance(stream, bool):
         raise bad_request("stream: expected true or false", "stream")
+    options = data.get("stream_options")
+    if options is not None and not stream:
+        raise bad_request("stream_options: only allowed when stream is true", "stream_options")
+    include_usage = bool((options or {}).get("include_usage"))
+    stop = _stop(data)
     seed = _seed(data, nullable=True)
     max_tokens = data.get("max_completion_tokens", data.get("max_tokens"))
     return ChatRequest(
@@ -154,7 +252,7 @@ def parse_chat(data: dict, config: ServeConfig, served: str) -> ChatRequest:
                            integer=True, hint=" (max_new_tokens limit)"),
         temperature=_number(data, "temperature", 0.1, 0.0, 2.0),
         top_p=_number(data, "top_p", 1.0, 1e-6, 1.0),
-        seed=seed, stream=stream,
+        seed=seed, stream=stream, stop=stop, include_usage=include_usage,
     )
 
 
@@ -175,7 +273,14 @@ _SIZE = re.compile(r"^(\d+)x(\d+)$")
 
 
 def parse_image_request(data: dict, config: ServeConfig, served: str, *, edit: bool = False, default_size: str | None = None) -> ImageRequest:
+    """An image generation or edit request (``data``: JSON, or :class:`FormFields` of a multipart edit).
+    ``size`` absent or ``auto`` is ``default_size``."""
+    form = isinstance(data, FormFields)
+    validate((ImageEditFields if form else ImageEditRequest) if edit else ImageGenerationRequest, data, strict=not form)
     check_model(data, served)
+    if edit and data.get("mask") is not None:
+        raise bad_request("mask: inpainting masks are not supported; the edit applies to the whole image", "mask", "unsupported_parameter")
+    check_unsupported(data, UNSUPPORTED_IMAGES | (UNSUPPORTED_EDITS if edit else {}))
     prompt = data.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
         raise bad_request("prompt: expected a non-empty string", "prompt")
@@ -185,7 +290,9 @@ def parse_image_request(data: dict, config: ServeConfig, served: str, *, edit: b
     fmt = data.get("response_format", "b64_json")
     if fmt not in (None, "b64_json"):
         raise bad_request("response_format: only b64_json is supported (images are never stored or served by URL)", "response_format")
-    size = data.get("size") or default_size or f"{config.max_image_side}x{config.max_image_side}"
+    size = data.get("size")
+    if size in (None, "", "auto"):
+        size = default_size or f"{config.max_image_side}x{config.max_image_side}"
     match = _SIZE.match(str(size))
     if not match:
         raise bad_request(f"size: expected WIDTHxHEIGHT, got {size!r}", "size")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, TypeVar
 
 from .errors import APIError
@@ -50,23 +50,38 @@ class CancelToken:
 
 
 class ModelWorker:
-    def __init__(self, max_concurrency: int, max_queue: int, timeout_s: float):
+    """Admission, timeouts and cancellation for model work: jobs on ``max_concurrency`` model
+    threads, and work that ``batchers`` run together (chat answers: :class:`.batcher.ChatBatcher`;
+    text-to-image: :class:`.image_batcher.ImageBatcher`; each has ``max_batch`` and ``active``).
+    ``capacity`` requests may be admitted at once: those that can run plus ``max_queue`` waiting."""
+
+    def __init__(self, max_concurrency: int, max_queue: int, timeout_s: float, batchers=()):
         self.max_concurrency, self.max_queue, self.timeout_s = max_concurrency, max_queue, timeout_s
+        self.batchers = tuple(batchers)
         self._executor = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="unimedvl-model")
         self._decoder = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="unimedvl-decode")
         self._lock = threading.Lock()
         self.admitted = 0  # queued + running
-        self.running = 0
+        self._running_jobs = 0  # image jobs on the model threads
+
+    @property
+    def running(self) -> int:
+        return self._running_jobs + sum(b.active for b in self.batchers)
 
     @property
     def queued(self) -> int:
         return max(0, self.admitted - self.running)
 
+    @property
+    def capacity(self) -> int:
+        return self.max_concurrency + sum(b.max_batch for b in self.batchers) + self.max_queue
+
     def admit(self) -> None:
         with self._lock:
-            if self.admitted >= self.max_concurrency + self.max_queue:
+            if self.admitted >= self.capacity:
+                batch = "".join(f", {b.name} batch {b.max_batch}" for b in self.batchers)
                 raise APIError(429, f"the server is busy: {self.running} request(s) running and {self.queued} queued "
-                                    f"(max_concurrency {self.max_concurrency}, max_queue {self.max_queue}); retry later",
+                                    f"(max_concurrency {self.max_concurrency}{batch}, max_queue {self.max_queue}); retry later",
                                code="queue_full", headers={"Retry-After": "1"})
             self.admitted += 1
 
@@ -82,7 +97,7 @@ class ModelWorker:
 
     def _run(self, fn: Callable[[CancelToken], T], token: CancelToken, deadline: float) -> T:
         with self._lock:
-            self.running += 1
+            self._running_jobs += 1
         try:
             if time.monotonic() > deadline:
                 token.cancel("timed out in the queue")
@@ -90,7 +105,7 @@ class ModelWorker:
             return fn(token)
         finally:
             with self._lock:
-                self.running -= 1
+                self._running_jobs -= 1
 
     def _timeout_error(self) -> APIError:
         return APIError(504, f"the request took longer than request_timeout_s ({self.timeout_s:g} s) and was cancelled", code="timeout")
@@ -110,6 +125,23 @@ class ModelWorker:
                                  token, deadline, is_disconnected)
             return await self._wait(loop.run_in_executor(self._executor, self._run, fn, token, deadline),
                                     token, deadline, is_disconnected)
+        finally:
+            self.release()
+
+    async def run_batched(self, submit: Callable[[CancelToken], "Future"], *, prepare: Callable[[], object] | None = None,
+                          is_disconnected: Callable | None = None, token: CancelToken | None = None):
+        """As :meth:`run`, for work that ``submit(token)`` hands to the batcher (returning its
+        future): admission, ``prepare`` on a decoding thread, then the batcher's result, with the
+        same timeout, disconnect and cancellation rules."""
+        self.admit()
+        token = token or CancelToken()
+        deadline = time.monotonic() + self.timeout_s
+        try:
+            loop = asyncio.get_running_loop()
+            if prepare is not None:
+                await self._wait(loop.run_in_executor(self._decoder, self._prepare, prepare, token, deadline),
+                                 token, deadline, is_disconnected)
+            return await self._wait(asyncio.wrap_future(submit(token)), token, deadline, is_disconnected)
         finally:
             self.release()
 
@@ -159,6 +191,8 @@ class ModelWorker:
             raise
 
     def shutdown(self) -> None:
+        for batcher in self.batchers:
+            batcher.shutdown()
         self._decoder.shutdown(wait=False, cancel_futures=True)
         self._executor.shutdown(wait=False, cancel_futures=True)
 
