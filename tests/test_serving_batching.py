@@ -279,3 +279,48 @@ def test_health_counts_batched_answers_as_running(batched):
         stop.set()
         watcher.join()
     assert max(seen) >= 1 and httpx.get(batched.url + "/health").json()["running"] == 0
+
+
+# ---- one model thread --------------------------------------------------------------------------------
+
+
+def test_every_forward_of_the_server_runs_on_its_model_thread(pipe, monkeypatch):
+    """Chat prefill and decoding, text-to-image denoising and edits all run on one thread (one
+    OpenMP team on a CPU), the one given to create_app."""
+    from unimedvl.serving import ServeConfig, create_app
+    from unimedvl.serving.model_thread import ModelThread
+
+    seen: set[str] = set()
+    forward = pipe.engine.forward
+
+    def recording_forward(*args, **kwargs):
+        seen.add(threading.current_thread().name)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(pipe.engine, "forward", recording_forward)
+    model_thread = ModelThread(name="the-model-thread")
+    app = create_app(pipe, ServeConfig(max_image_side=32, min_image_side=16, max_steps=2, ui=False), model_thread=model_thread)
+    server = RunningServer(app, free_port())
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            chats = [pool.submit(post, server, body(i, image=i == 0, max_tokens=3)) for i in range(3)]
+            [c.result() for c in chats]
+        r = httpx.post(server.url + "/v1/images/generations", json={"prompt": "axial brain MRI", "size": "32x32", "steps": 2}, timeout=120)
+        assert r.status_code == 200, r.text
+        r = httpx.post(server.url + "/v1/images/edits", json={"image": png_data_url(1), "prompt": "Translate to FLAIR.", "steps": 2}, timeout=120)
+        assert r.status_code == 200, r.text
+    finally:
+        server.stop()
+    assert seen == {"the-model-thread"}
+    assert model_thread.run(lambda: threading.current_thread().name) == "the-model-thread"  # it outlives an app it was given to
+
+
+def test_the_model_thread_returns_results_raises_errors_and_runs_nested_calls_inline():
+    from unimedvl.serving.model_thread import ModelThread
+
+    thread = ModelThread()
+    assert thread.run(lambda a, b=0: a + b, 2, b=3) == 5
+    with pytest.raises(KeyError, match="missing"):
+        thread.run(lambda: {}["missing"])
+    assert thread.run(lambda: thread.run(lambda: threading.current_thread().name)) == "unimedvl-model"  # no deadlock
+    thread.shutdown()

@@ -24,7 +24,7 @@ def serve(
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="UNIMEDVL_API_KEY", help="Bearer key required on /v1, /metrics and /ui."),
     max_concurrency: int = typer.Option(1, "--max-concurrency", help="Requests running on the model at once."),
     max_queue: int = typer.Option(16, "--max-queue", help="Requests waiting beyond those; more are refused with 429."),
-    max_batch: int = typer.Option(8, "--max-batch", help="Chat answers decoded together, one forward per step for all (1: one at a time)."),
+    max_batch: int = typer.Option(16, "--max-batch", help="Chat answers decoded together, one forward per step for all (1: one at a time)."),
     max_image_batch: int = typer.Option(4, "--max-image-batch",
                                         help="Text-to-image images of one size and setting denoised together (1: one at a time)."),
     timeout: float = typer.Option(300.0, "--timeout", help="Seconds a request may queue and run before it is cancelled (504)."),
@@ -55,9 +55,12 @@ def serve(
     except ValueError as e:
         fail(str(e))
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    pipe = load_pipeline(model, device, dtype, read_options(), quantize=quantize,
-                         device_map=device_map, max_memory=max_memory)
-    application = create_app(pipe, config)
+    from ..serving.model_thread import ModelThread
+
+    model_thread = ModelThread()  # loads the model and runs every forward (one OpenMP team: see serving.model_thread)
+    pipe = model_thread.run(load_pipeline, model, device, dtype, read_options(), quantize=quantize,
+                            device_map=device_map, max_memory=max_memory)
+    application = create_app(pipe, config, model_thread=model_thread)
     typer.echo(startup_line(pipe.name, host, port, ui=application.app.state.ui, api_key=bool(api_key)))
     # uvicorn's access lines could carry query strings; ours carry the route template, status and latency
     uvicorn.run(application, host=host, port=port, log_level="info", access_log=False, log_config=uvicorn_log_config())

@@ -35,6 +35,7 @@ from .api_models import document_routes
 from .schemas import ChatRequest, FormFields, parse_chat, parse_image_request, parse_json
 from .batcher import ChatBatcher, ChatJob
 from .image_batcher import ImageBatcher, ImageJob
+from .model_thread import ModelThread
 from .worker import CancelToken, ModelWorker, _collect
 
 log = logging.getLogger("unimedvl.serve")
@@ -139,19 +140,25 @@ async def _send_error(send, error: APIError) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def create_app(pipeline, config: ServeConfig | None = None):
-    """The FastAPI application serving ``pipeline`` (loaded once, by the caller)."""
+def create_app(pipeline, config: ServeConfig | None = None, model_thread: ModelThread | None = None):
+    """The FastAPI application serving ``pipeline`` (loaded once, by the caller - best on
+    ``model_thread``, the thread that will run it: see :mod:`.model_thread`)."""
     config = config or ServeConfig()
     metrics = Metrics()
-    batcher = ChatBatcher(pipeline, config.max_batch, metrics)
-    image_batcher = ImageBatcher(pipeline, config.max_image_batch)
-    worker = ModelWorker(config.max_concurrency, config.max_queue, config.request_timeout_s, batchers=(batcher, image_batcher))
+    owned = model_thread is None  # a thread made here ends with the app; a caller's outlives it
+    model_thread = model_thread or ModelThread()
+    batcher = ChatBatcher(pipeline, config.max_batch, metrics, model_thread=model_thread)
+    image_batcher = ImageBatcher(pipeline, config.max_image_batch, model_thread=model_thread)
+    worker = ModelWorker(config.max_concurrency, config.max_queue, config.request_timeout_s, batchers=(batcher, image_batcher),
+                         model_thread=model_thread)
     served = pipeline.name
     started = int(time.time())
     @asynccontextmanager
     async def lifespan(_app):
         yield
         worker.shutdown()
+        if owned:
+            model_thread.shutdown()
 
     app = FastAPI(title="UniMedVL", version=__version__, lifespan=lifespan,
                   description="Medical image understanding and generation. Outputs are not for clinical use; generated images are synthetic.")

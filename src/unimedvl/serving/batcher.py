@@ -84,10 +84,11 @@ class ChatBatcher:
     def tokenizer(self):
         return self.pipeline.tokenizer
 
-    def __init__(self, pipeline, max_batch: int, metrics=None):
+    def __init__(self, pipeline, max_batch: int, metrics=None, model_thread=None):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.pipeline, self.max_batch, self.metrics = pipeline, max_batch, metrics
+        self.model_thread = model_thread  # a .model_thread.ModelThread: prefills and steps run there
         self._waiting: deque[ChatJob] = deque()
         self._running: list[_Answer] = []
         self._wake = threading.Condition()
@@ -124,21 +125,28 @@ class ChatBatcher:
                 if self._stopped:
                     break
                 joining = [self._waiting.popleft() for _ in range(min(len(self._waiting), self.max_batch - len(self._running)))]
-            for job in joining:
-                self._join(job)
-            self._drop_cancelled()
-            if self._running:
-                try:
-                    self._step()
-                except Exception as e:  # noqa: BLE001 - a failed forward fails the answers in it, not the server
-                    log.error("a decoding step failed", exc_info=True)
-                    for answer in self._running:
-                        _fail(answer.job, e)
-                    self._running = []
+            if self.model_thread is None:
+                self._cycle(joining)
+            else:
+                self.model_thread.run(self._cycle, joining)
         for answer in self._running:
             _fail(answer.job, Cancelled("the server is shutting down"))
         for job in self._waiting:
             _fail(job, Cancelled("the server is shutting down"))
+
+    def _cycle(self, joining: list[ChatJob]) -> None:
+        """Prefill the joining jobs, drop the cancelled answers, then one decoding step for all."""
+        for job in joining:
+            self._join(job)
+        self._drop_cancelled()
+        if self._running:
+            try:
+                self._step()
+            except Exception as e:  # noqa: BLE001 - a failed forward fails the answers in it, not the server
+                log.error("a decoding step failed", exc_info=True)
+                for answer in self._running:
+                    _fail(answer.job, e)
+                self._running = []
 
     def _join(self, job: ChatJob) -> None:
         """Prefill ``job``'s transcript and add it to the batch (or end it with its error)."""

@@ -15,7 +15,7 @@ class ServeConfig:
     port: int = 8000
     api_key: str | None = None  # required whenever host is not a loopback address
     max_concurrency: int = 1  # image requests running on the model at once (chat answers are batched: max_batch)
-    max_batch: int = 8  # chat answers decoded together, one forward per step for all (1: one at a time)
+    max_batch: int = 16  # chat answers decoded together, one forward per step for all (1: one at a time)
     max_image_batch: int = 4  # text-to-image images of one size and setting denoised together (1: one at a time)
     max_queue: int = 16  # requests waiting beyond those; more get 429
     request_timeout_s: float = 300.0  # queueing + running; past it: 504, and the work is cancelled

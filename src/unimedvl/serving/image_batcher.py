@@ -40,10 +40,11 @@ class ImageJob:
 class ImageBatcher:
     name = "image"
 
-    def __init__(self, pipeline, max_batch: int):
+    def __init__(self, pipeline, max_batch: int, model_thread=None):
         if max_batch < 1:
             raise ValueError(f"max_image_batch must be >= 1, got {max_batch}")
         self.pipeline, self.max_batch = pipeline, max_batch
+        self.model_thread = model_thread  # a .model_thread.ModelThread: the denoising runs there
         self._waiting: deque[ImageJob] = deque()
         self._wake = threading.Condition()
         self._stopped = False
@@ -94,7 +95,10 @@ class ImageBatcher:
                 _fail(job, Cancelled(job.token.reason))
             group = [job for job in group if not job.token.cancelled]
             if group:
-                self._run(group)
+                if self.model_thread is None:
+                    self._run(group)
+                else:
+                    self.model_thread.run(self._run, group)
         for job in self._waiting:
             _fail(job, Cancelled("the server is shutting down"))
 

@@ -55,9 +55,10 @@ class ModelWorker:
     text-to-image: :class:`.image_batcher.ImageBatcher`; each has ``max_batch`` and ``active``).
     ``capacity`` requests may be admitted at once: those that can run plus ``max_queue`` waiting."""
 
-    def __init__(self, max_concurrency: int, max_queue: int, timeout_s: float, batchers=()):
+    def __init__(self, max_concurrency: int, max_queue: int, timeout_s: float, batchers=(), model_thread=None):
         self.max_concurrency, self.max_queue, self.timeout_s = max_concurrency, max_queue, timeout_s
         self.batchers = tuple(batchers)
+        self.model_thread = model_thread  # a .model_thread.ModelThread: jobs' model work runs there, in turn with the batches
         self._executor = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="unimedvl-model")
         self._decoder = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="unimedvl-decode")
         self._lock = threading.Lock()
@@ -102,7 +103,7 @@ class ModelWorker:
             if time.monotonic() > deadline:
                 token.cancel("timed out in the queue")
             token.check()
-            return fn(token)
+            return fn(token) if self.model_thread is None else self.model_thread.run(fn, token)
         finally:
             with self._lock:
                 self._running_jobs -= 1
