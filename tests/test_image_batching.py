@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import io
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np

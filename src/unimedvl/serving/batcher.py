@@ -16,9 +16,7 @@ every text token and every image token, plus the ``<|im_start|>`` that opens the
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable
@@ -27,7 +25,9 @@ import torch
 
 from ..inference.conversation import raw_text
 from ..inference.engine import Sampler
+from .chat import replay_earlier_turns
 from .schemas import ChatRequest
+from .batch_queue import BatchQueue
 from .worker import Cancelled, CancelToken
 
 log = logging.getLogger("unimedvl.serve")
@@ -71,7 +71,7 @@ def held_back(text: str, stops: tuple[str, ...]) -> int:
     return longest
 
 
-class ChatBatcher:
+class ChatBatcher(BatchQueue):
     """Decodes up to ``max_batch`` chat answers together on its own thread (see the module text)."""
 
     name = "chat"
@@ -85,16 +85,13 @@ class ChatBatcher:
         return self.pipeline.tokenizer
 
     def __init__(self, pipeline, max_batch: int, metrics=None, model_thread=None):
+        super().__init__("unimedvl-batcher")
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.pipeline, self.max_batch, self.metrics = pipeline, max_batch, metrics
         self.model_thread = model_thread  # a .model_thread.ModelThread: prefills and steps run there
-        self._waiting: deque[ChatJob] = deque()
         self._running: list[_Answer] = []
-        self._wake = threading.Condition()
-        self._stopped = False
-        self._thread = threading.Thread(target=self._loop, name="unimedvl-batcher", daemon=True)
-        self._thread.start()
+        self._start()
 
     # ---- the caller's side -----------------------------------------------------------------------
     @property
@@ -102,19 +99,6 @@ class ChatBatcher:
         """Answers in the batch now (the waiting ones are the worker's queue)."""
         return len(self._running)
 
-    def submit(self, job: ChatJob) -> Future:
-        with self._wake:
-            if self._stopped:
-                raise RuntimeError("the server is shutting down")
-            self._waiting.append(job)
-            self._wake.notify()
-        return job.future
-
-    def shutdown(self) -> None:
-        with self._wake:
-            self._stopped = True
-            self._wake.notify()
-        self._thread.join(timeout=5)
 
     # ---- the batch thread ----------------------------------------------------------------------
     def _loop(self) -> None:
@@ -169,15 +153,7 @@ class ChatBatcher:
 
     def _prefill(self, job: ChatJob) -> _Answer:
         req = job.request
-        conv = self.pipeline.chat()
-        for m in req.messages[:-1]:
-            if m.role == "system":
-                conv.add_system(m.text)
-            elif m.role == "user":
-                conv.add_user(m.text, m.images)
-            else:
-                conv.add_assistant(m.text)
-            job.token.check()
+        conv = replay_earlier_turns(self.pipeline, req, job.token)
         last = req.messages[-1]
         ctx = conv.add_user(last.text, last.images)
         # the answer's first forward feeds <|im_start|>; a token needs a position, so the limit is

@@ -10,11 +10,8 @@ from .schemas import ChatRequest
 from .worker import CancelToken
 
 
-def answer_chat(pipeline, req: ChatRequest, token: CancelToken, *, on_start: Callable[[], None] | None = None,
-                on_piece: Callable[[str], None] | None = None) -> dict:
-    """``{"text", "finish_reason", "usage"}`` for ``req`` (images already decoded).  ``on_start`` is
-    called once the prompt is in context (errors such as an over-long prompt come before it);
-    ``on_piece`` with every text piece as it is decoded."""
+def replay_earlier_turns(pipeline, req: ChatRequest, token: CancelToken):
+    """A conversation holding every turn of ``req`` but the last (the user turn to answer)."""
     conv = pipeline.chat()
     for m in req.messages[:-1]:
         if m.role == "system":
@@ -24,6 +21,15 @@ def answer_chat(pipeline, req: ChatRequest, token: CancelToken, *, on_start: Cal
         else:
             conv.add_assistant(m.text)
         token.check()
+    return conv
+
+
+def answer_chat(pipeline, req: ChatRequest, token: CancelToken, *, on_start: Callable[[], None] | None = None,
+                on_piece: Callable[[str], None] | None = None) -> dict:
+    """``{"text", "finish_reason", "usage"}`` for ``req`` (images already decoded).  ``on_start`` is
+    called once the prompt is in context (errors such as an over-long prompt come before it);
+    ``on_piece`` with every text piece as it is decoded."""
+    conv = replay_earlier_turns(pipeline, req, token)
     last = req.messages[-1]
     stream = pipeline.ask(last.images, last.text, history=conv, max_new_tokens=req.max_tokens, temperature=req.temperature,
                           top_p=req.top_p, seed=req.seed, stream=True)

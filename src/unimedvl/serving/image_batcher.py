@@ -12,12 +12,12 @@ gone) leaves the batch at the next step; the others go on.
 from __future__ import annotations
 
 import logging
-import threading
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from .schemas import ImageRequest
+from .batch_queue import BatchQueue
 from .worker import Cancelled, CancelToken
 
 log = logging.getLogger("unimedvl.serve")
@@ -37,36 +37,20 @@ class ImageJob:
         return (r.width, r.height, r.preset, r.steps, r.guidance)
 
 
-class ImageBatcher:
+class ImageBatcher(BatchQueue):
     name = "image"
 
     def __init__(self, pipeline, max_batch: int, model_thread=None):
+        super().__init__("unimedvl-images")
         if max_batch < 1:
             raise ValueError(f"max_image_batch must be >= 1, got {max_batch}")
         self.pipeline, self.max_batch = pipeline, max_batch
         self.model_thread = model_thread  # a .model_thread.ModelThread: the denoising runs there
-        self._waiting: deque[ImageJob] = deque()
-        self._wake = threading.Condition()
-        self._stopped = False
         self.active = 0  # images being denoised now
         self.batches = 0  # batches run (tests and metrics read them)
         self.largest_batch = 0
-        self._thread = threading.Thread(target=self._loop, name="unimedvl-images", daemon=True)
-        self._thread.start()
+        self._start()
 
-    def submit(self, job: ImageJob) -> Future:
-        with self._wake:
-            if self._stopped:
-                raise RuntimeError("the server is shutting down")
-            self._waiting.append(job)
-            self._wake.notify()
-        return job.future
-
-    def shutdown(self) -> None:
-        with self._wake:
-            self._stopped = True
-            self._wake.notify()
-        self._thread.join(timeout=5)
 
     def _take(self) -> list[ImageJob]:
         """The oldest waiting job and the waiting jobs that share its setting, within max_batch images."""
