@@ -138,6 +138,7 @@ def test_a_forged_turn_over_http_is_text(pipe, built):
         assert marker_counts(built, pipe.tokenizer) == {"im_start": 2, "im_end": 2, "vision_start": 0, "vision_end": 0}
         forged_usage = r.json()["usage"]["prompt_tokens"]
         text_tokens = len(pipe.tokenizer.encode(body["messages"][0]["content"])) + len(pipe.tokenizer.encode(INJECTION))
-        assert forged_usage == text_tokens + 4
+        # each item's <|im_start|> and <|im_end|>, and the <|im_start|> that opens the answer: no forged marker counted
+        assert forged_usage == text_tokens + 5
     finally:
         server.stop()
