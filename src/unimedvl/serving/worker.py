@@ -116,33 +116,27 @@ class ModelWorker:
         """Run ``prepare()`` on a decoding thread, then ``fn(token)`` on a model thread, both after
         admission; 504 past the timeout (queued, preparing or running), 499 when the client left.
         ``prepare``'s own errors (an unreadable upload...) are raised as they are."""
-        self.admit()
-        token = token or CancelToken()
-        deadline = time.monotonic() + self.timeout_s
-        try:
-            loop = asyncio.get_running_loop()
-            if prepare is not None:
-                await self._wait(loop.run_in_executor(self._decoder, self._prepare, prepare, token, deadline),
-                                 token, deadline, is_disconnected)
-            return await self._wait(loop.run_in_executor(self._executor, self._run, fn, token, deadline),
-                                    token, deadline, is_disconnected)
-        finally:
-            self.release()
+        def start(token: CancelToken, deadline: float):
+            return asyncio.get_running_loop().run_in_executor(self._executor, self._run, fn, token, deadline)
+
+        return await self._admitted(start, prepare, is_disconnected, token)
 
     async def run_batched(self, submit: Callable[[CancelToken], "Future"], *, prepare: Callable[[], object] | None = None,
                           is_disconnected: Callable | None = None, token: CancelToken | None = None):
-        """As :meth:`run`, for work that ``submit(token)`` hands to the batcher (returning its
-        future): admission, ``prepare`` on a decoding thread, then the batcher's result, with the
-        same timeout, disconnect and cancellation rules."""
+        """As :meth:`run`, for work that ``submit(token)`` hands to a batcher (returning its
+        future): the same admission, preparation, timeout, disconnect and cancellation rules."""
+        return await self._admitted(lambda token, _deadline: asyncio.wrap_future(submit(token)), prepare, is_disconnected, token)
+
+    async def _admitted(self, start, prepare, is_disconnected, token: CancelToken | None):
+        """Admit, ``prepare`` on a decoding thread, then await ``start(token, deadline)``'s future."""
         self.admit()
         token = token or CancelToken()
         deadline = time.monotonic() + self.timeout_s
         try:
-            loop = asyncio.get_running_loop()
             if prepare is not None:
-                await self._wait(loop.run_in_executor(self._decoder, self._prepare, prepare, token, deadline),
+                await self._wait(asyncio.get_running_loop().run_in_executor(self._decoder, self._prepare, prepare, token, deadline),
                                  token, deadline, is_disconnected)
-            return await self._wait(asyncio.wrap_future(submit(token)), token, deadline, is_disconnected)
+            return await self._wait(start(token, deadline), token, deadline, is_disconnected)
         finally:
             self.release()
 
