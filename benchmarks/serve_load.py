@@ -369,6 +369,7 @@ def main() -> None:
     ap.add_argument("--workloads", default="text,image", help="comma-separated subset of text,image")
     ap.add_argument("--timeout", type=float, default=1800, help="server request timeout and client timeout, seconds")
     ap.add_argument("--no-floors", action="store_true", help="skip the bandwidth/matmul floor measurement")
+    ap.add_argument("--malloc-mmap-threshold", type=int, help="as `unimedvl serve --malloc-mmap-threshold` (default: its default; 0: glibc's adaptive threshold)")
     ap.add_argument("--out", type=Path, help="also write the JSON here (atomically)")
     args = ap.parse_args()
     workloads = [w for w in args.workloads.split(",") if w]
@@ -386,8 +387,13 @@ def main() -> None:
     t_start = time.perf_counter()
     import torch
 
+    from unimedvl.serving import ServeConfig
+    from unimedvl.serving.host_memory import apply_host_memory_policy
     from unimedvl.serving.model_thread import ModelThread
 
+    # the host allocator policy of `unimedvl serve` (process-wide: both settings run under it)
+    threshold = ServeConfig(ui=False).malloc_mmap_threshold if args.malloc_mmap_threshold is None else (args.malloc_mmap_threshold or None)
+    malloc_policy = apply_host_memory_policy(ServeConfig(ui=False, malloc_mmap_threshold=threshold))
     # the model is built, and every forward runs, on one thread, as `unimedvl serve` does it
     model_thread = ModelThread()
     if args.threads:
@@ -403,7 +409,8 @@ def main() -> None:
                         "settings": [1, args.batch], "workloads": {w: {"max_tokens": WORKLOADS[w], "temperature": 0} for w in workloads},
                         "question_example": question(0, 0),
                         "question_tokens": len(pipeline.tokenizer.encode(question(0, 0))),
-                        "image": image, "rss_mb_after_load": round(rss_mb(), 1)}
+                        "image": image, "rss_mb_after_load": round(rss_mb(), 1),
+                        "malloc_mmap_threshold": threshold if malloc_policy else None}
     if image:
         log(f"image workload: {image['sent_px']} px -> {image['model_px']} -> {image['vit_patches']} ViT patches")
     runs = {}

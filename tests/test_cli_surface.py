@@ -34,6 +34,8 @@ ADDED = {
     # continuous batching of chat answers
     "serve --max-batch",
     "serve --max-image-batch",
+    # the host allocator policy that keeps the server's RSS flat
+    "serve --malloc-mmap-threshold",
 }
 
 # (command, parameter) -> new default: dtype "auto" (one precision policy); image-sampler fields

@@ -35,6 +35,9 @@ def serve(
     max_volume_voxels: int = typer.Option(1024 * 1024 * 512, "--max-volume-voxels",
                                           help="Largest uploaded NIfTI volume, from its header (413); only the asked slice is decoded."),
     no_ui: bool = typer.Option(False, "--no-ui", help="Serve the API only."),
+    malloc_mmap_threshold: int = typer.Option(256 * 1024, "--malloc-mmap-threshold",
+                                              help="Host allocations of at least this many bytes go back to the OS when freed (glibc; "
+                                                   "keeps RSS flat under image load). 0: glibc's adaptive threshold."),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     quantize: Optional[str] = QuantizeOpt,
@@ -51,12 +54,15 @@ def serve(
         config = ServeConfig(host=host, port=port, api_key=api_key, max_concurrency=max_concurrency, max_queue=max_queue, max_batch=max_batch,
                              max_image_batch=max_image_batch,
                              request_timeout_s=timeout, allowed_file_roots=tuple(allow_files), max_image_side=max_image_side,
-                             max_image_pixels=max_image_pixels, max_volume_voxels=max_volume_voxels, ui=not no_ui)
+                             max_image_pixels=max_image_pixels, max_volume_voxels=max_volume_voxels, ui=not no_ui,
+                             malloc_mmap_threshold=malloc_mmap_threshold or None)
     except ValueError as e:
         fail(str(e))
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    from ..serving.host_memory import apply_host_memory_policy
     from ..serving.model_thread import ModelThread
 
+    apply_host_memory_policy(config)  # process-wide, before the model's allocations
     model_thread = ModelThread()  # loads the model and runs every forward (one OpenMP team: see serving.model_thread)
     pipe = model_thread.run(load_pipeline, model, device, dtype, read_options(), quantize=quantize,
                             device_map=device_map, max_memory=max_memory)

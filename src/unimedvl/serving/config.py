@@ -8,6 +8,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .host_memory import DEFAULT_MMAP_THRESHOLD, MAX_MMAP_THRESHOLD
+
 
 @dataclass
 class ServeConfig:
@@ -31,6 +33,10 @@ class ServeConfig:
     max_steps: int = 100
     allowed_file_roots: tuple[Path, ...] = field(default_factory=tuple)  # local files image_url may name
     ui: bool = True  # mount the web UI at /ui
+    # host allocations at least this large are mapped and returned to the OS when freed (glibc;
+    # see serving.host_memory); None leaves glibc's adaptive threshold, under which freed prefill
+    # activations stay resident and RSS creeps up request after request
+    malloc_mmap_threshold: int | None = DEFAULT_MMAP_THRESHOLD
 
     def __post_init__(self):
         if not is_loopback(self.host) and not self.api_key:
@@ -49,6 +55,9 @@ class ServeConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.min_image_side > self.max_image_side:
             raise ValueError(f"min_image_side ({self.min_image_side}) is larger than max_image_side ({self.max_image_side})")
+        threshold = self.malloc_mmap_threshold
+        if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, int) or not 1 <= threshold <= MAX_MMAP_THRESHOLD):
+            raise ValueError(f"malloc_mmap_threshold must be None or 1..{MAX_MMAP_THRESHOLD} bytes, got {self.malloc_mmap_threshold}")
         self.allowed_file_roots = tuple(Path(p).resolve() for p in self.allowed_file_roots)
 
 
