@@ -230,6 +230,8 @@ async def load(url: str, workload: str, image_url: str | None, clients: int, sec
 
 
 def measured_run(server_url: str, workload: str, image_url: str | None, args) -> dict:
+    from unimedvl.serving.host_memory import malloc_stats
+
     before = scrape(server_url)
     result = asyncio.run(load(server_url, workload, image_url, args.clients, args.seconds, None, args.timeout))
     after = scrape(server_url)
@@ -249,7 +251,8 @@ def measured_run(server_url: str, workload: str, image_url: str | None, args) ->
                    "decode_s": None if decode_s is None else round(decode_s, 3), "prefill_share": share,
                    "prefill_s_per_request": round(prefill_s / ok, 4) if prefill_s is not None and ok else None,
                    "mean_decode_batch": round(advanced / steps, 2) if steps and advanced is not None else None,
-                   "metrics_scraped": before is not None and after is not None, "rss_mb": round(rss_mb(), 1)})
+                   "metrics_scraped": before is not None and after is not None, "rss_mb": round(rss_mb(), 1),
+                   "malloc_mb": malloc_stats()})
     return result
 
 
@@ -271,7 +274,7 @@ def serve_setting(pipeline, max_batch: int, workloads: list[str], image_url: str
                 runs.append({"run": i + 1, **r})
                 log(f"max_batch {max_batch} {workload} run {i + 1}/{args.runs}: {r['tokens_per_s']} tok/s, "
                     f"{r['requests_per_s']} req/s, p50 {r['p50_s']} s, p99 {r['p99_s']} s, errors {r['errors']}, "
-                    f"prefill share {r['prefill_share']}, RSS {r['rss_mb']} MB, wall {r['wall_s']} s")
+                    f"prefill share {r['prefill_share']}, RSS {r['rss_mb']} MB (malloc {r['malloc_mb']}), wall {r['wall_s']} s")
             out[workload] = runs
     finally:
         server.stop()
@@ -388,14 +391,14 @@ def main() -> None:
     import torch
 
     from unimedvl.serving import ServeConfig
-    from unimedvl.serving.host_memory import apply_host_memory_policy
+    from unimedvl.serving.host_memory import apply_host_memory_policy, model_thread_trimmer
     from unimedvl.serving.model_thread import ModelThread
 
     # the host allocator policy of `unimedvl serve` (process-wide: both settings run under it)
     threshold = ServeConfig(ui=False).malloc_mmap_threshold if args.malloc_mmap_threshold is None else (args.malloc_mmap_threshold or None)
     malloc_policy = apply_host_memory_policy(ServeConfig(ui=False, malloc_mmap_threshold=threshold))
     # the model is built, and every forward runs, on one thread, as `unimedvl serve` does it
-    model_thread = ModelThread()
+    model_thread = ModelThread(after_call=model_thread_trimmer(ServeConfig(ui=False)))
     if args.threads:
         model_thread.run(torch.set_num_threads, args.threads)
     result: dict = {"machine": machine(args)}
@@ -410,7 +413,8 @@ def main() -> None:
                         "question_example": question(0, 0),
                         "question_tokens": len(pipeline.tokenizer.encode(question(0, 0))),
                         "image": image, "rss_mb_after_load": round(rss_mb(), 1),
-                        "malloc_mmap_threshold": threshold if malloc_policy else None}
+                        "malloc_mmap_threshold": threshold if malloc_policy else None,
+                        "malloc_trim_interval_s": ServeConfig(ui=False).malloc_trim_interval_s}
     if image:
         log(f"image workload: {image['sent_px']} px -> {image['model_px']} -> {image['vit_patches']} ViT patches")
     runs = {}

@@ -69,3 +69,67 @@ def test_serve_refuses_a_bad_threshold_before_loading_anything(tmp_path):
     result = CliRunner().invoke(app, ["serve", "--model", str(tmp_path / "absent"), "--malloc-mmap-threshold", str(64 * 2**20)])
     assert result.exit_code != 0
     assert "malloc_mmap_threshold" in result.output and "absent" not in result.output
+
+
+TRIM_SCRIPT = """
+import json, torch
+from unimedvl.serving.host_memory import MallocTrimmer, malloc_stats
+
+def rss_mb():
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) / 1024 for l in f if l.startswith("VmRSS:"))
+
+blocks = [torch.ones(1024, dtype=torch.float32) for _ in range(60000)]  # 4 KiB each, from malloc's arena
+keep = blocks[::50]  # a few stay alive, spread over the arena
+del blocks
+before, free = rss_mb(), malloc_stats()["free"]
+trim = MallocTrimmer(1e-9)
+trim()
+print(json.dumps({"free_mb": free, "released_mb": before - rss_mb(), "trims": trim.trims}))
+"""
+
+
+@pytest.mark.skipif(_glibc() is None or not sys.platform.startswith("linux"), reason="glibc's malloc only")
+def test_trimmer_hands_free_arena_memory_back():
+    out = subprocess.run([sys.executable, "-c", TRIM_SCRIPT], capture_output=True, text=True, timeout=120, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["trims"] == 1
+    assert result["free_mb"] > 150  # ~230 MB freed but kept by malloc between the live blocks
+    assert result["released_mb"] > 100
+
+
+def test_trimmer_runs_at_most_once_per_interval():
+    from unimedvl.serving.host_memory import MallocTrimmer
+
+    trim = MallocTrimmer(3600)
+    for _ in range(5):
+        trim()
+    assert trim.trims == 0
+    with pytest.raises(ValueError, match="trim interval"):
+        MallocTrimmer(0)
+    with pytest.raises(ValueError, match="malloc_trim_interval_s"):
+        ServeConfig(malloc_trim_interval_s=-1)
+
+
+def test_model_thread_runs_its_after_call_hook_after_each_call_and_survives_its_errors():
+    import threading
+
+    from unimedvl.serving.model_thread import ModelThread
+
+    seen: list[str] = []
+
+    def hook():
+        seen.append(threading.current_thread().name)
+        if len(seen) == 1:
+            raise RuntimeError("housekeeping failed")
+
+    thread = ModelThread(name="hooked", after_call=hook)
+    try:
+        assert thread.run(lambda: 1) == 1
+        assert thread.run(lambda: 2) == 2  # the failing hook did not stop the thread
+        with pytest.raises(ZeroDivisionError):
+            thread.run(lambda: 1 / 0)
+        thread.run(lambda: None)
+        assert seen == ["hooked"] * 4 or seen == ["hooked"] * 3  # the last hook may still be running
+    finally:
+        thread.shutdown()

@@ -59,11 +59,11 @@ def serve(
     except ValueError as e:
         fail(str(e))
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    from ..serving.host_memory import apply_host_memory_policy
+    from ..serving.host_memory import apply_host_memory_policy, model_thread_trimmer
     from ..serving.model_thread import ModelThread
 
     apply_host_memory_policy(config)  # process-wide, before the model's allocations
-    model_thread = ModelThread()  # loads the model and runs every forward (one OpenMP team: see serving.model_thread)
+    model_thread = ModelThread(after_call=model_thread_trimmer(config))  # loads the model and runs every forward (one OpenMP team: see serving.model_thread)
     pipe = model_thread.run(load_pipeline, model, device, dtype, read_options(), quantize=quantize,
                             device_map=device_map, max_memory=max_memory)
     application = create_app(pipe, config, model_thread=model_thread)

@@ -37,6 +37,8 @@ class ServeConfig:
     # see serving.host_memory); None leaves glibc's adaptive threshold, under which freed prefill
     # activations stay resident and RSS creeps up request after request
     malloc_mmap_threshold: int | None = DEFAULT_MMAP_THRESHOLD
+    # free arena memory handed back to the OS at most this often during model work (None: never)
+    malloc_trim_interval_s: float | None = 2.0
 
     def __post_init__(self):
         if not is_loopback(self.host) and not self.api_key:
@@ -58,6 +60,9 @@ class ServeConfig:
         threshold = self.malloc_mmap_threshold
         if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, int) or not 1 <= threshold <= MAX_MMAP_THRESHOLD):
             raise ValueError(f"malloc_mmap_threshold must be None or 1..{MAX_MMAP_THRESHOLD} bytes, got {self.malloc_mmap_threshold}")
+        trim = self.malloc_trim_interval_s
+        if trim is not None and (isinstance(trim, bool) or not isinstance(trim, (int, float)) or not math.isfinite(trim) or trim <= 0):
+            raise ValueError(f"malloc_trim_interval_s must be None or a positive number of seconds, got {trim!r}")
         self.allowed_file_roots = tuple(Path(p).resolve() for p in self.allowed_file_roots)
 
 

@@ -25,7 +25,9 @@ class ModelThread:
 
     A call made from the model thread itself runs at once (no deadlock when model work nests)."""
 
-    def __init__(self, name: str = "unimedvl-model"):
+    def __init__(self, name: str = "unimedvl-model", after_call: Callable[[], None] | None = None):
+        # after_call runs on the model thread after every call (the server's malloc trimmer)
+        self._after_call = after_call
         self._calls: SimpleQueue = SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
@@ -39,9 +41,19 @@ class ModelThread:
             if not future.set_running_or_notify_cancel():
                 continue
             try:
-                future.set_result(fn(*args, **kwargs))
+                result = fn(*args, **kwargs)
             except BaseException as e:  # noqa: BLE001 - handed to the caller
                 future.set_exception(e)
+            else:
+                future.set_result(result)
+                del result
+            finally:
+                del fn, args, kwargs, item, future  # nothing of the call outlives it while the thread waits
+            if self._after_call is not None:
+                try:
+                    self._after_call()
+                except Exception:  # noqa: BLE001 - housekeeping never stops the model thread
+                    pass
 
     def submit(self, fn: Callable[..., T], *args, **kwargs) -> "Future[T]":
         future: Future = Future()
