@@ -59,14 +59,26 @@ CfgIntervalOpt = typer.Option(None, "--cfg-interval", help="Guidance is on for t
 CfgRenormTypeOpt = typer.Option(None, "--cfg-renorm-type", help="global, channel or text_channel (default: the preset's).")
 CfgRenormMinOpt = typer.Option(None, "--cfg-renorm-min")
 TimestepShiftOpt = typer.Option(None, "--timestep-shift")
+# step caching: a cache name and single fields overriding it
+CacheOpt = typer.Option(None, "--cache", help="Step caching: none, taylorseer, taylorseer-fast or taylorseer-safe "
+                        "(forecast skipped steps' velocities, every guidance branch on its own; default: none; see unimedvl presets).")
+CacheIntervalOpt = typer.Option(None, "--cache-interval", help="One full forward every N steps (default: the cache's).")
+CacheOrderOpt = typer.Option(None, "--cache-order", help="Forecast order, 0-3 (default: the cache's, 1).")
+CacheWarmupOpt = typer.Option(None, "--cache-warmup", help="First steps always computed (default: the cache's).")
+CacheFinalOpt = typer.Option(None, "--cache-final", help="Last steps always computed (default: the cache's).")
 
 
-def sampler_options(preset, steps, cfg_text_scale, cfg_img_scale, cfg_interval, cfg_renorm_type, cfg_renorm_min, timestep_shift) -> dict:
+def sampler_options(preset, steps, cfg_text_scale, cfg_img_scale, cfg_interval, cfg_renorm_type, cfg_renorm_min, timestep_shift,
+                    cache=None, cache_interval=None, cache_order=None, cache_warmup=None, cache_final=None) -> dict:
     """The preset name plus the overrides given on the command line (``None``: the preset's value),
-    as keyword arguments of ``generate_image`` / ``edit``."""
+    as keyword arguments of ``generate_image`` / ``edit``.  ``--cache-*`` fields without ``--cache``
+    apply to the ``taylorseer`` cache."""
+    fields = {k: v for k, v in dict(interval=cache_interval, order=cache_order, warmup=cache_warmup, final=cache_final).items() if v is not None}
+    if fields:
+        cache = {"preset": cache or "taylorseer", **fields}
     return dict(preset=preset, steps=steps, cfg_text_scale=cfg_text_scale, cfg_img_scale=cfg_img_scale,
                 cfg_interval=tuple(cfg_interval) if cfg_interval is not None else None, cfg_renorm_type=cfg_renorm_type,
-                cfg_renorm_min=cfg_renorm_min, timestep_shift=timestep_shift)
+                cfg_renorm_min=cfg_renorm_min, timestep_shift=timestep_shift, cache=cache)
 
 
 # ---- inputs ----------------------------------------------------------------------------------

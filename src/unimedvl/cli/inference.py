@@ -30,6 +30,11 @@ from .common import (
     SliceOpt,
     StepsOpt,
     TimestepShiftOpt,
+    CacheOpt,
+    CacheIntervalOpt,
+    CacheOrderOpt,
+    CacheWarmupOpt,
+    CacheFinalOpt,
     WindowOpt,
     fail,
     load_pipeline,
@@ -220,6 +225,11 @@ def generate(
     cfg_renorm_type: Optional[str] = CfgRenormTypeOpt,
     cfg_renorm_min: Optional[float] = CfgRenormMinOpt,
     timestep_shift: Optional[float] = TimestepShiftOpt,
+    cache: Optional[str] = CacheOpt,
+    cache_interval: Optional[int] = CacheIntervalOpt,
+    cache_order: Optional[int] = CacheOrderOpt,
+    cache_warmup: Optional[int] = CacheWarmupOpt,
+    cache_final: Optional[int] = CacheFinalOpt,
     seed: int = SeedOpt,
     think: bool = typer.Option(False, "--think", help="Write a plan first and condition the image on it."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists (without it an existing file is refused before any work)."),
@@ -229,7 +239,8 @@ def generate(
 
     _check_text(prompt, "prompt")
     _check_output(out, overwrite)
-    options = sampler_options(preset, steps, cfg_text_scale, cfg_img_scale, cfg_interval, cfg_renorm_type, cfg_renorm_min, timestep_shift)
+    options = sampler_options(preset, steps, cfg_text_scale, cfg_img_scale, cfg_interval, cfg_renorm_type, cfg_renorm_min, timestep_shift,
+                              cache, cache_interval, cache_order, cache_warmup, cache_final)
     _check_sampling("text-to-image", height, width, options)
     pipe = load_pipeline(model, device, dtype, read_options(), quantize=quantize,
                          device_map=device_map, max_memory=max_memory)
@@ -265,6 +276,11 @@ def edit(
     cfg_renorm_type: Optional[str] = CfgRenormTypeOpt,
     cfg_renorm_min: Optional[float] = CfgRenormMinOpt,
     timestep_shift: Optional[float] = TimestepShiftOpt,
+    cache: Optional[str] = CacheOpt,
+    cache_interval: Optional[int] = CacheIntervalOpt,
+    cache_order: Optional[int] = CacheOrderOpt,
+    cache_warmup: Optional[int] = CacheWarmupOpt,
+    cache_final: Optional[int] = CacheFinalOpt,
     seed: int = SeedOpt,
     analyze: bool = typer.Option(True, "--analyze/--no-analyze", help="The official understanding pre-pass appended to the instruction."),
     think: bool = typer.Option(False, "--think"),
@@ -280,7 +296,8 @@ def edit(
 
     _check_text(instruction, "instruction")
     _check_output(out, overwrite)
-    options = sampler_options(preset, steps, cfg_text_scale, cfg_img_scale, cfg_interval, cfg_renorm_type, cfg_renorm_min, timestep_shift)
+    options = sampler_options(preset, steps, cfg_text_scale, cfg_img_scale, cfg_interval, cfg_renorm_type, cfg_renorm_min, timestep_shift,
+                              cache, cache_interval, cache_order, cache_warmup, cache_final)
     _check_sampling("image-to-image", height, width, options)
     pipe = load_pipeline(model, device, dtype, read_options(window, frame, axis, slice_index), quantize=quantize,
                          device_map=device_map, max_memory=max_memory)
@@ -328,12 +345,18 @@ def chat(
 
 
 def presets(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")) -> None:
-    """The sampler presets of generate/edit --preset: their settings, the task each is the default of, and their sources."""
+    """The sampler presets of generate/edit --preset and the step caches of --cache: their settings, the task each
+    preset is the default of, and their sources."""
     import dataclasses
 
     from ..inference.presets import DEFAULT_PRESET, EVALUATION_PRESET, PRESET_SOURCES, SAMPLER_PRESETS, SamplerSettings
+    from ..inference.step_cache import STEP_CACHE_PRESETS, STEP_CACHE_SOURCES, StepCache
 
-    settings_fields = [f.name for f in dataclasses.fields(SamplerSettings) if f.name != "name"]  # as the --flags name them
+    # as the --flags name them; the step cache has its own table (every preset leaves it off)
+    settings_fields = [f.name for f in dataclasses.fields(SamplerSettings) if f.name not in ("name", "cache")]
+    cache_fields = [f.name for f in dataclasses.fields(StepCache) if f.name not in ("name", "method")]
+    caches = {name: {"method": c.method, **{f: getattr(c, f) for f in cache_fields}, "full_forwards_at_50_steps": c.full_steps(49),
+                     "source": STEP_CACHE_SOURCES[name]} for name, c in STEP_CACHE_PRESETS.items()}
     rows = {}
     for name, settings in SAMPLER_PRESETS.items():
         fields = {field: getattr(settings, field) for field in settings_fields}
@@ -341,7 +364,8 @@ def presets(as_json: bool = typer.Option(False, "--json", help="Print JSON inste
         rows[name] = {**fields, "default_for": [task for task, preset in DEFAULT_PRESET.items() if preset == name],
                       "source": PRESET_SOURCES[name]}
     if as_json:
-        typer.echo(json.dumps({"presets": rows, "defaults": DEFAULT_PRESET, "evaluation": EVALUATION_PRESET}, indent=1))
+        typer.echo(json.dumps({"presets": rows, "defaults": DEFAULT_PRESET, "evaluation": EVALUATION_PRESET,
+                               "step_caches": caches, "default_step_cache": "none"}, indent=1))
         return
     from rich import box
     from rich.console import Console
@@ -359,6 +383,14 @@ def presets(as_json: bool = typer.Option(False, "--json", help="Print JSON inste
     typer.echo(f"unimedvl eval t2i uses {EVALUATION_PRESET} unless --preset is given. Sources:")
     for name, row in rows.items():
         typer.echo(f"  {name}: {row['source']}")
+    table = Table(title="Step caches (generate / edit --cache NAME; default none)", box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("")
+    for name in caches:
+        table.add_column(name, justify="right", no_wrap=True)
+    for field in cache_fields:
+        table.add_row("--cache-" + field, *(str(row[field]) for row in caches.values()))
+    table.add_row("forwards of 49", *(str(row["full_forwards_at_50_steps"]) for row in caches.values()))
+    Console().print(table)
 
 
 def _setting(value) -> str:

@@ -100,6 +100,8 @@ class GeneratedImage:
     analysis: str | None = None  # editing: the understanding pre-pass answer appended to the instruction
     explanation: str | None = None  # editing with explain=True: the model's text about its output
     velocities: list[torch.Tensor] = field(default_factory=list, repr=False)
+    full_steps: int = 0  # denoising steps the model computed
+    forecast_steps: int = 0  # denoising steps the step cache forecast instead (0 without a cache)
 
     def save(self, path: str | Path) -> Path:
         """PNG (``.png``) or DICOM Secondary Capture (``.dcm``), both marked synthetic, written atomically."""
@@ -437,7 +439,8 @@ class UniMedVLPipeline:
             record = generation_record(
                 model=self.name, task="text-to-image", prompt=prompt, seed=seed, sampler=settings.record(height, width), thinking=thinking
             )
-            results.append(GeneratedImage(image, sample.latents, record, thinking=thinking, velocities=sample.velocities))
+            results.append(GeneratedImage(image, sample.latents, record, thinking=thinking, velocities=sample.velocities,
+                                          full_steps=sample.full_steps, forecast_steps=sample.forecast_steps))
         return results
 
     def edit(
@@ -539,5 +542,6 @@ class UniMedVLPipeline:
             sampler=settings.record(height, width), input_images=len(loaded), thinking=thinking, explanation=explanation,
         )
         return GeneratedImage(
-            image, sample.latents, record, thinking=thinking, analysis=analysis, explanation=explanation, velocities=sample.velocities
+            image, sample.latents, record, thinking=thinking, analysis=analysis, explanation=explanation, velocities=sample.velocities,
+            full_steps=sample.full_steps, forecast_steps=sample.forecast_steps,
         )

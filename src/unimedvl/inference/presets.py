@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import TypedDict
 
 from ..flow import RENORM_TYPES, GuidanceConfig, check_shift, checked_interval
+from .step_cache import StepCache, StepCacheError, step_cache
 
 TASKS = ("text-to-image", "image-to-image")
 
@@ -98,6 +99,11 @@ def check_fields(**fields) -> dict:
             if value not in RENORM_TYPES:
                 raise SettingError(field, f"must be one of {', '.join(RENORM_TYPES)}, got {value!r}")
             out[field] = value
+        elif field == "cache":
+            try:
+                out[field] = step_cache(value)
+            except StepCacheError as e:  # cache.interval -> cache_interval, the --cache-interval option
+                raise SettingError(e.field.replace(".", "_"), e.reason) from None
         elif field == "cfg_interval":
             try:
                 out[field] = checked_interval(value)
@@ -119,6 +125,7 @@ class SamplerSettings:
     cfg_renorm_type: str = "global"
     cfg_renorm_min: float = 0.0
     timestep_shift: float = 3.0
+    cache: StepCache | None = None  # step caching (.step_cache); None: every step computed
     name: str = "custom"  # the preset these settings came from (recorded in generated files)
 
     def __post_init__(self):
@@ -142,12 +149,15 @@ class SamplerSettings:
         return GuidanceConfig(self.cfg_text_scale, self.cfg_img_scale, self.cfg_interval, self.cfg_renorm_type, self.cfg_renorm_min)
 
     def record(self, height: int, width: int) -> dict:
-        """The settings as recorded in generated files (official names)."""
-        return dict(
+        """The settings as recorded in generated files (official names; ``cache`` only when on)."""
+        out = dict(
             preset=self.name, num_timesteps=self.steps, cfg_text_scale=self.cfg_text_scale, cfg_img_scale=self.cfg_img_scale,
             cfg_interval=list(self.cfg_interval), cfg_renorm_type=self.cfg_renorm_type, cfg_renorm_min=self.cfg_renorm_min,
             timestep_shift=self.timestep_shift, height=height, width=width,
         )
+        if self.cache is not None:
+            out["cache"] = self.cache.record()
+        return out
 
 
 class SamplerOverrides(TypedDict, total=False):
@@ -160,6 +170,7 @@ class SamplerOverrides(TypedDict, total=False):
     cfg_renorm_type: str | None
     cfg_renorm_min: float | None
     timestep_shift: float | None
+    cache: StepCache | str | dict | None  # a step-cache name ("taylorseer", "none"), settings or a mapping
 
 
 # name -> (settings, where the numbers come from).  ARCHITECTURE 9.5 and EVALUATION 5 quote the sources.

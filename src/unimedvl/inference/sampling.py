@@ -23,6 +23,7 @@ from ..flow import combine_guidance, euler_step, sampling_timesteps
 from ..model import KVCache
 from .engine import Engine
 from .presets import SamplerSettings
+from .step_cache import VelocityForecaster
 
 Progress = Callable[[int, int], None]
 
@@ -32,6 +33,8 @@ class ImageSample:
     latents: torch.Tensor  # [h*w, p*p*C] float32 final latent tokens (t = 0)
     grid_hw: tuple[int, int]  # latent token grid
     velocities: list[torch.Tensor]  # guided velocity of every step, each [h*w, p*p*C]
+    full_steps: int = 0  # steps whose branch velocities the model computed
+    forecast_steps: int = 0  # steps whose branch velocities the step cache forecast (no forward)
 
 
 class NonFiniteLatentsError(RuntimeError):
@@ -164,9 +167,16 @@ def sample_images(
     own, so each image is the one :func:`sample_image` draws alone, up to the packing's float
     rounding).  ``keep(i)`` is asked before each step: an image it drops (a cancelled request) leaves
     the batch and gets ``None``.  Non-finite latents of any image raise :class:`NonFiniteLatentsError`.
+
+    With ``settings.cache`` (:mod:`.step_cache`) the steps its schedule skips forecast every branch's
+    velocity from that branch's computed ones, then combine them as computed ones are combined; a
+    branch without history (guidance just switched on) makes the step a full one.
     """
     ts = sampling_timesteps(settings.steps, settings.timestep_shift)  # [steps] from 1 to 0
     guidance = settings.guidance
+    total = settings.steps - 1  # model evaluations
+    forecaster = VelocityForecaster(settings.cache) if settings.cache is not None else None
+    full_steps = forecast_steps = 0
     xs: list[torch.Tensor] = []
     for item in images:
         x = item.noise.to(torch.float32).to(engine.model.device)
@@ -197,12 +207,27 @@ def sample_images(
                 raise ValueError("guidance is on but an unconditional context is missing")
             # A branch whose context *is* another branch's (text-to-image: c_I equals c) is not run twice.
             unique[i] = list({id(c): c for c in branches[i]}.values())
-        key = (n_branches, tuple(active))
-        if key not in queries:
-            queries[key] = DenoisingQuery(engine, [c for i in active for c in unique[i]], grid_hw, [len(unique[i]) for i in active])
-        out = iter(queries[key]([xs[i] for i in active], [ts[k]] * len(active)))
+        # a branch's history is kept only while it runs step after step (a slot is (image, context))
+        slots = {i: [(i, id(c)) for c in unique[i]] for i in active}
+        full = forecaster is None or settings.cache.is_full(k, total) or not forecaster.can_forecast(s for i in active for s in slots[i])
+        if full:
+            key = (n_branches, tuple(active))
+            if key not in queries:
+                queries[key] = DenoisingQuery(engine, [c for i in active for c in unique[i]], grid_hw, [len(unique[i]) for i in active])
+            out = iter(queries[key]([xs[i] for i in active], [ts[k]] * len(active)))
+            full_steps += 1
+        else:
+            forecast_steps += 1
         for i in active:
-            by_id = {id(c): next(out) for c in unique[i]}
+            if full:
+                by_id = {id(c): next(out) for c in unique[i]}
+                if forecaster is not None:
+                    for c in unique[i]:
+                        forecaster.record((i, id(c)), float(ts[k]), by_id[id(c)])
+            else:
+                by_id = {id(c): forecaster.forecast((i, id(c)), float(ts[k])) for c in unique[i]}
+            if forecaster is not None:
+                forecaster.keep_only(i, slots[i])
             vs = [by_id[id(c)] for c in branches[i]]
             v = combine_guidance(
                 vs[0], vs[1] if len(vs) > 1 else None, vs[2] if len(vs) > 2 else None,
@@ -217,5 +242,5 @@ def sample_images(
     for i in active:
         if int(first_bad[i]):
             raise _non_finite(xs[i], int(first_bad[i]), settings.steps - 1)
-        results[i] = ImageSample(xs[i], grid_hw, per_step[i])
+        results[i] = ImageSample(xs[i], grid_hw, per_step[i], full_steps, forecast_steps)
     return results

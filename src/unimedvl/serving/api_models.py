@@ -143,6 +143,17 @@ class ChatCompletionRequest(_Request):
 SIZE_PATTERN = r"^(auto|[0-9]+x[0-9]+)$"
 
 
+class StepCacheSettings(_Request):
+    """Step caching settings: a cache (``preset``) with single fields overridden."""
+
+    preset: str | None = Field(None, description="A step-cache name (default: taylorseer)")
+    method: str | None = Field(None, description="taylorseer")
+    interval: int | None = Field(None, description="One full forward every N steps", **_limits(minimum=1))
+    order: int | None = Field(None, description="Forecast order", **_limits(minimum=0, maximum=3))
+    warmup: int | None = Field(None, description="First steps always computed (at least order + 1)", **_limits(minimum=1))
+    final: int | None = Field(None, description="Last steps always computed", **_limits(minimum=0))
+
+
 class ImageGenerationRequest(_Request):
     """``POST /v1/images/generations``.  Parameters listed as *not supported* are accepted only at their neutral value."""
 
@@ -155,6 +166,9 @@ class ImageGenerationRequest(_Request):
     preset: str | None = Field(None, description="A sampler preset name (default: the task's own)")
     steps: int | None = Field(None, description="Sampling steps (at most the server's max_steps)", **_limits(minimum=2))
     guidance: float | None = Field(None, description="Text guidance scale (overrides the preset's)", **_limits(minimum=0, maximum=30))
+    cache: str | StepCacheSettings | None = Field(
+        None, description="Step caching: `none` (default), `taylorseer`, `taylorseer-fast`, `taylorseer-safe`, or an object of settings; "
+                          "skipped steps forecast every guidance branch's velocity")
     response_format: str | None = Field(None, description="Only b64_json")
     user: str | None = Field(None, description="Accepted and ignored")
     quality: str | None = Field(None, description="Not supported: only `auto` or `standard`")

@@ -307,7 +307,8 @@ def create_app(pipeline, config: ServeConfig | None = None, model_thread: ModelT
         def work(token: CancelToken):
             size = {"height": req.height, "width": req.width} if has_size else {}
             return [pipeline.edit(images, req.prompt, preset=req.preset, steps=req.steps, cfg_text_scale=req.guidance,
-                                  cfg_img_scale=req.image_guidance, seed=req.seed + k, progress=token.check, **size)
+                                  cfg_img_scale=req.image_guidance, cache=req.cache, seed=req.seed + k,
+                                  progress=token.check, **size)
                     for k in range(req.n)]
 
         return image_response(await _run_model(worker, work, request, prepare=decode_uploads))

@@ -34,7 +34,7 @@ class ImageJob:
     @property
     def setting(self) -> tuple:
         r = self.request
-        return (r.width, r.height, r.preset, r.steps, r.guidance)
+        return (r.width, r.height, r.preset, r.steps, r.guidance, r.cache)
 
 
 class ImageBatcher(BatchQueue):
@@ -102,7 +102,7 @@ class ImageBatcher(BatchQueue):
                 [group[j].request.prompt for j in owner],
                 seeds=[job.request.seed + k for job in group for k in range(job.request.n)],
                 preset=first.preset, height=first.height, width=first.width, steps=first.steps,
-                cfg_text_scale=first.guidance, progress=check, keep=lambda i: not group[owner[i]].token.cancelled)
+                cfg_text_scale=first.guidance, cache=first.cache, progress=check, keep=lambda i: not group[owner[i]].token.cancelled)
         except Exception as e:  # noqa: BLE001 - the batch's error is each of its requests' error
             for job in group:
                 _fail(job, Cancelled(job.token.reason) if job.token.cancelled else e)

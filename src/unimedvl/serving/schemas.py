@@ -22,6 +22,7 @@ import re
 from dataclasses import dataclass, field
 
 from ..inference.presets import sampler_settings
+from ..inference.step_cache import StepCache, StepCacheError, step_cache
 from .config import ServeConfig
 from .api_models import ChatCompletionRequest, ImageEditFields, ImageEditRequest, ImageGenerationRequest, validate
 from .errors import APIError, bad_request
@@ -267,6 +268,7 @@ class ImageRequest:
     steps: int
     guidance: float | None = None  # overrides the preset's text guidance scale
     image_guidance: float | None = None  # overrides the preset's image guidance scale (edits)
+    cache: StepCache | None = None  # step caching (unimedvl.inference.step_cache); None: every step computed
 
 
 _SIZE = re.compile(r"^(\d+)x(\d+)$")
@@ -310,6 +312,10 @@ def parse_image_request(data: dict, config: ServeConfig, served: str, *, edit: b
         settings = sampler_settings("image-to-image" if edit else "text-to-image", preset)
     except ValueError as e:
         raise bad_request(f"preset: {e}", "preset") from None
+    try:
+        cache = step_cache(_cache_field(data.get("cache")))
+    except StepCacheError as e:
+        raise bad_request(f"{e.field}: {e.reason}", e.field) from None
     n = _number(_ints(data, "n"), "n", 1, 1, config.max_images_generated, integer=True, hint=" (max_images_generated)")
     if seed + n - 1 > SEED_MAX:  # image k is drawn with seed + k
         raise bad_request(f"seed: {seed} is outside [{SEED_MIN}, {SEED_MAX - n + 1}] for n={n} (image k uses seed + k)", "seed")
@@ -321,7 +327,20 @@ def parse_image_request(data: dict, config: ServeConfig, served: str, *, edit: b
                       integer=True, hint=" (max_steps)"),
         guidance=_number(_floats(data, "guidance"), "guidance", None, 0.0, 30.0),
         image_guidance=_number(_floats(data, "image_guidance"), "image_guidance", None, 0.0, 30.0) if edit else None,
+        cache=cache,
     )
+
+
+def _cache_field(value):
+    """``cache`` as sent: a name, an object of settings, or (a multipart form field) either as text."""
+    if isinstance(value, str) and value.lstrip().startswith("{"):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise bad_request("cache: expected a cache name or an object of settings, got text that is not JSON", "cache") from None
+    if isinstance(value, str) or value is None or isinstance(value, dict):
+        return value
+    raise bad_request(f"cache: expected a cache name or an object of settings, got {json.dumps(value)[:40]}", "cache")
 
 
 def _seed(data: dict, nullable: bool) -> int | None:

@@ -2,7 +2,7 @@
 worker, so its requests share the API's concurrency limit, queue and timeouts.
 
 Pages: Ask (chat about uploaded images; DICOM window presets, NIfTI slice), Report, Generate
-(modality, sampler preset, seed, steps, guidance) and Edit.  Every generated image is shown under a visible
+(modality, sampler preset, seed, steps, guidance, step caching) and Edit.  Every generated image is shown under a visible
 "SYNTHETIC" label and downloads as a PNG carrying the synthetic-image metadata.
 """
 
@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 from ..inference.presets import DEFAULT_PRESET, SAMPLER_PRESETS
+from ..inference.step_cache import STEP_CACHE_PRESETS
 from .chat import answer_chat
 from .config import ServeConfig
 from .errors import APIError
@@ -103,23 +104,28 @@ def mount_ui(app, pipeline, worker, config: ServeConfig):
         os.close(fd)
         return str(save_png(result.image, name, result.record))
 
-    def generate(modality, prompt, preset, seed, steps, guidance, size):
+    def cache_note(cache: str) -> str:
+        return "" if cache in (None, "", "none") else f" · cache {cache}"
+
+    def generate(modality, prompt, preset, seed, steps, guidance, cache, size):
         if not prompt or not prompt.strip():
             raise gr.Error("type a description of the image")
         full = prompt if modality in (None, "", "any") else f"{MODALITY_PHRASES[modality]}: {prompt}"
         side = int(size)
         result = run(lambda token, _image: pipeline.generate_image(full, preset=preset, height=side, width=side, steps=int(steps),
-                                                           cfg_text_scale=float(guidance), seed=int(seed), progress=token.check))
+                                                           cfg_text_scale=float(guidance), cache=cache or "none", seed=int(seed),
+                                                           progress=token.check))
         return _save(result), (f"**{SYNTHETIC_LABEL}** · seed {int(seed)} · {preset} · {int(steps)} steps · "
-                               f"guidance {float(guidance):g}")
+                               f"guidance {float(guidance):g}{cache_note(cache)}")
 
-    def edit(file, window, slice_index, instruction, preset, seed, steps, guidance):
+    def edit(file, window, slice_index, instruction, preset, seed, steps, guidance, cache):
         if file is None or not instruction or not instruction.strip():
             raise gr.Error("upload an image and type an instruction")
         result = run(lambda token, image: pipeline.edit([image], instruction, preset=preset, steps=int(steps),
-                                                        cfg_text_scale=float(guidance), seed=int(seed), progress=token.check),
+                                                        cfg_text_scale=float(guidance), cache=cache or "none", seed=int(seed),
+                                                        progress=token.check),
                      (file, window, slice_index))
-        return _save(result), f"**{SYNTHETIC_LABEL}** · seed {int(seed)} · {preset}", result.analysis or ""
+        return _save(result), f"**{SYNTHETIC_LABEL}** · seed {int(seed)} · {preset}{cache_note(cache)}", result.analysis or ""
 
     windows = ["file default", *WINDOW_PRESETS]
     max_side = config.max_image_side
@@ -137,14 +143,16 @@ def mount_ui(app, pipeline, worker, config: ServeConfig):
         return min(settings.steps, config.max_steps), settings.cfg_text_scale
 
     def sampler_inputs(task: str):
-        """``[preset, seed, steps, guidance]`` controls of a generating page; the task's default preset
-        (the same as the API's and the CLI's) is selected, and choosing a preset loads its values."""
+        """``[preset, seed, steps, guidance, cache]`` controls of a generating page; the task's default
+        preset (the same as the API's and the CLI's) is selected, and choosing a preset loads its
+        values.  Step caching is off unless chosen."""
         default = DEFAULT_PRESET[task]
         steps_value, guidance_value = preset_values(default)
         preset = gr.Dropdown(list(SAMPLER_PRESETS), value=default, label="Sampler preset")
         controls = [preset, gr.Number(value=42, precision=0, label="Seed"),
                     gr.Slider(2, config.max_steps, value=steps_value, step=1, label="Steps"),
-                    gr.Slider(0.0, 10.0, value=guidance_value, step=0.5, label="Guidance (text CFG)")]
+                    gr.Slider(0.0, 10.0, value=guidance_value, step=0.5, label="Guidance (text CFG)"),
+                    gr.Dropdown(["none", *STEP_CACHE_PRESETS], value="none", label="Step caching (faster, forecasts skipped steps)")]
         preset.change(lambda name: preset_values(name), [preset], [controls[2], controls[3]])
         return controls
 

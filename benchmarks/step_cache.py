@@ -1,0 +1,297 @@
+"""Step caching: the speed on the `small` preset and the speed/quality curve on real models.
+
+    python benchmarks/step_cache.py                         # speed (small, 256^2, 50 steps) + the fixture's curve
+    python benchmarks/step_cache.py --demo runs/demo        # + the trained demo model's curve and modality agreement
+
+Prints one JSON object.
+
+* ``speed``: a random `small`-preset model (fp32, in memory) making a 50-step text-to-image at
+  256^2 with the default text-to-image preset: the prompt prefill, the denoising loop uncached and
+  under each cache setting (full forwards run and skipped), and the autoencoder decode, each timed
+  on its own; the guided and unguided denoising step beside the matmul floor of the step
+  (its FLOPs / the matmul throughput measured in the same run at the step's own matrix shapes,
+  and at a large square-ish shape).
+* ``quality``: for each model (the fixture ``official_tiny_a``; the demo model with ``--demo``),
+  every prompt generated at 50 steps uncached and under each cache setting from the same seed:
+  PSNR / SSIM of each cached image against its uncached twin (scikit-image), and for the demo
+  model the modality classifier's agreement with the prompted modality (the demo's own check).
+* ``chosen``: the cache setting with the fewest full forwards whose demo agreement stays within
+  one prompt of uncached (without ``--demo``: whose mean PSNR against uncached is highest among
+  those at >= 2.5x fewer forwards).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+FIXTURE = REPO.parent / "shared" / "fixtures" / "official_tiny_a"
+sys.path.insert(0, str(HERE))  # scale.measure_floors
+
+# name -> a step-cache setting (unimedvl.inference.step_cache); "none" is the uncached baseline
+SETTINGS: dict[str, object] = {
+    "none": None,
+    "taylorseer-safe": "taylorseer-safe",
+    "taylorseer": "taylorseer",
+    "taylorseer-fast": "taylorseer-fast",
+    "reuse-i3": {"interval": 3, "order": 0, "warmup": 2},  # order 0: the last velocity reused (FORA-like)
+    "order2-i3": {"interval": 3, "order": 2, "warmup": 3},
+    "taylorseer-i4": {"interval": 4},
+}
+STEPS = 50
+FIXTURE_PROMPTS = ["Frontal chest radiograph", "Axial CT image", "Axial brain MRI", "Ultrasound image",
+                   "H&E-stained histopathology tile", "Colour fundus photograph", "Retinal OCT B-scan", "Endoscopic view"]
+
+
+def log(msg: str) -> None:
+    print(f"[step_cache {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def timed(fn):
+    t = time.perf_counter()
+    out = fn()
+    return out, (time.perf_counter() - t) * 1000
+
+
+def median_ms(fn, repeats: int) -> float:
+    fn()
+    return round(statistics.median(timed(fn)[1] for _ in range(repeats)), 2)
+
+
+# ---- the floor ---------------------------------------------------------------------------------
+
+
+def step_gemms(config, n_tokens: int) -> list[tuple[int, int, int]]:
+    """The ``(m, k, n)`` matrix products of one denoising forward over ``n_tokens`` latent tokens
+    (every branch together): per decoder layer of the generation expert Q, K, V, O, gate, up,
+    down; and the latent projections in and out."""
+    llm = config.llm
+    h, q, kv, inter = llm.hidden_size, llm.num_heads * llm.head_dim, llm.num_kv_heads * llm.head_dim, llm.intermediate_size
+    per_layer = [(n_tokens, h, q), (n_tokens, h, kv), (n_tokens, h, kv), (n_tokens, q, h),
+                 (n_tokens, h, inter), (n_tokens, h, inter), (n_tokens, inter, h)]
+    return per_layer * llm.num_layers + [(n_tokens, config.patch_latent_dim, h), (n_tokens, h, config.patch_latent_dim)]
+
+
+def step_flops(config, n_tokens: int, context_lengths: list[int], tokens_per_branch: int) -> float:
+    """Forward FLOPs of one denoising step: ``2 m k n`` per product above, and attention
+    (``QK^T`` and ``AV``: ``4 x heads x head_dim x queries x keys`` per layer and branch; the keys
+    are the branch's context plus its own latent block)."""
+    llm = config.llm
+    linear = sum(2 * m * k * n for m, k, n in step_gemms(config, n_tokens))
+    attention = sum(4 * llm.num_layers * llm.num_heads * llm.head_dim * tokens_per_branch * (c + tokens_per_branch)
+                    for c in context_lengths)
+    return float(linear + attention)
+
+
+def gemm_seconds(shapes: list[tuple[int, int, int]], repeats: int = 5) -> float:
+    """The best time of the products themselves, each on its own ready operands."""
+    import torch
+
+    total = 0.0
+    by_shape: dict[tuple, int] = {}
+    for s in shapes:
+        by_shape[s] = by_shape.get(s, 0) + 1
+    for (m, k, n), count in by_shape.items():
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        a @ b
+        best = min(timed(lambda: a @ b)[1] for _ in range(repeats)) / 1000
+        total += best * count
+    return total
+
+
+# ---- speed on the small preset -------------------------------------------------------------------
+
+
+def speed(args) -> dict:
+    import torch
+
+    from unimedvl import UniMedVL, UniMedVLConfig
+    from unimedvl.inference import UniMedVLPipeline
+    from unimedvl.inference.presets import sampler_settings
+    from unimedvl.inference.sampling import DenoisingQuery, initial_noise, sample_image
+    from unimedvl.tokenizer import Tokenizer
+
+    cfg = UniMedVLConfig.from_preset("small", llm={"vocab_size": 1505})
+    model = UniMedVL.from_config(cfg, dtype="fp32", seed=0)
+    pipe = UniMedVLPipeline(model, Tokenizer(FIXTURE), name="small-random")
+    engine, side = pipe.engine, 256
+    grid = engine.latent_grid(side, side)
+    prompt = "Axial T2-weighted brain MRI, normal study."
+
+    def prefill():
+        ctx = engine.new_context()
+        engine.add_text(ctx, pipe.tokenizer.encode(prompt))
+        return ctx, engine.new_context()
+
+    out: dict = {"model": "random small preset (seed 0, vocab 1505, fp32)", "size": f"{side}x{side}", "steps": STEPS,
+                 "preset": "driver (the text-to-image default)", "threads": torch.get_num_threads()}
+    out["prefill_ms"] = median_ms(prefill, args.repeats)
+    ctx, empty = prefill()
+    noise = initial_noise(engine, grid, torch.Generator().manual_seed(0))
+    loops: dict = {}
+    latents = {}
+    for name in args.speed_settings:
+        settings = sampler_settings("text-to-image", None, steps=STEPS, cache=SETTINGS[name] or "none")
+        times, sample = [], None
+        for _ in range(args.loop_repeats):
+            sample, ms = timed(lambda: sample_image(engine, ctx, empty, ctx, noise, grid, settings))
+            times.append(ms)
+        latents[name] = sample.latents
+        loops[name] = {"loop_ms": round(statistics.median(times), 1), "full_forwards": sample.full_steps,
+                       "skipped_forwards": sample.forecast_steps}
+        log(f"speed {name}: loop {loops[name]['loop_ms']:.0f} ms, {sample.full_steps} full forwards")
+    base = loops["none"]["loop_ms"]
+    for name, row in loops.items():
+        row["speedup"] = round(base / row["loop_ms"], 3)
+        row["latent_rel_diff"] = round(float((latents[name] - latents["none"]).norm() / latents["none"].norm()), 4)
+    out["loops"] = loops
+    out["vae_decode_ms"] = median_ms(lambda: engine.decode_latents(latents["none"], grid), max(1, args.repeats // 2))
+
+    # one step, guided (2 branches: the driver preset's text guidance, c_I = c) and unguided, vs its floor
+    x = noise.clone()
+    with torch.no_grad():
+        q_cfg, q_plain = DenoisingQuery(engine, [ctx, empty], grid), DenoisingQuery(engine, [ctx], grid)
+        out["step_ms_guided"] = median_ms(lambda: q_cfg(x, 0.8), args.repeats)
+        out["step_ms_unguided"] = median_ms(lambda: q_plain(x, 0.8), args.repeats)
+    n = grid[0] * grid[1]
+    flops = step_flops(cfg, 2 * n, [ctx.length, empty.length], n)
+    gemm_s = gemm_seconds(step_gemms(cfg, 2 * n))
+    from scale import measure_floors
+
+    floors = measure_floors(torch.get_num_threads())
+    linear = sum(2 * m * k * nn for m, k, nn in step_gemms(cfg, 2 * n))
+    out["step_floor"] = {
+        "flops_guided": flops, "linear_flops": linear,
+        "matmul_gflops_at_step_shapes": round(linear / gemm_s / 1e9, 1),
+        "matmul_gflops_large": floors["matmul_fp32_gflops"],
+        "floor_ms_step_shapes": round(flops / (linear / gemm_s) * 1000, 1),
+        "floor_ms_large_shape": round(flops / (floors["matmul_fp32_gflops"] * 1e9) * 1000, 1),
+    }
+    out["step_floor"]["guided_step_over_floor"] = round(out["step_ms_guided"] / out["step_floor"]["floor_ms_step_shapes"], 3)
+    out["step_floor"]["guided_step_over_large_shape_floor"] = round(out["step_ms_guided"] / out["step_floor"]["floor_ms_large_shape"], 3)
+    out["machine_floors"] = floors
+    return out
+
+
+# ---- quality ---------------------------------------------------------------------------------------
+
+
+def quality(pipe, prompts: dict[str, list[str]], size: int, overrides: dict, classifier=None) -> dict:
+    import numpy as np
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+    images: dict[str, dict[str, list]] = {name: {} for name in SETTINGS}
+    forwards: dict[str, int] = {}
+    seconds: dict[str, float] = {}
+    for name, cache in SETTINGS.items():
+        t = time.perf_counter()
+        k = 0
+        for modality, texts in sorted(prompts.items()):
+            for text in texts:
+                r = pipe.generate_image(text, height=size, width=size, seed=k, steps=STEPS, cache=cache or "none", **overrides)
+                images[name].setdefault(modality, []).append(np.asarray(r.image.convert("RGB")))
+                forwards[name] = r.full_steps
+                k += 1
+        seconds[name] = round(time.perf_counter() - t, 1)
+        log(f"quality {pipe.name} {name}: {k} images, {seconds[name]} s")
+    rows: dict = {}
+    n_prompts = sum(len(v) for v in prompts.values())
+    for name in SETTINGS:
+        psnrs, ssims = [], []
+        for modality in images[name]:
+            for a, b in zip(images[name][modality], images["none"][modality]):
+                if name != "none":
+                    psnrs.append(float(peak_signal_noise_ratio(b, a, data_range=255)) if not np.array_equal(a, b) else float("inf"))
+                    ssims.append(float(structural_similarity(b, a, data_range=255, channel_axis=2, win_size=7)))
+        row = {"full_forwards": forwards[name], "of": STEPS - 1, "seconds": seconds[name]}
+        if psnrs:
+            finite = [p for p in psnrs if p != float("inf")]
+            row.update({"psnr_mean": round(statistics.mean(finite), 2) if finite else None, "psnr_min": round(min(psnrs), 2),
+                        "ssim_mean": round(statistics.mean(ssims), 4), "ssim_min": round(min(ssims), 4),
+                        "psnr_per_image": [round(p, 2) for p in psnrs]})
+        if classifier is not None:
+            agreement, per = classifier.agreement(images[name])
+            row["agreement"] = agreement
+            row["agreeing_prompts"] = round(agreement * n_prompts) if agreement is not None else None
+        rows[name] = row
+    return {"prompts": n_prompts, "size": size, "sampler_overrides": overrides, "settings": rows}
+
+
+def choose(curve: dict, demo: bool) -> dict:
+    rows = curve["settings"]
+    cached = {k: v for k, v in rows.items() if k != "none"}
+    if demo:
+        floor = rows["none"]["agreeing_prompts"] - 1
+        ok = {k: v for k, v in cached.items() if v["agreeing_prompts"] >= floor}
+        rule = f"fewest full forwards with agreement >= uncached - 1 prompt ({floor} of {curve['prompts']})"
+    else:
+        ok = {k: v for k, v in cached.items() if v["full_forwards"] * 2.5 <= STEPS - 1 + 1e-9}
+        rule = "highest mean PSNR against uncached among settings with >= 2.5x fewer forwards"
+    if not ok:
+        return {"rule": rule, "setting": None}
+    if demo:
+        best = min(ok, key=lambda k: (ok[k]["full_forwards"], -(ok[k].get("psnr_mean") or 0)))
+    else:
+        best = max(ok, key=lambda k: ok[k].get("psnr_mean") or 0)
+    return {"rule": rule, "setting": best, "cache": SETTINGS[best], **{k: ok[best].get(k) for k in ("full_forwards", "psnr_mean", "ssim_mean", "agreement")}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--demo", type=Path, help="a `unimedvl demo` output folder (its model/ and dataset/)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--loop-repeats", type=int, default=1, help="timed 50-step loops per setting")
+    ap.add_argument("--speed-settings", default="none,taylorseer-safe,taylorseer,taylorseer-fast")
+    ap.add_argument("--skip-speed", action="store_true")
+    ap.add_argument("--out", type=Path, help="also write the JSON here")
+    args = ap.parse_args()
+    args.speed_settings = [s for s in args.speed_settings.split(",") if s]
+    if "none" not in args.speed_settings or not set(args.speed_settings) <= set(SETTINGS):
+        raise SystemExit(f"--speed-settings: a comma-separated subset of {','.join(SETTINGS)} including none")
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from unimedvl.inference import UniMedVLPipeline
+
+    t0 = time.perf_counter()
+    result: dict = {"settings": {k: v for k, v in SETTINGS.items()}}
+    if not args.skip_speed:
+        result["speed"] = speed(args)
+    log("quality: the fixture")
+    fixture = UniMedVLPipeline.from_pretrained(FIXTURE, dtype="fp32")
+    result["quality"] = {"official_tiny_a": quality(fixture, {"any": FIXTURE_PROMPTS}, 32, {})}
+    demo = args.demo is not None
+    if demo:
+        from unimedvl.demo.checks import SamplerChoice
+        from unimedvl.demo.heldout import load_heldout
+        from unimedvl.demo.modality_classifier import ModalityClassifier
+        from unimedvl.demo.config import demo_preset
+
+        config = demo_preset("default")
+        held = load_heldout(args.demo / "dataset").limited(None, None, config.t2i_per_modality)
+        classifier = ModalityClassifier(held.train_images)
+        model = UniMedVLPipeline.from_pretrained(args.demo / "model", dtype="fp32")
+        s = SamplerChoice()
+        overrides = dict(cfg_text_scale=s.cfg_text_scale, cfg_img_scale=s.cfg_img_scale, timestep_shift=s.timestep_shift)
+        log(f"quality: the demo model ({sum(len(v) for v in held.prompts.values())} held-out prompts)")
+        result["quality"]["demo"] = quality(model, held.prompts, model.default_image_size, overrides, classifier)
+    result["chosen"] = choose(result["quality"]["demo" if demo else "official_tiny_a"], demo)
+    result["elapsed_s"] = round(time.perf_counter() - t0, 1)
+    text = json.dumps(result, indent=1)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.out.with_suffix(".tmp")
+        tmp.write_text(text + "\n")
+        tmp.replace(args.out)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
