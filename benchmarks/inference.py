@@ -50,6 +50,12 @@ def status_mb(field: str) -> float:
     return float("nan")
 
 
+def timed(fn):
+    t = time.perf_counter()
+    result = fn()
+    return result, (time.perf_counter() - t) * 1000
+
+
 def median_ms(fn, repeats: int, warmup: int = 1) -> float:
     for _ in range(warmup):
         fn()
@@ -99,7 +105,7 @@ def main() -> None:
     from unimedvl import load_pretrained
     from unimedvl.image_transforms import VQA_VIT
     from unimedvl.inference.engine import Engine, Sampler
-    from unimedvl.inference.presets import SamplerSettings
+    from unimedvl.inference.presets import SamplerSettings, sampler_settings
     from unimedvl.inference.sampling import DenoisingQuery, sample_image, velocities
     from unimedvl.tokenizer import SpecialTokens
 
@@ -182,6 +188,26 @@ def main() -> None:
                 args.repeats,
             )
             out["step_ms_nocfg"] = median_ms(lambda: q_plain(x, 0.8), args.repeats)
+            # the guided step's matmul floor: its FLOPs at the throughput of its own matrix shapes
+            sys.path.insert(0, str(Path(__file__).resolve().parent))
+            from step_cache import gemm_seconds, step_flops, step_gemms
+
+            n = grid[0] * grid[1]
+            linear = sum(2 * m * k * nn for m, k, nn in step_gemms(cfg, 2 * n))
+            gemm_gflops = linear / gemm_seconds(step_gemms(cfg, 2 * n)) / 1e9
+            out["step_cfg_gflop"] = round(step_flops(cfg, 2 * n, [text_ctx.length, empty.length], n) / 1e9, 2)
+            out["step_matmul_gflops_at_its_shapes"] = round(gemm_gflops, 1)
+            out["step_cfg_floor_ms"] = round(out["step_cfg_gflop"] / gemm_gflops * 1000, 1)
+            out["step_cfg_over_floor"] = round(out["step_ms_cfg"] / out["step_cfg_floor_ms"], 3)
+
+            def loop(cache):  # the default text-to-image preset at 50 steps, the prompt prefilled
+                settings = sampler_settings("text-to-image", None, steps=50, cache=cache)
+                return sample_image(engine, text_ctx, empty, text_ctx, x, grid, settings)
+
+            (uncached, uncached_ms), (cached, cached_ms) = timed(lambda: loop("none")), timed(lambda: loop("taylorseer"))
+            out["t2i_loop_50_steps"] = {"uncached_ms": round(uncached_ms), "taylorseer_ms": round(cached_ms),
+                                        "speedup": round(uncached_ms / cached_ms, 2), "full_forwards": [uncached.full_steps, cached.full_steps],
+                                        "latent_rel_diff": round(float((cached.latents - uncached.latents).norm() / uncached.latents.norm()), 4)}
 
             def t2i():
                 c = engine.new_context()

@@ -124,16 +124,19 @@ class _KVStore:
     image-unconditional, ARCHITECTURE 9.4) and text generation works on a copy (9.3), mostly
     sharing one prefix; copying every layer's keys and values per fork would dominate short steps.
 
-    ``claimed`` is the longest prefix any cache on this store has committed and ``owner`` the cache
-    that committed it; a cache may write past its own length only when those rows are unclaimed or
-    its own (otherwise it copies its prefix into a fresh store first: copy-on-write).
+    ``claimed`` is the longest prefix any cache on this store has committed and ``owner`` the
+    identity token of the cache that committed it; a cache may write past its own length only when
+    those rows are unclaimed or its own (otherwise it copies its prefix into a fresh store first:
+    copy-on-write).  A token, not the cache itself: a store pointing back at its cache would make
+    a reference cycle, and every finished context's buffers (megabytes per layer) would then wait
+    for Python's cyclic garbage collector instead of being freed when the context is dropped.
     """
 
     def __init__(self, num_layers: int):
         self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
         self.claimed = 0
-        self.owner: object | None = None
+        self.owner: object | None = None  # the committing cache's KVCache.token
 
 
 class KVCache:
@@ -155,6 +158,7 @@ class KVCache:
         self._store = _KVStore(num_layers)
         self.length = 0
         self.rope = 0
+        self.token = object()  # this cache's identity in _KVStore.owner (no reference back to it)
 
     def get(self, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         k, v = self._store.keys[layer], self._store.values[layer]
@@ -163,7 +167,7 @@ class KVCache:
         return k[:, : self.length], v[:, : self.length]
 
     def fork(self) -> "KVCache":
-        other = KVCache(self.num_layers)
+        other = KVCache(self.num_layers)  # a token of its own
         other._store, other.length, other.rope = self._store, self.length, self.rope
         return other
 
@@ -171,7 +175,7 @@ class KVCache:
         """Make rows ``[length, length + n)`` of ``layer`` writable by this cache."""
         store = self._store
         need = self.length + n
-        if store.claimed > self.length and store.owner is not self:  # a fork owns rows past our prefix
+        if store.claimed > self.length and store.owner is not self.token:  # a fork owns rows past our prefix
             # every layer will write the same n rows: copy each prefix once into room for them
             cap = max(need, self.MIN_CAPACITY, int(self.length * self.GROWTH))
             fresh = _KVStore(self.num_layers)
@@ -179,7 +183,7 @@ class KVCache:
                 for i, buf in enumerate(old):
                     if buf is not None:
                         new[i] = self._with_capacity(buf, buf, cap)
-            fresh.claimed, fresh.owner = self.length, self
+            fresh.claimed, fresh.owner = self.length, self.token
             self._store = store = fresh
         k = store.keys[layer]
         if k is None or k.shape[1] < need:
@@ -205,7 +209,7 @@ class KVCache:
         store.keys[layer][:, self.length : end] = keys
         store.values[layer][:, self.length : end] = values
         if commit:
-            store.claimed, store.owner = end, self
+            store.claimed, store.owner = end, self.token
         return store.keys[layer][:, :end], store.values[layer][:, :end]  # [kv_heads, length + n, d] views
 
     def advance(self, n: int) -> None:

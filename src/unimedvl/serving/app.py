@@ -27,6 +27,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from .. import __version__
+from .access import ApiKeyGuard
 from .config import ServeConfig
 from .errors import APIError, bad_request
 from .images import ReadOptions, decode_image, image_from_url
@@ -40,7 +41,6 @@ from .worker import CancelToken, ModelWorker, _collect
 
 log = logging.getLogger("unimedvl.serve")
 _READY, _END = object(), object()
-PROTECTED = ("/v1", "/metrics", "/ui")
 
 
 class Gate:
@@ -172,18 +172,7 @@ def create_app(pipeline, config: ServeConfig | None = None, model_thread: ModelT
     async def internal_error(_request, _error: Exception):  # JSON, not Starlette's plain text; Gate logs it
         return JSONResponse(INTERNAL_ERROR.body(), status_code=500)
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        path = request.url.path
-        if config.api_key and path.startswith(PROTECTED) and not _authorised(request, config.api_key):
-            response = JSONResponse(APIError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
-                                             code="invalid_api_key").body(), status_code=401,
-                                    headers={"WWW-Authenticate": "Bearer"})
-        else:
-            response = await call_next(request)
-            if config.api_key and path.startswith("/ui") and request.query_params.get("key") == config.api_key:
-                response.set_cookie("unimedvl_key", config.api_key, httponly=True, samesite="strict")
-        return response
+    app.add_middleware(ApiKeyGuard, api_key=config.api_key)
 
     @app.get("/health")
     async def health():
@@ -377,11 +366,3 @@ async def _edit_fields(request, config: ServeConfig) -> tuple[dict, list]:
     return data, uploads
 
 
-def _authorised(request, key: str) -> bool:
-    import hmac
-
-    header = request.headers.get("authorization", "")
-    given = header[7:] if header.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
-    if not given and request.url.path.startswith("/ui"):
-        given = request.cookies.get("unimedvl_key") or request.query_params.get("key", "")
-    return bool(given) and hmac.compare_digest(given.encode(), key.encode())
