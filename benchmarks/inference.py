@@ -206,8 +206,7 @@ def main() -> None:
 
             (uncached, uncached_ms), (cached, cached_ms) = timed(lambda: loop("none")), timed(lambda: loop("taylorseer"))
             out["t2i_loop_50_steps"] = {"uncached_ms": round(uncached_ms), "taylorseer_ms": round(cached_ms),
-                                        "speedup": round(uncached_ms / cached_ms, 2), "full_forwards": [uncached.full_steps, cached.full_steps],
-                                        "latent_rel_diff": round(float((cached.latents - uncached.latents).norm() / uncached.latents.norm()), 4)}
+                                        "speedup": round(uncached_ms / cached_ms, 2), "full_forwards": [uncached.full_steps, cached.full_steps]}
 
             def t2i():
                 c = engine.new_context()

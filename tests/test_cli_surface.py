@@ -36,6 +36,9 @@ ADDED = {
     "serve --max-image-batch",
     # the host allocator policy that keeps the server's RSS flat
     "serve --malloc-mmap-threshold",
+    # step caching of image sampling
+    *(f"{command} {option}" for command in ("generate", "edit")
+      for option in ("--cache", "--cache-interval", "--cache-order", "--cache-warmup", "--cache-final")),
 }
 
 # (command, parameter) -> new default: dtype "auto" (one precision policy); image-sampler fields
