@@ -37,7 +37,8 @@ The JSON (stdout; also ``--out``, written atomically; progress goes to stderr):
   ``unimedvl_decode_seconds_total`` in ``GET /metrics`` before and after the run; ``null`` when
   the server does not export them; ``prefill_s_per_request`` likewise), the mean number of answers
   per decoding step (``unimedvl_decode_batch_tokens_total`` / ``unimedvl_decode_steps_total``,
-  when exported) and the process RSS after the run;
+  when exported), the server process's RSS after the run (the clients run in a child process)
+  and glibc's account of its heap (``malloc_mb``: in use, free, mapped);
 * ``summary[workload]``: medians over runs; ``tokens_per_s_ratio`` = batched / one at a time;
   ``rss_growth_pct`` of each setting between runs 2 and 3 (the last two runs when there are
   fewer); ``amdahl_bound`` = 1 / (p + (1 - p) / B), the speed-up batching decode alone can give
@@ -229,11 +230,25 @@ async def load(url: str, workload: str, image_url: str | None, clients: int, sec
             "statuses": {str(s): v for s, v in sorted(statuses.items(), key=lambda kv: str(kv[0]))}}
 
 
+def _load_in_child(*load_args) -> dict:
+    return asyncio.run(load(*load_args))
+
+
+def client_load(*load_args) -> dict:
+    """:func:`load` in a child process (spawned: stdlib and httpx only), so that the RSS measured
+    here is the server's own and not the clients' request bodies awaiting collection."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_load_in_child, *load_args).result()
+
+
 def measured_run(server_url: str, workload: str, image_url: str | None, args) -> dict:
     from unimedvl.serving.host_memory import malloc_stats
 
     before = scrape(server_url)
-    result = asyncio.run(load(server_url, workload, image_url, args.clients, args.seconds, None, args.timeout))
+    result = client_load(server_url, workload, image_url, args.clients, args.seconds, None, args.timeout)
     after = scrape(server_url)
 
     def delta(name: str) -> float | None:
@@ -266,7 +281,7 @@ def serve_setting(pipeline, max_batch: int, workloads: list[str], image_url: str
     out: dict = {}
     try:
         for workload in workloads:
-            warm = asyncio.run(load(server.url, workload, image_url, min(args.clients, max_batch), None, 1, args.timeout))
+            warm = client_load(server.url, workload, image_url, min(args.clients, max_batch), None, 1, args.timeout)
             log(f"max_batch {max_batch} {workload}: warmed up ({warm['requests_ok']} ok, {warm['errors']} errors, {warm['wall_s']} s)")
             runs = []
             for i in range(args.runs):
