@@ -65,11 +65,6 @@ def test_threshold_out_of_range_is_refused(bad):
         ServeConfig(malloc_mmap_threshold=bad)
 
 
-def test_serve_default_and_off_switch():
-    assert ServeConfig().malloc_mmap_threshold == 256 * 1024
-    assert ServeConfig(malloc_mmap_threshold=None).malloc_mmap_threshold is None
-
-
 def test_serve_refuses_a_bad_threshold_before_loading_anything(tmp_path):
     from typer.testing import CliRunner
 

@@ -35,9 +35,9 @@ def serve(
     max_volume_voxels: int = typer.Option(1024 * 1024 * 512, "--max-volume-voxels",
                                           help="Largest uploaded NIfTI volume, from its header (413); only the asked slice is decoded."),
     no_ui: bool = typer.Option(False, "--no-ui", help="Serve the API only."),
-    malloc_mmap_threshold: int = typer.Option(256 * 1024, "--malloc-mmap-threshold",
-                                              help="Host allocations of at least this many bytes go back to the OS when freed (glibc; "
-                                                   "keeps RSS flat under image load). 0: glibc's adaptive threshold."),
+    malloc_mmap_threshold: Optional[int] = typer.Option(None, "--malloc-mmap-threshold",
+                                                        help="Host allocations of at least this many bytes go back to the OS when freed "
+                                                             "(glibc; keeps RSS flat under image load; default 262144). 0: glibc's adaptive threshold."),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     quantize: Optional[str] = QuantizeOpt,
@@ -55,7 +55,7 @@ def serve(
                              max_image_batch=max_image_batch,
                              request_timeout_s=timeout, allowed_file_roots=tuple(allow_files), max_image_side=max_image_side,
                              max_image_pixels=max_image_pixels, max_volume_voxels=max_volume_voxels, ui=not no_ui,
-                             malloc_mmap_threshold=malloc_mmap_threshold or None)
+                             **({} if malloc_mmap_threshold is None else {"malloc_mmap_threshold": malloc_mmap_threshold or None}))
     except ValueError as e:
         fail(str(e))
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")

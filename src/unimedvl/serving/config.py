@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .host_memory import DEFAULT_MMAP_THRESHOLD, MAX_MMAP_THRESHOLD
+from .host_memory import DEFAULT_MMAP_THRESHOLD, check_mmap_threshold, check_trim_interval
 
 
 @dataclass
@@ -57,12 +57,10 @@ class ServeConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.min_image_side > self.max_image_side:
             raise ValueError(f"min_image_side ({self.min_image_side}) is larger than max_image_side ({self.max_image_side})")
-        threshold = self.malloc_mmap_threshold
-        if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, int) or not 1 <= threshold <= MAX_MMAP_THRESHOLD):
-            raise ValueError(f"malloc_mmap_threshold must be None or 1..{MAX_MMAP_THRESHOLD} bytes, got {self.malloc_mmap_threshold}")
-        trim = self.malloc_trim_interval_s
-        if trim is not None and (isinstance(trim, bool) or not isinstance(trim, (int, float)) or not math.isfinite(trim) or trim <= 0):
-            raise ValueError(f"malloc_trim_interval_s must be None or a positive number of seconds, got {trim!r}")
+        if self.malloc_mmap_threshold is not None:  # None: glibc's adaptive threshold
+            check_mmap_threshold(self.malloc_mmap_threshold)
+        if self.malloc_trim_interval_s is not None:  # None: never trimmed
+            check_trim_interval(self.malloc_trim_interval_s)
         self.allowed_file_roots = tuple(Path(p).resolve() for p in self.allowed_file_roots)
 
 

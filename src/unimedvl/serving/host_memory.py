@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
+import math
 import time
 
 log = logging.getLogger(__name__)
@@ -29,8 +31,30 @@ MAX_MMAP_THRESHOLD = 32 * 1024 * 1024  # glibc refuses larger values on 64-bit (
 DEFAULT_MMAP_THRESHOLD = 256 * 1024
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def check_mmap_threshold(value) -> int:
+    """``value`` if it is a whole number of bytes glibc accepts (1..32 MiB), else ValueError."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_MMAP_THRESHOLD:
+        raise ValueError(f"malloc_mmap_threshold (the malloc mmap threshold) must be a whole number of bytes in "
+                         f"1..{MAX_MMAP_THRESHOLD}, got {value!r}")
+    return value
+
+
+def check_trim_interval(value) -> float:
+    """``value`` if it is a finite number of seconds > 0, else ValueError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"malloc_trim_interval_s (the trim interval) must be a positive number of seconds, got {value!r}")
+    return float(value)
+
+
+@functools.cache
 def _glibc():
-    """The C library if it is glibc (it has ``mallopt`` and ``gnu_get_libc_version``), else None."""
+    """The C library if it is glibc (it has ``mallopt`` and ``gnu_get_libc_version``), else None;
+    loaded once."""
     name = ctypes.util.find_library("c")
     if name is None:
         return None
@@ -44,12 +68,9 @@ def _glibc():
     libc.mallopt.restype = ctypes.c_int
     libc.malloc_trim.argtypes = [ctypes.c_size_t]
     libc.malloc_trim.restype = ctypes.c_int
+    if hasattr(libc, "mallinfo2"):  # glibc >= 2.33
+        libc.mallinfo2.restype = _MallInfo2
     return libc
-
-
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in
-                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
 
 
 def malloc_stats() -> dict | None:
@@ -59,7 +80,6 @@ def malloc_stats() -> dict | None:
     libc = _glibc()
     if libc is None or not hasattr(libc, "mallinfo2"):
         return None
-    libc.mallinfo2.restype = _MallInfo2
     m = libc.mallinfo2()
     mb = 1024 * 1024
     return {"in_use": round(m.uordblks / mb, 1), "free": round(m.fordblks / mb, 1), "mapped": round(m.hblkhd / mb, 1)}
@@ -71,8 +91,7 @@ def fix_mmap_threshold(threshold_bytes: int) -> bool:
     Process-wide and lasting; applies to allocations made afterwards.  Returns False (and changes
     nothing) where the C library is not glibc.  Raises ValueError for a threshold outside
     1..32 MiB."""
-    if isinstance(threshold_bytes, bool) or not isinstance(threshold_bytes, int) or not 1 <= threshold_bytes <= MAX_MMAP_THRESHOLD:
-        raise ValueError(f"the malloc mmap threshold must be an integer number of bytes in 1..{MAX_MMAP_THRESHOLD}, got {threshold_bytes!r}")
+    check_mmap_threshold(threshold_bytes)
     libc = _glibc()
     if libc is None:
         log.info("not glibc: host allocator left as it is")
@@ -87,9 +106,7 @@ class MallocTrimmer:
     arena memory back to the OS (``malloc_trim(0)``).  Does nothing where the C library is not glibc."""
 
     def __init__(self, interval_s: float):
-        if not interval_s > 0:
-            raise ValueError(f"the trim interval must be > 0 seconds, got {interval_s!r}")
-        self.interval_s = interval_s
+        self.interval_s = check_trim_interval(interval_s)
         self._libc = _glibc()
         self._last = time.monotonic()
         self.trims = 0
