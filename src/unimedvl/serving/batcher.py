@@ -28,6 +28,7 @@ from ..inference.engine import Sampler
 from .chat import replay_earlier_turns
 from .schemas import ChatRequest
 from .batch_queue import BatchQueue
+from .model_thread import run_on
 from .worker import Cancelled, CancelToken
 
 log = logging.getLogger("unimedvl.serve")
@@ -99,7 +100,6 @@ class ChatBatcher(BatchQueue):
         """Answers in the batch now (the waiting ones are the worker's queue)."""
         return len(self._running)
 
-
     # ---- the batch thread ----------------------------------------------------------------------
     def _loop(self) -> None:
         while True:
@@ -109,10 +109,7 @@ class ChatBatcher(BatchQueue):
                 if self._stopped:
                     break
                 joining = [self._waiting.popleft() for _ in range(min(len(self._waiting), self.max_batch - len(self._running)))]
-            if self.model_thread is None:
-                self._cycle(joining)
-            else:
-                self.model_thread.run(self._cycle, joining)
+            run_on(self.model_thread, self._cycle, joining)
         for answer in self._running:
             _fail(answer.job, Cancelled("the server is shutting down"))
         for job in self._waiting:

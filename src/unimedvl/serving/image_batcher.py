@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from .schemas import ImageRequest
 from .batch_queue import BatchQueue
+from .model_thread import run_on
 from .worker import Cancelled, CancelToken
 
 log = logging.getLogger("unimedvl.serve")
@@ -51,7 +52,6 @@ class ImageBatcher(BatchQueue):
         self.largest_batch = 0
         self._start()
 
-
     def _take(self) -> list[ImageJob]:
         """The oldest waiting job and the waiting jobs that share its setting, within max_batch images."""
         first = self._waiting.popleft()
@@ -79,10 +79,7 @@ class ImageBatcher(BatchQueue):
                 _fail(job, Cancelled(job.token.reason))
             group = [job for job in group if not job.token.cancelled]
             if group:
-                if self.model_thread is None:
-                    self._run(group)
-                else:
-                    self.model_thread.run(self._run, group)
+                run_on(self.model_thread, self._run, group)
         for job in self._waiting:
             _fail(job, Cancelled("the server is shutting down"))
 

@@ -71,3 +71,9 @@ class ModelThread:
 
     def shutdown(self) -> None:
         self._calls.put(None)
+
+
+def run_on(model_thread: ModelThread | None, fn: Callable[..., T], *args) -> T:
+    """``fn(*args)`` on ``model_thread``, or on the calling thread when there is none (a scheduler
+    built on its own, as tests do)."""
+    return fn(*args) if model_thread is None else model_thread.run(fn, *args)

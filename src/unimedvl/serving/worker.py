@@ -18,6 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, TypeVar
 
 from .errors import APIError
+from .model_thread import run_on
 
 T = TypeVar("T")
 
@@ -103,7 +104,7 @@ class ModelWorker:
             if time.monotonic() > deadline:
                 token.cancel("timed out in the queue")
             token.check()
-            return fn(token) if self.model_thread is None else self.model_thread.run(fn, token)
+            return run_on(self.model_thread, fn, token)
         finally:
             with self._lock:
                 self._running_jobs -= 1
