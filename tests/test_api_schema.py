@@ -146,3 +146,13 @@ def test_a_stream_that_breaks_its_schema_would_be_caught(api_schema, server):
     with pytest.raises(BaseException) as failure:
         case.validate_response(broken, checks=[response_schema_conformance])
     assert "schema" in str(failure.value).lower()
+
+
+def test_a_local_file_refused_in_a_chat_is_a_documented_403(document, server):
+    """A chat's image URL naming a file outside --allow-files is refused with 403, which the chat
+    route documents (as the edit route does) - schemathesis found the undocumented answer."""
+    content = [{"type": "image_url", "image_url": {"url": "file:///etc/hostname"}}, {"type": "text", "text": "What is this?"}]
+    r = httpx.post(server.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": content}]}, timeout=60)
+    assert r.status_code == 403 and r.json()["error"]["code"] == "file_not_allowed"
+    for path in ("/v1/chat/completions", "/v1/images/edits"):
+        assert "403" in document["paths"][path]["post"]["responses"], path

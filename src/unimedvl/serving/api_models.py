@@ -424,7 +424,7 @@ ERROR_TEXT = {
     504: "The request took longer than the server's request timeout (queueing included)",
 }
 MODEL_ERRORS = (400, 401, 404, 413, 429, 500, 504)
-IMAGE_ERRORS = (400, 401, 403, 404, 413, 429, 500, 504)
+IMAGE_ERRORS = (400, 401, 403, 404, 413, 429, 500, 504)  # requests taking image URLs: a file outside --allow-files is 403
 
 
 def _ref(model: type[BaseModel] | str) -> dict:
@@ -473,10 +473,10 @@ OPERATIONS = {
     ("POST", "/v1/chat/completions"): _operation(
         _json(ChatCompletionRequest),
         {"application/json": {"schema": _ref(ChatCompletion)}, "text/event-stream": {"schema": SSE_EVENT}},
-        MODEL_ERRORS, "Answer a conversation about medical images",
+        IMAGE_ERRORS, "Answer a conversation about medical images",
         "The answer (application/json), or with `stream: true` server-sent events of chat.completion.chunk"),
     ("POST", "/v1/images/generations"): _operation(
-        _json(ImageGenerationRequest), _json(ImagesResponse), (400, 401, 404, 413, 429, 500, 504),
+        _json(ImageGenerationRequest), _json(ImagesResponse), MODEL_ERRORS,
         "Generate synthetic medical images", "Base64 PNGs carrying the synthetic-image metadata", SYNTHETIC_HEADER),
     ("POST", "/v1/images/edits"): _operation(
         {"application/json": {"schema": _ref(ImageEditRequest)},
