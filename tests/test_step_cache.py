@@ -75,6 +75,7 @@ def test_cache_names_and_mappings():
     assert step_cache("taylorseer") is STEP_CACHE_PRESETS["taylorseer"]
     custom = step_cache({"preset": "taylorseer-fast", "order": 0, "warmup": 1})
     assert (custom.interval, custom.order, custom.warmup, custom.name) == (5, 0, 1, "custom")
+    assert step_cache({"interval": 4, "name": "mine"}).name == "mine"  # a mapping may name its setting
     # a preset's settings carry their cache; an override replaces it and "none" switches it off
     s = SamplerSettings(cache="taylorseer")
     assert s.with_overrides(cache="none").cache is None and s.with_overrides(cache=None).cache is s.cache

@@ -71,11 +71,11 @@ CacheFinalOpt = typer.Option(None, "--cache-final", help="Last steps always comp
 def sampler_options(preset, steps, cfg_text_scale, cfg_img_scale, cfg_interval, cfg_renorm_type, cfg_renorm_min, timestep_shift,
                     cache=None, cache_interval=None, cache_order=None, cache_warmup=None, cache_final=None) -> dict:
     """The preset name plus the overrides given on the command line (``None``: the preset's value),
-    as keyword arguments of ``generate_image`` / ``edit``.  ``--cache-*`` fields without ``--cache``
-    apply to the ``taylorseer`` cache."""
+    as keyword arguments of ``generate_image`` / ``edit``.  ``--cache-*`` fields override ``--cache``
+    (without it: the default cache of :func:`~unimedvl.inference.step_cache.step_cache`)."""
     fields = {k: v for k, v in dict(interval=cache_interval, order=cache_order, warmup=cache_warmup, final=cache_final).items() if v is not None}
     if fields:
-        cache = {"preset": cache or "taylorseer", **fields}
+        cache = {**({"preset": cache} if cache else {}), **fields}
     return dict(preset=preset, steps=steps, cfg_text_scale=cfg_text_scale, cfg_img_scale=cfg_img_scale,
                 cfg_interval=tuple(cfg_interval) if cfg_interval is not None else None, cfg_renorm_type=cfg_renorm_type,
                 cfg_renorm_min=cfg_renorm_min, timestep_shift=timestep_shift, cache=cache)

@@ -38,6 +38,7 @@ import torch
 
 METHODS = ("taylorseer",)
 OFF = ("none", "off")  # names that mean "no caching"
+DEFAULT_CACHE = "taylorseer"  # what a mapping of settings without a preset starts from
 
 
 class StepCacheError(ValueError):
@@ -94,7 +95,7 @@ class StepCache:
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
         if unknown:
             raise TypeError(f"unknown step-cache settings {sorted(unknown)}")
-        return dataclasses.replace(self, **changes, name=changes.get("name", "custom")) if changes else self
+        return dataclasses.replace(self, **{"name": "custom", **changes}) if changes else self
 
     def record(self) -> dict:
         """As recorded in generated files."""
@@ -129,7 +130,7 @@ def step_cache(value) -> StepCache | None:
         return STEP_CACHE_PRESETS[value]
     if isinstance(value, dict):
         fields = dict(value)
-        base = fields.pop("preset", None) or fields.pop("method", None) or "taylorseer"
+        base = fields.pop("preset", None) or fields.pop("method", None) or DEFAULT_CACHE
         start = step_cache(base)
         if start is None:
             if fields:
@@ -146,39 +147,41 @@ def step_cache(value) -> StepCache | None:
 class VelocityForecaster:
     """The velocity histories of one sampling run: one per (image, branch) slot.
 
-    ``slot -> [(t, v [h*w, p*p*C] float32), ...]`` newest last, at most ``order + 1`` entries.
+    ``history: slot -> [(t, v [h*w, p*p*C] float32), ...]`` newest last, at most ``order + 1``
+    entries; the Newton coefficients through them are computed when a velocity is recorded (once per
+    full step), so a forecast step only evaluates the polynomial.
     """
 
     def __init__(self, cache: StepCache):
         self.cache = cache
         self.history: dict[tuple, list[tuple[float, torch.Tensor]]] = {}
+        self._coefs: dict[tuple, list[torch.Tensor]] = {}  # slot -> f[t_0], f[t_0, t_1], ... (divided differences)
 
     def can_forecast(self, slots) -> bool:
         return all(len(self.history.get(s, ())) >= self.cache.order + 1 for s in slots)
 
     def record(self, slot, t: float, v: torch.Tensor) -> None:
-        h = self.history.setdefault(slot, [])
-        h.append((float(t), v))
-        del h[: -(self.cache.order + 1)]
+        points = self.history.setdefault(slot, [])
+        points.append((float(t), v))
+        del points[: -(self.cache.order + 1)]
+        ts = [p[0] for p in points]
+        table, coefs = [p[1] for p in points], [points[0][1]]
+        for level in range(1, len(points)):
+            table = [(table[i + 1] - table[i]) / (ts[i + level] - ts[i]) for i in range(len(table) - 1)]
+            coefs.append(table[0])
+        self._coefs[slot] = coefs
 
     def keep_only(self, image: int, slots) -> None:
         """Drop image ``image``'s histories of branches not running now: a branch that stops and
         starts again (a guidance interval) restarts from computed steps, not stale ones."""
         keep = set(slots)
         for slot in [s for s in self.history if s[0] == image and s not in keep]:
-            del self.history[slot]
+            del self.history[slot], self._coefs[slot]
 
     def forecast(self, slot, t: float) -> torch.Tensor:
-        """The Newton polynomial through the slot's history, evaluated at ``t``."""
-        points = self.history[slot]
-        ts = [p[0] for p in points]
-        # divided differences: coef[j] = f[t_0, ..., t_j]; computed in place over a copy
-        table = [p[1] for p in points]
-        coefs = [table[0]]
-        for level in range(1, len(points)):
-            table = [(table[i + 1] - table[i]) / (ts[i + level] - ts[i]) for i in range(len(table) - 1)]
-            coefs.append(table[0])
+        """The Newton polynomial through the slot's history, evaluated at ``t`` (Horner form)."""
+        ts, coefs = [p[0] for p in self.history[slot]], self._coefs[slot]
         out = coefs[-1]
-        for j in range(len(coefs) - 2, -1, -1):  # Horner form of the Newton polynomial
+        for j in range(len(coefs) - 2, -1, -1):
             out = coefs[j] + (t - ts[j]) * out
         return out
