@@ -124,6 +124,7 @@ class TextStream:
 class Engine:
     def __init__(self, model: UniMedVL, special: SpecialTokens):
         self.model = model
+        model.fuse_projections()  # one q/k/v and one gate/up product per expert and layer (same weights, same memory)
         self.special = special
         self.config = model.config
         self.forwarded_tokens = 0  # every token any forward ran (tests and benchmarks read it)

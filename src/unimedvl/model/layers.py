@@ -13,20 +13,86 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear``, except that one-row products on CPUs in bf16/fp16 use the matrix-vector kernel.
+
+    Decoding feeds one row per token, and there oneDNN's GEMM reads the weights at about half the
+    memory bandwidth that ``torch.mv`` reaches (measured on a 2-core AVX-512/AMX CPU over the 14B
+    decoder's matrices: 14 vs 24-26 GB/s), and decoding is nothing but reading the weights.
+    """
+    if x.numel() == weight.shape[1] and x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
+        y = torch.mv(weight, x.reshape(-1))  # [out]
+        if bias is not None:
+            y = y + bias
+        return y.reshape(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight, bias)
+
+
 class Linear(nn.Linear):
-    """``nn.Linear`` (same parameters and state dict) whose one-row products on CPUs in bf16/fp16
-    use the matrix-vector kernel.  Decoding feeds one row per token, and there oneDNN's GEMM reads
-    the weights at about half the memory bandwidth that ``torch.mv`` reaches (measured on a 2-core
-    AVX-512/AMX CPU over the 14B decoder's matrices: 14 vs 24-26 GB/s), and decoding is nothing but
-    reading the weights.  Every other input takes ``F.linear`` unchanged."""
+    """``nn.Linear`` (same parameters and state dict) whose products go through :func:`linear`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() == self.in_features and x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
-            y = torch.mv(self.weight, x.reshape(-1))  # [out]
+        return linear(x, self.weight, self.bias)
+
+
+class FusedLinear:
+    """Several :class:`Linear` layers of one module reading the same input, as one product prepared at load.
+
+    The fused ``[sum(out), in]`` weight is the only copy: each layer's ``weight``/``bias`` becomes a
+    row-slice view of it, so the state dict, the parameter names and the memory stay as they were,
+    and in-place updates (``load_state_dict``, an optimiser step) reach both.  Anything that gives a
+    layer a tensor of its own (``model.to(dtype)``) or replaces the layer (LoRA, quantisation) breaks
+    the link; :meth:`__call__` checks it and answers ``None`` then, and the caller runs the layers
+    one by one.  Not a module: it owns no parameters and is never saved.
+
+    Why: the q/k/v projections (and gate/up) of a layer read the same ``[N, H]`` rows; one product
+    of ``sum(out)`` columns reads the input once instead of three times and runs one larger GEMM.
+    """
+
+    def __init__(self, owner: nn.Module, names: list[str]):
+        self.owner, self.names = owner, list(names)
+        self.layers = [getattr(owner, n) for n in names]
+        with torch.no_grad():
+            self.weight = torch.cat([m.weight.detach() for m in self.layers])  # [sum(out), in]
+            self.bias = torch.cat([m.bias.detach() for m in self.layers]) if self.layers[0].bias is not None else None
+        start = 0
+        for m in self.layers:
+            n = m.out_features
+            m.weight = nn.Parameter(self.weight[start : start + n], requires_grad=m.weight.requires_grad)
             if self.bias is not None:
-                y = y + self.bias
-            return y.reshape(*x.shape[:-1], self.out_features)
-        return F.linear(x, self.weight, self.bias)
+                m.bias = nn.Parameter(self.bias[start : start + n], requires_grad=m.bias.requires_grad)
+            start += n
+        self._pointers = self._current_pointers()
+
+    @classmethod
+    def of(cls, owner: nn.Module, names: list[str]) -> "FusedLinear | None":
+        """Fuse ``owner``'s layers ``names`` when they are plain :class:`Linear` layers with ordinary
+        tensors of one dtype and device, all with a bias or none (not LoRA, quantised or sharded
+        layers); else ``None``."""
+        layers = [getattr(owner, n) for n in names]
+        if not all(type(m) is Linear for m in layers) or len({m.bias is None for m in layers}) != 1:
+            return None
+        tensors = [t for m in layers for t in (m.weight, m.bias) if t is not None]
+        if any(type(t) is not nn.Parameter or t.device.type == "meta" for t in tensors):
+            return None
+        if len({(t.dtype, t.device) for t in tensors}) != 1 or len({m.in_features for m in layers}) != 1:
+            return None
+        return cls(owner, names)
+
+    def _current_pointers(self) -> list[int]:
+        return [t.data_ptr() for m in self.layers for t in (m.weight, m.bias) if t is not None]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
+        """``[..., in] -> [..., sum(out)]``: the layers' outputs side by side, or ``None`` when the
+        fused product cannot stand for them (a layer replaced or given its own tensor, or gradients
+        wanted: the fused weight is not a parameter)."""
+        if torch.is_grad_enabled() and any(m.weight.requires_grad for m in self.layers):
+            return None
+        if any(getattr(self.owner, n) is not m for n, m in zip(self.names, self.layers)):
+            return None
+        if self._current_pointers() != self._pointers:
+            return None
+        return linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -38,10 +104,16 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            # one call; in float32 it computes exactly the same as the steps below (bit for bit)
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         xf = x.float()  # squares and their mean in fp32: bf16 would lose precision summing H of them
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
         # round to the input dtype *before* the weight, like Qwen2: weight * normed.to(dtype)
-        return self.weight * xf.to(x.dtype)
+        # (torch's rms_norm scales first and rounds once, one bf16 step away)
+        if (torch.is_grad_enabled() and (self.weight.requires_grad or x.requires_grad)) or self.weight.dtype != normed.dtype:
+            return self.weight * normed
+        return normed.mul_(self.weight)  # inference: scaled in place, no second [N, H] tensor
 
 
 def uninitialized_embedding(num_embeddings: int, dim: int) -> nn.Embedding:
@@ -73,10 +145,20 @@ def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: 
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE on ``x [N, heads, d]`` with ``cos/sin [N, d]``."""
+    """Rotate-half RoPE on ``x [N, heads, d]`` (any strides) with ``cos/sin [N, d]``; a new tensor."""
     half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)  # [x1, x2] -> [-x2, x1]
-    return x * cos[:, None, :] + rotated * sin[:, None, :]  # cos/sin broadcast over heads
+    x1, x2 = x[..., :half], x[..., half:]  # rotate-half pairs dim i with i + d/2
+    if torch.is_grad_enabled() and x.requires_grad:
+        rotated = torch.cat([-x2, x1], dim=-1)  # [x1, x2] -> [-x2, x1]
+        return x * cos[:, None, :] + rotated * sin[:, None, :]  # cos/sin broadcast over heads
+    # inference: each half of the output written once, no rotated copy:
+    # out1 = x1 cos - x2 sin, out2 = x2 cos + x1 sin (the tables repeat their d/2 angles, so either half serves)
+    c, s = cos[:, None, :half], sin[:, None, :half]  # [N, 1, d/2]
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    o1, o2 = out[..., :half], out[..., half:]
+    torch.mul(x1, c, out=o1).addcmul_(x2, s, value=-1)
+    torch.mul(x2, c, out=o2).addcmul_(x1, s)
+    return out
 
 
 # ---- fixed 2D sin-cos position tables ----------------------------------------------------------

@@ -152,6 +152,12 @@ class UniMedVL(nn.Module):
             if "_moe_gen" in name:
                 p.copy_(params[name.replace("_moe_gen", "")])
 
+    def fuse_projections(self) -> None:
+        """Prepare for inference: fused q/k/v and gate/up products in the decoder (see
+        :meth:`Qwen2MoTModel.fuse_projections`).  Call after loading and placing the weights;
+        converting the model afterwards (``.to(dtype)``) quietly returns to the separate products."""
+        self.language_model.model.fuse_projections()
+
     # ---- properties -------------------------------------------------------------------------
     @property
     def dtype(self) -> torch.dtype:
