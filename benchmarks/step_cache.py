@@ -10,7 +10,8 @@ Prints one JSON object.
   under each cache setting (full forwards run and skipped), and the autoencoder decode, each timed
   on its own; the guided and unguided denoising step beside the matmul floor of the step
   (its FLOPs / the matmul throughput measured in the same run at the step's own matrix shapes,
-  and at a large square-ish shape).  Speed only: a fresh model's velocity head is zero-initialised,
+  and at a large square-ish shape), and where the step's time goes (``step_breakdown``: the
+  products, the attention kernel, the understanding expert's rows, the rest).  Speed only: a fresh model's velocity head is zero-initialised,
   so its images are blank (the matrix products cost the same); quality is measured on the models below.
 * ``quality``: for each model (the fixture ``official_tiny_a``; the demo model with ``--demo``),
   every prompt generated at 50 steps uncached and under each cache setting from the same seed:
@@ -72,12 +73,12 @@ def median_ms(fn, repeats: int) -> float:
 
 def step_gemms(config, n_tokens: int) -> list[tuple[int, int, int]]:
     """The ``(m, k, n)`` matrix products of one denoising forward over ``n_tokens`` latent tokens
-    (every branch together): per decoder layer of the generation expert Q, K, V, O, gate, up,
-    down; and the latent projections in and out."""
+    (every branch together), in the shapes the inference path runs them: per decoder layer of the
+    generation expert the fused Q/K/V product, O, the fused gate/up product and down; and the
+    latent projections in and out."""
     llm = config.llm
     h, q, kv, inter = llm.hidden_size, llm.num_heads * llm.head_dim, llm.num_kv_heads * llm.head_dim, llm.intermediate_size
-    per_layer = [(n_tokens, h, q), (n_tokens, h, kv), (n_tokens, h, kv), (n_tokens, q, h),
-                 (n_tokens, h, inter), (n_tokens, h, inter), (n_tokens, inter, h)]
+    per_layer = [(n_tokens, h, q + 2 * kv), (n_tokens, q, h), (n_tokens, h, 2 * inter), (n_tokens, inter, h)]
     return per_layer * llm.num_layers + [(n_tokens, config.patch_latent_dim, h), (n_tokens, h, config.patch_latent_dim)]
 
 
@@ -106,6 +107,76 @@ def gemm_seconds(shapes: list[tuple[int, int, int]], repeats: int = 5) -> float:
         best = min(timed(lambda: a @ b)[1] for _ in range(repeats)) / 1000
         total += best * count
     return total
+
+
+def step_breakdown(model, query, x, repeats: int) -> dict:
+    """Where one guided denoising step's time goes, each part timed on its own in this run:
+
+    * ``gemm_ms``: the generation expert's products of every layer on all query rows, with the
+      model's own (fused) weights, one after another as the step runs them (``gemm_best_ms``: the
+      best of the repeats, the statistic the floor uses; the floor times each shape on its own,
+      its operands already in cache);
+    * ``attention_ms``: the attention kernel (SDPA) at the step's shapes, per layer and branch;
+    * ``understanding_rows_ms``: the understanding expert's products on its few rows (the image
+      markers): the work there is reading that expert's weights;
+    * ``other_ms``: the rest of the step (norms, RoPE, SiLU, residuals, copies, indexing, the
+      Python and dispatch cost of every operator call), the step minus the parts above;
+    * ``operator_calls``: top-level torch operator calls in one step (torch.profiler).
+
+    ``speed`` adds ``bound_over_floor``: (``gemm_best_ms`` + ``attention_ms`` +
+    ``understanding_rows_ms``) / the floor - the ratio the step would reach if everything in
+    ``other_ms`` cost nothing - and ``step_over_floor_same_round``: the median over the rounds of
+    the step against the floor scaled from that round's own products (the step's FLOPs at the
+    throughput its products reached a moment earlier), a ratio the machine's drift does not move.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    plan, lm = query.plan.attention, model.language_model.model
+    rows, marker_rows = query.batch.num_tokens, query.batch.num_tokens - int(query.batch.latent_index.numel())
+    cfg = model.config.llm
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(rows, cfg.hidden_size, generator=g)
+    inter = torch.randn(rows, cfg.intermediate_size, generator=g)
+
+    def products(n: int, sfx: str):
+        for layer in lm.layers:
+            attn, mlp = layer.self_attn, getattr(layer, "mlp" + sfx)
+            F.linear(hidden[:n], attn.qkv[sfx].weight, attn.qkv[sfx].bias)
+            F.linear(hidden[:n], getattr(attn, "o_proj" + sfx).weight)
+            F.linear(hidden[:n], mlp.gate_up.weight)
+            F.linear(inter[:n], mlp.down_proj.weight)
+
+    hq, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    shapes = [(sl.stop - sl.start, c.length + sl.stop - sl.start) for sl, c in zip(plan.slices, plan.caches)]
+    operands = [(torch.randn(1, hq, nq, d, generator=g), torch.randn(1, hkv, nk, d, generator=g),
+                 torch.randn(1, hkv, nk, d, generator=g)) for nq, nk in shapes]
+
+    def attention():
+        for _ in lm.layers:
+            for q, k, v in operands:
+                F.scaled_dot_product_attention(q, k, v, scale=d**-0.5, enable_gqa=True)
+
+    parts = {"step_ms": lambda: query(x, 0.8), "gemm_ms": lambda: products(rows, "_moe_gen"),
+             "attention_ms": attention, "understanding_rows_ms": lambda: products(marker_rows, "")}
+    times: dict[str, list[float]] = {k: [] for k in parts}
+    with torch.no_grad():
+        for fn in parts.values():
+            fn()  # warm
+        for _ in range(repeats):  # interleaved, so that every part sees the same machine (it drifts by tens of %)
+            for k, fn in parts.items():
+                times[k].append(timed(fn)[1])
+        out = {k: round(statistics.median(v), 2) for k, v in times.items()}
+        out["gemm_best_ms"] = round(min(times["gemm_ms"]), 2)
+        out["step_over_gemm_rounds"] = [round(a / b, 4) for a, b in zip(times["step_ms"], times["gemm_ms"])]
+        from torch.profiler import profile
+
+        with profile() as prof:
+            query(x, 0.8)
+    out["other_ms"] = round(out["step_ms"] - out["gemm_ms"] - out["attention_ms"] - out["understanding_rows_ms"], 2)
+    out["operator_calls"] = sum(1 for e in prof.events() if e.cpu_parent is None)
+    out["shares"] = {k[:-3]: round(out[k] / out["step_ms"], 3) for k in ("gemm_ms", "attention_ms", "understanding_rows_ms", "other_ms")}
+    return out
 
 
 # ---- speed on the small preset -------------------------------------------------------------------
@@ -175,6 +246,11 @@ def speed(args) -> dict:
     }
     out["step_floor"]["guided_step_over_floor"] = round(out["step_ms_guided"] / out["step_floor"]["floor_ms_step_shapes"], 3)
     out["step_floor"]["guided_step_over_large_shape_floor"] = round(out["step_ms_guided"] / out["step_floor"]["floor_ms_large_shape"], 3)
+    out["step_breakdown"] = b = step_breakdown(model, q_cfg, x, max(args.repeats, 9))
+    b["bound_over_floor"] = round((b["gemm_best_ms"] + b["attention_ms"] + b["understanding_rows_ms"]) / out["step_floor"]["floor_ms_step_shapes"], 3)
+    # products time -> floor: x flops / linear flops (attention counted at the products' throughput)
+    b["step_over_floor_same_round"] = round(statistics.median(b.pop("step_over_gemm_rounds")) * linear / flops, 3)
+    log(f"step breakdown: {out['step_breakdown']}")
     out["machine_floors"] = floors
     return out
 
