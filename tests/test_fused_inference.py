@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from unimedvl.inference import Engine
+from unimedvl.inference import Engine, UniMedVLPipeline
 from unimedvl.model.layers import FusedLinear, Linear, RMSNorm, apply_rotary, rotary_cos_sin
 from unimedvl.model.quantized import quantize_model
 from unimedvl.tokenizer import SpecialTokens
@@ -101,6 +101,17 @@ def test_engine_fuses_and_its_outputs_equal_the_unfused_model():
     assert reference.language_model.model.layers[0].self_attn.qkv == {}
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_file_backed_weights_are_left_unfused(fixture_a):
+    """Zero-copy weights stay in the file mapping, where the page cache can drop them: fusing would
+    copy them into private memory.  A cast copy is the model's own memory and is fused."""
+    mapped = UniMedVLPipeline.from_pretrained(fixture_a, dtype="bf16")  # the fixture stores bf16: zero-copy
+    attn = mapped.model.language_model.model.layers[0].self_attn
+    assert not attn.q_proj_moe_gen.weight.untyped_storage().resizable()  # borrowed from the mapping
+    assert attn.qkv["_moe_gen"] is None and mapped.model.language_model.model.layers[0].mlp.gate_up is None
+    cast = UniMedVLPipeline.from_pretrained(fixture_a, dtype="fp32")
+    assert cast.model.language_model.model.layers[0].self_attn.qkv["_moe_gen"] is not None
 
 
 def test_lora_and_quantised_layers_are_left_unfused():
