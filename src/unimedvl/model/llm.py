@@ -154,7 +154,8 @@ class MoTAttention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
         self.scale = 1.0 / math.sqrt(d)  # 1/sqrt(128), the flash-attention default of the reference
         # One parameter set per expert: un-suffixed (understanding) and ``_moe_gen`` (generation).
-        for sfx in expert_suffixes(generation_expert):
+        self.experts = expert_suffixes(generation_expert)
+        for sfx in self.experts:
             setattr(self, "q_proj" + sfx, Linear(h, cfg.num_heads * d, bias=True))
             setattr(self, "k_proj" + sfx, Linear(h, cfg.num_kv_heads * d, bias=True))
             setattr(self, "v_proj" + sfx, Linear(h, cfg.num_kv_heads * d, bias=True))
@@ -166,9 +167,8 @@ class MoTAttention(nn.Module):
         self.qkv: dict[str, FusedLinear | None] = {}  # per expert suffix, set by fuse_projections (inference)
 
     def fuse_projections(self) -> None:
-        for sfx in ("", "_moe_gen"):
-            if hasattr(self, "q_proj" + sfx):
-                self.qkv[sfx] = FusedLinear.of(self, [name + sfx for name in ("q_proj", "k_proj", "v_proj")])
+        for sfx in self.experts:
+            self.qkv[sfx] = FusedLinear.of(self, [name + sfx for name in ("q_proj", "k_proj", "v_proj")])
 
     def _qkv(self, x: torch.Tensor, gen: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         sfx = "_moe_gen" if gen else ""
@@ -202,10 +202,16 @@ class MoTDecoderLayer(nn.Module):
         super().__init__()
         h = cfg.hidden_size
         self.self_attn = MoTAttention(cfg, generation_expert)
-        for sfx in expert_suffixes(generation_expert):
+        self.experts = expert_suffixes(generation_expert)
+        for sfx in self.experts:
             setattr(self, "mlp" + sfx, MLP(h, cfg.intermediate_size))
             setattr(self, "input_layernorm" + sfx, RMSNorm(h, cfg.rms_norm_eps))
             setattr(self, "post_attention_layernorm" + sfx, RMSNorm(h, cfg.rms_norm_eps))
+
+    def fuse_projections(self) -> None:
+        self.self_attn.fuse_projections()
+        for sfx in self.experts:
+            getattr(self, "mlp" + sfx).fuse_projections()
 
     def forward(self, x, routing: ExpertRouting, cos, sin, plan: AttentionPlan, layer: int) -> torch.Tensor:
         # pre-norm residual block; x stays [N, H] throughout
@@ -237,10 +243,7 @@ class Qwen2MoTModel(nn.Module):
         (:class:`~unimedvl.model.layers.FusedLinear`; same parameters and memory).  Layers that are
         not plain linear layers (LoRA, quantised, sharded) stay as they are."""
         for layer in self.layers:
-            layer.self_attn.fuse_projections()
-            for sfx in ("", "_moe_gen"):
-                if hasattr(layer, "mlp" + sfx):
-                    getattr(layer, "mlp" + sfx).fuse_projections()
+            layer.fuse_projections()
 
     def rotary(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         # [N] -> cos, sin [N, d], rounded to ``dtype`` as the reference does (ARCHITECTURE 10.3)
