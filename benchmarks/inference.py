@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from step_cache import step_floor, timed  # beside this file: a script's folder is on sys.path
+
 REFERENCE_SMALL_FP32 = {  # the reference implementation, replayed on a 2-core CPU at this config
     "prefill_ms": 488.0,
     "decode_ms_per_token": 17.7,
@@ -48,12 +50,6 @@ def status_mb(field: str) -> float:
         if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     return float("nan")
-
-
-def timed(fn):
-    t = time.perf_counter()
-    result = fn()
-    return result, (time.perf_counter() - t) * 1000
 
 
 def median_ms(fn, repeats: int, warmup: int = 1) -> float:
@@ -189,16 +185,11 @@ def main() -> None:
             )
             out["step_ms_nocfg"] = median_ms(lambda: q_plain(x, 0.8), args.repeats)
             # the guided step's matmul floor: its FLOPs at the throughput of its own matrix shapes
-            sys.path.insert(0, str(Path(__file__).resolve().parent))
-            from step_cache import gemm_seconds, step_flops, step_gemms
-
-            n = grid[0] * grid[1]
-            linear = sum(2 * m * k * nn for m, k, nn in step_gemms(cfg, 2 * n))
-            gemm_gflops = linear / gemm_seconds(step_gemms(cfg, 2 * n)) / 1e9
-            out["step_cfg_gflop"] = round(step_flops(cfg, 2 * n, [text_ctx.length, empty.length], n) / 1e9, 2)
-            out["step_matmul_gflops_at_its_shapes"] = round(gemm_gflops, 1)
-            out["step_cfg_floor_ms"] = round(out["step_cfg_gflop"] / gemm_gflops * 1000, 1)
-            out["step_cfg_over_floor"] = round(out["step_ms_cfg"] / out["step_cfg_floor_ms"], 3)
+            floor = step_floor(cfg, grid[0] * grid[1], [text_ctx.length, empty.length])
+            out["step_cfg_gflop"] = round(floor["flops"] / 1e9, 2)
+            out["step_matmul_gflops_at_its_shapes"] = floor["matmul_gflops_at_step_shapes"]
+            out["step_cfg_floor_ms"] = floor["floor_ms"]
+            out["step_cfg_over_floor"] = round(out["step_ms_cfg"] / floor["floor_ms"], 3)
 
             def loop(cache):  # the default text-to-image preset at 50 steps, the prompt prefilled
                 settings = sampler_settings("text-to-image", None, steps=50, cache=cache)

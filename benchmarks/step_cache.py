@@ -109,25 +109,38 @@ def gemm_seconds(shapes: list[tuple[int, int, int]], repeats: int = 5) -> float:
     return total
 
 
-def step_breakdown(model, query, x, repeats: int) -> dict:
-    """Where one guided denoising step's time goes, each part timed on its own in this run:
+def step_floor(config, tokens_per_branch: int, context_lengths: list[int]) -> dict:
+    """The matmul floor of a denoising step over one latent block per context (a guided step: the
+    contexts are its branches): its FLOPs at the throughput measured now on its own matrix shapes."""
+    n_tokens = tokens_per_branch * len(context_lengths)
+    shapes = step_gemms(config, n_tokens)
+    linear = sum(2 * m * k * n for m, k, n in shapes)
+    flops = step_flops(config, n_tokens, context_lengths, tokens_per_branch)
+    gflops = linear / gemm_seconds(shapes) / 1e9
+    return {"flops": flops, "linear_flops": linear, "matmul_gflops_at_step_shapes": round(gflops, 1),
+            "floor_ms": round(flops / gflops / 1e6, 1)}
+
+
+def step_breakdown(model, query, x, repeats: int, floor_shapes: list[tuple[int, int, int]], flops: float) -> dict:
+    """Where one guided denoising step's time goes, and the step against its floor, in interleaved
+    rounds (this machine's speed drifts by tens of percent within minutes, so a floor measured a
+    minute away from the step can be off by as much).  Each round times:
 
     * ``gemm_ms``: the generation expert's products of every layer on all query rows, with the
       model's own (fused) weights, one after another as the step runs them (``gemm_best_ms``: the
-      best of the repeats, the statistic the floor uses; the floor times each shape on its own,
-      its operands already in cache);
+      best round);
     * ``attention_ms``: the attention kernel (SDPA) at the step's shapes, per layer and branch;
     * ``understanding_rows_ms``: the understanding expert's products on its few rows (the image
       markers): the work there is reading that expert's weights;
     * ``other_ms``: the rest of the step (norms, RoPE, SiLU, residuals, copies, indexing, the
       Python and dispatch cost of every operator call), the step minus the parts above;
+    * ``floor_ms``: the floor as :func:`step_floor` defines it (``flops`` at the throughput of
+      ``floor_shapes``, each product on its own ready operands);
     * ``operator_calls``: top-level torch operator calls in one step (torch.profiler).
 
-    ``speed`` adds ``bound_over_floor``: (``gemm_best_ms`` + ``attention_ms`` +
-    ``understanding_rows_ms``) / the floor - the ratio the step would reach if everything in
-    ``other_ms`` cost nothing - and ``step_over_floor_same_round``: the median over the rounds of
-    the step against the floor scaled from that round's own products (the step's FLOPs at the
-    throughput its products reached a moment earlier), a ratio the machine's drift does not move.
+    ``step_over_floor`` is the median over the rounds of step / floor, ``bound_over_floor`` that of
+    (products + attention + understanding rows) / floor: the ratio the step would reach if
+    everything in ``other_ms`` cost nothing.
     """
     import torch
     import torch.nn.functional as F
@@ -157,18 +170,23 @@ def step_breakdown(model, query, x, repeats: int) -> dict:
             for q, k, v in operands:
                 F.scaled_dot_product_attention(q, k, v, scale=d**-0.5, enable_gqa=True)
 
+    linear = sum(2 * m * k * n for m, k, n in floor_shapes)
     parts = {"step_ms": lambda: query(x, 0.8), "gemm_ms": lambda: products(rows, "_moe_gen"),
-             "attention_ms": attention, "understanding_rows_ms": lambda: products(marker_rows, "")}
+             "attention_ms": attention, "understanding_rows_ms": lambda: products(marker_rows, ""),
+             "floor_ms": lambda: gemm_seconds(floor_shapes, repeats=1)}
     times: dict[str, list[float]] = {k: [] for k in parts}
     with torch.no_grad():
         for fn in parts.values():
             fn()  # warm
         for _ in range(repeats):  # interleaved, so that every part sees the same machine (it drifts by tens of %)
             for k, fn in parts.items():
-                times[k].append(timed(fn)[1])
+                result, ms = timed(fn)
+                times[k].append(ms if k != "floor_ms" else result * 1000 * flops / linear)
         out = {k: round(statistics.median(v), 2) for k, v in times.items()}
         out["gemm_best_ms"] = round(min(times["gemm_ms"]), 2)
-        out["step_over_gemm_rounds"] = [round(a / b, 4) for a, b in zip(times["step_ms"], times["gemm_ms"])]
+        rounds = list(zip(*(times[k] for k in ("step_ms", "gemm_ms", "attention_ms", "understanding_rows_ms", "floor_ms"))))
+        out["step_over_floor"] = round(statistics.median(s / f for s, _, _, _, f in rounds), 3)
+        out["bound_over_floor"] = round(statistics.median((g + a + u) / f for _, g, a, u, f in rounds), 3)
         from torch.profiler import profile
 
         with profile() as prof:
@@ -224,32 +242,29 @@ def speed(args) -> dict:
     out["loops"] = loops
     out["vae_decode_ms"] = median_ms(lambda: engine.decode_latents(sample.latents, grid), max(1, args.repeats // 2))
 
-    # one step, guided (2 branches: the driver preset's text guidance, c_I = c) and unguided, vs its floor
+    # one step, guided (2 branches: the driver preset's text guidance, c_I = c) and unguided, vs its floor;
+    # the guided step is timed inside the breakdown's rounds, beside the parts it is made of
     x = noise.clone()
     with torch.no_grad():
         q_cfg, q_plain = DenoisingQuery(engine, [ctx, empty], grid), DenoisingQuery(engine, [ctx], grid)
-        out["step_ms_guided"] = median_ms(lambda: q_cfg(x, 0.8), args.repeats)
         out["step_ms_unguided"] = median_ms(lambda: q_plain(x, 0.8), args.repeats)
     n = grid[0] * grid[1]
-    flops = step_flops(cfg, 2 * n, [ctx.length, empty.length], n)
-    gemm_s = gemm_seconds(step_gemms(cfg, 2 * n))
+    shapes, flops = step_gemms(cfg, 2 * n), step_flops(cfg, 2 * n, [ctx.length, empty.length], n)
+    out["step_breakdown"] = b = step_breakdown(model, q_cfg, x, max(args.repeats, 9), shapes, flops)
+    out["step_ms_guided"] = b["step_ms"]
     from scale import measure_floors
 
     floors = measure_floors(torch.get_num_threads())
-    linear = sum(2 * m * k * nn for m, k, nn in step_gemms(cfg, 2 * n))
+    large_floor_ms = round(flops / (floors["matmul_fp32_gflops"] * 1e9) * 1000, 1)
+    linear = sum(2 * m * k * nn for m, k, nn in shapes)
     out["step_floor"] = {
         "flops_guided": flops, "linear_flops": linear,
-        "matmul_gflops_at_step_shapes": round(linear / gemm_s / 1e9, 1),
+        "matmul_gflops_at_step_shapes": round(flops / b["floor_ms"] / 1e6, 1),
         "matmul_gflops_large": floors["matmul_fp32_gflops"],
-        "floor_ms_step_shapes": round(flops / (linear / gemm_s) * 1000, 1),
-        "floor_ms_large_shape": round(flops / (floors["matmul_fp32_gflops"] * 1e9) * 1000, 1),
+        "floor_ms_step_shapes": b["floor_ms"], "floor_ms_large_shape": large_floor_ms,
+        "guided_step_over_floor": b["step_over_floor"],  # round by round (step_breakdown)
+        "guided_step_over_large_shape_floor": round(b["step_ms"] / large_floor_ms, 3),
     }
-    out["step_floor"]["guided_step_over_floor"] = round(out["step_ms_guided"] / out["step_floor"]["floor_ms_step_shapes"], 3)
-    out["step_floor"]["guided_step_over_large_shape_floor"] = round(out["step_ms_guided"] / out["step_floor"]["floor_ms_large_shape"], 3)
-    out["step_breakdown"] = b = step_breakdown(model, q_cfg, x, max(args.repeats, 9))
-    b["bound_over_floor"] = round((b["gemm_best_ms"] + b["attention_ms"] + b["understanding_rows_ms"]) / out["step_floor"]["floor_ms_step_shapes"], 3)
-    # products time -> floor: x flops / linear flops (attention counted at the products' throughput)
-    b["step_over_floor_same_round"] = round(statistics.median(b.pop("step_over_gemm_rounds")) * linear / flops, 3)
     log(f"step breakdown: {out['step_breakdown']}")
     out["machine_floors"] = floors
     return out
