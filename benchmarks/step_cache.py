@@ -11,7 +11,8 @@ Prints one JSON object.
   on its own; the guided and unguided denoising step beside the matmul floor of the step
   (its FLOPs / the matmul throughput measured in the same run at the step's own matrix shapes,
   and at a large square-ish shape), and where the step's time goes (``step_breakdown``: the
-  products, the attention kernel, the understanding expert's rows, the rest).  Speed only: a fresh model's velocity head is zero-initialised,
+  products, the attention kernel, the understanding expert's rows, the rest), eager and, where a
+  C++ compiler is present, compiled (``step_breakdown_compiled``, ``--compile``).  Speed only: a fresh model's velocity head is zero-initialised,
   so its images are blank (the matrix products cost the same); quality is measured on the models below.
 * ``quality``: for each model (the fixture ``official_tiny_a``; the demo model with ``--demo``),
   every prompt generated at 50 steps uncached and under each cache setting from the same seed:
@@ -145,6 +146,8 @@ def step_breakdown(model, query, x, repeats: int, floor_shapes: list[tuple[int, 
     import torch
     import torch.nn.functional as F
 
+    from unimedvl.model.layers import linear as model_linear
+
     plan, lm = query.plan.attention, model.language_model.model
     rows, marker_rows = query.batch.num_tokens, query.batch.num_tokens - int(query.batch.latent_index.numel())
     cfg = model.config.llm
@@ -152,13 +155,13 @@ def step_breakdown(model, query, x, repeats: int, floor_shapes: list[tuple[int, 
     hidden = torch.randn(rows, cfg.hidden_size, generator=g)
     inter = torch.randn(rows, cfg.intermediate_size, generator=g)
 
-    def products(n: int, sfx: str):
+    def products(n: int, sfx: str):  # as the step runs them (linear: few rows go weights-first)
         for layer in lm.layers:
             attn, mlp = layer.self_attn, getattr(layer, "mlp" + sfx)
-            F.linear(hidden[:n], attn.qkv[sfx].weight, attn.qkv[sfx].bias)
-            F.linear(hidden[:n], getattr(attn, "o_proj" + sfx).weight)
-            F.linear(hidden[:n], mlp.gate_up.weight)
-            F.linear(inter[:n], mlp.down_proj.weight)
+            model_linear(hidden[:n], attn.qkv[sfx].weight, attn.qkv[sfx].bias)
+            model_linear(hidden[:n], getattr(attn, "o_proj" + sfx).weight)
+            model_linear(hidden[:n], mlp.gate_up.weight)
+            model_linear(inter[:n], mlp.down_proj.weight)
 
     hq, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     shapes = [(sl.stop - sl.start, c.length + sl.stop - sl.start) for sl, c in zip(plan.slices, plan.caches)]
@@ -194,6 +197,30 @@ def step_breakdown(model, query, x, repeats: int, floor_shapes: list[tuple[int, 
     out["other_ms"] = round(out["step_ms"] - out["gemm_ms"] - out["attention_ms"] - out["understanding_rows_ms"], 2)
     out["operator_calls"] = sum(1 for e in prof.events() if e.cpu_parent is None)
     out["shares"] = {k[:-3]: round(out[k] / out["step_ms"], 3) for k in ("gemm_ms", "attention_ms", "understanding_rows_ms", "other_ms")}
+    return out
+
+
+def compiled_step(model, query, x, repeats: int, floor_shapes, flops: float) -> dict | None:
+    """:func:`step_breakdown` of the same step compiled (unimedvl.inference.compilation), with the
+    compilation's own time; ``None`` where torch.compile has no C++ compiler here.  The model is
+    left uncompiled afterwards."""
+    import torch
+
+    from unimedvl.inference.compilation import compile_denoising, compiler_problem, uncompile_denoising
+
+    problem = compiler_problem(model.device)
+    if problem is not None:
+        log(f"compiled step skipped: {problem}")
+        return None
+    compile_denoising(model)
+    try:
+        with torch.no_grad():
+            _, first_ms = timed(lambda: query(x, 0.8))  # the first step compiles (or loads the compiler's cache)
+        out = step_breakdown(model, query, x, repeats, floor_shapes, flops)
+    finally:
+        uncompile_denoising(model)
+    out["first_step_with_compilation_s"] = round(first_ms / 1000, 1)
+    log(f"compiled step breakdown: {out}")
     return out
 
 
@@ -252,6 +279,9 @@ def speed(args) -> dict:
     shapes, flops = step_gemms(cfg, 2 * n), step_flops(cfg, 2 * n, [ctx.length, empty.length], n)
     out["step_breakdown"] = b = step_breakdown(model, q_cfg, x, max(args.repeats, 9), shapes, flops)
     out["step_ms_guided"] = b["step_ms"]
+    compiled = compiled_step(model, q_cfg, x, max(args.repeats, 9), shapes, flops)
+    if compiled is not None:
+        out["step_breakdown_compiled"] = compiled
     from scale import measure_floors
 
     floors = measure_floors(torch.get_num_threads())
@@ -263,6 +293,7 @@ def speed(args) -> dict:
         "matmul_gflops_large": floors["matmul_fp32_gflops"],
         "floor_ms_step_shapes": b["floor_ms"], "floor_ms_large_shape": large_floor_ms,
         "guided_step_over_floor": b["step_over_floor"],  # round by round (step_breakdown)
+        "guided_step_compiled_over_floor": compiled["step_over_floor"] if compiled else None,
         "guided_step_over_large_shape_floor": round(b["step_ms"] / large_floor_ms, 3),
     }
     log(f"step breakdown: {out['step_breakdown']}")

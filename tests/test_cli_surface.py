@@ -39,6 +39,8 @@ ADDED = {
     # step caching of image sampling
     *(f"{command} {option}" for command in ("generate", "edit")
       for option in ("--cache", "--cache-interval", "--cache-order", "--cache-warmup", "--cache-final")),
+    # compiled denoising steps
+    *(f"{command} --compile" for command in ("generate", "edit", "serve")),
 }
 
 # (command, parameter) -> new default: dtype "auto" (one precision policy); image-sampler fields

@@ -37,6 +37,11 @@ def _quantize_help() -> str:
 
 
 QuantizeOpt = typer.Option(None, "--quantize", help=_quantize_help())
+CompileOpt = typer.Option(
+    False, "--compile",
+    help="Run the denoising steps compiled (torch.compile fuses the element-wise work around the matrix products). "
+         "Needs a C++ compiler on CPUs; the first image of each size waits for the compilation (about half a minute on a small CPU).",
+)
 DeviceMapOpt = typer.Option(None, "--device-map", help="Place the model over several devices instead of --device: auto "
                             "(whole decoder layers in order over the --max-memory budgets, or the free memory of each GPU then "
                             "the CPU) or a JSON plan file {module prefix: device} (unimedvl info --device-map ... --json writes one).")
@@ -141,7 +146,8 @@ def resolve_model(model: Optional[Path]) -> Path:
 
 
 def load_pipeline(model: Optional[Path], device: str, dtype: str, read_options, visual_gen: bool = True,
-                  quantize: Optional[str] = None, device_map: Optional[str] = None, max_memory: Optional[str] = None):
+                  quantize: Optional[str] = None, device_map: Optional[str] = None, max_memory: Optional[str] = None,
+                  compile: bool = False):
     """The pipeline of ``--model`` (or the default model), loaded under a status spinner; user errors exit 2.
     ``--device-map``/``--max-memory`` place it over several devices (the plan is printed on stderr)."""
     from ..inference import UniMedVLPipeline
@@ -150,7 +156,8 @@ def load_pipeline(model: Optional[Path], device: str, dtype: str, read_options, 
     try:
         with status(f"loading {model}"):
             pipe = UniMedVLPipeline.from_pretrained(model, device=device, dtype=dtype, visual_gen=visual_gen, quantize=quantize,
-                                                    read_options=read_options, device_map=device_map, max_memory=max_memory)
+                                                    read_options=read_options, device_map=device_map, max_memory=max_memory,
+                                                    compile=compile)
     except user_errors() as e:
         fail(str(e))
     if pipe.placement is not None:

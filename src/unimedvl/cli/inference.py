@@ -35,6 +35,7 @@ from .common import (
     CacheOrderOpt,
     CacheWarmupOpt,
     CacheFinalOpt,
+    CompileOpt,
     WindowOpt,
     fail,
     load_pipeline,
@@ -215,6 +216,7 @@ def generate(
     quantize: Optional[str] = QuantizeOpt,
     device_map: Optional[str] = DeviceMapOpt,
     max_memory: Optional[str] = MaxMemoryOpt,
+    compile: bool = CompileOpt,
     height: Optional[int] = typer.Option(None, "--height", help="Default: the model's image size (1024 for the official weights)."),
     width: Optional[int] = typer.Option(None, "--width", help="Default: the model's image size."),
     preset: Optional[str] = PresetOpt,
@@ -243,7 +245,7 @@ def generate(
                               cache, cache_interval, cache_order, cache_warmup, cache_final)
     _check_sampling("text-to-image", height, width, options)
     pipe = load_pipeline(model, device, dtype, read_options(), quantize=quantize,
-                         device_map=device_map, max_memory=max_memory)
+                         device_map=device_map, max_memory=max_memory, compile=compile)
     try:
         result = pipe.generate_image(prompt, height=height, width=width, seed=seed, think=think, progress=progress_bar("denoising"), **options)
     except SettingError as e:
@@ -266,6 +268,7 @@ def edit(
     quantize: Optional[str] = QuantizeOpt,
     device_map: Optional[str] = DeviceMapOpt,
     max_memory: Optional[str] = MaxMemoryOpt,
+    compile: bool = CompileOpt,
     height: Optional[int] = typer.Option(None, "--height", help="Default: the input's size after the generation resize rule."),
     width: Optional[int] = typer.Option(None, "--width"),
     preset: Optional[str] = PresetOpt,
@@ -300,7 +303,7 @@ def edit(
                               cache, cache_interval, cache_order, cache_warmup, cache_final)
     _check_sampling("image-to-image", height, width, options)
     pipe = load_pipeline(model, device, dtype, read_options(window, frame, axis, slice_index), quantize=quantize,
-                         device_map=device_map, max_memory=max_memory)
+                         device_map=device_map, max_memory=max_memory, compile=compile)
     try:
         result = pipe.edit(images, instruction, height=height, width=width, seed=seed, analyze=analyze, think=think, explain=explain,
                            progress=progress_bar("denoising"), **options)

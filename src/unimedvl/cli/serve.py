@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from .common import DeviceMapOpt, DeviceOpt, DtypeOpt, MaxMemoryOpt, QuantizeOpt, ModelOpt, fail, load_pipeline, read_options
+from .common import CompileOpt, DeviceMapOpt, DeviceOpt, DtypeOpt, MaxMemoryOpt, QuantizeOpt, ModelOpt, fail, load_pipeline, read_options
 
 
 def startup_line(name: str, host: str, port: int, *, ui: bool, api_key: bool) -> str:
@@ -43,6 +43,7 @@ def serve(
     quantize: Optional[str] = QuantizeOpt,
     device_map: Optional[str] = DeviceMapOpt,
     max_memory: Optional[str] = MaxMemoryOpt,
+    compile: bool = CompileOpt,
 ) -> None:
     """Serve the model: OpenAI-compatible HTTP API (/v1/...) and the web UI (/ui)."""
     import uvicorn
@@ -65,7 +66,7 @@ def serve(
     apply_host_memory_policy(config)  # process-wide, before the model's allocations
     model_thread = ModelThread(after_call=model_thread_trimmer(config))  # loads the model and runs every forward (one OpenMP team: see serving.model_thread)
     pipe = model_thread.run(load_pipeline, model, device, dtype, read_options(), quantize=quantize,
-                            device_map=device_map, max_memory=max_memory)
+                            device_map=device_map, max_memory=max_memory, compile=compile)
     application = create_app(pipe, config, model_thread=model_thread)
     typer.echo(startup_line(pipe.name, host, port, ui=application.app.state.ui, api_key=bool(api_key)))
     # uvicorn's access lines could carry query strings; ours carry the route template, status and latency

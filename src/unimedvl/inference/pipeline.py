@@ -40,6 +40,7 @@ from ..precision import resolve_dtype
 from ..tokenizer import Tokenizer
 from . import prompts
 from . import prompts as _prompts  # where a parameter is named ``prompts``
+from .compilation import CompilationUnavailable, compile_denoising, compiler_problem
 from .conversation import Answer, AnswerStream, Conversation, raw_text, require_text
 from .engine import Engine, Sampler, check_max_new_tokens
 from .inputs import ImageInput, ImageReadOptions, load_image_with_meta
@@ -119,9 +120,15 @@ class GeneratedImage:
 class UniMedVLPipeline:
     """Understanding and generation on one loaded :class:`UniMedVL` with its tokenizer."""
 
-    def __init__(self, model: UniMedVL, tokenizer: Tokenizer, *, name: str = "unimedvl", read_options: ImageReadOptions = ImageReadOptions()):
+    def __init__(self, model: UniMedVL, tokenizer: Tokenizer, *, name: str = "unimedvl",
+                 read_options: ImageReadOptions = ImageReadOptions(), compile: bool = False):
+        """``compile=True`` runs the denoising steps of generation and editing compiled
+        (:mod:`.compilation`: fused element-wise work around the products; needs a C++ compiler
+        on CPUs, and the first image of each size waits for the compilation)."""
         if tokenizer is None:
             raise ValueError("the pipeline needs the checkpoint's tokenizer (vocab.json and merges.txt)")
+        if compile:
+            compile_denoising(model)  # refused before anything else when the device's compiler is missing
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.engine = Engine(model, tokenizer.special)
@@ -142,6 +149,7 @@ class UniMedVLPipeline:
         read_options: ImageReadOptions = ImageReadOptions(),
         device_map: str | Path | Mapping[str, str] | Planner | None = None,
         max_memory: str | Mapping[str, int | str] | None = None,
+        compile: bool = False,
     ) -> "UniMedVLPipeline":
         """Load a checkpoint directory in the official layout.  ``dtype`` ``auto`` (the default) is
         bfloat16 on CUDA, as the official scripts run, and float32 on CPUs (:mod:`unimedvl.precision`).
@@ -158,7 +166,12 @@ class UniMedVLPipeline:
         is read straight to its device; ``dtype="auto"`` follows the first device, which holds
         everything outside the decoder layers.  ``max_memory`` alone implies ``device_map="auto"``; a
         :class:`~.placement.Planner` sets the KV reserve and headroom too.  The applied placement
-        (hooks and counters) is :attr:`placement`."""
+        (hooks and counters) is :attr:`placement`.  ``compile``: see :class:`UniMedVLPipeline`
+        (checked before loading; a model placed over devices runs uncompiled)."""
+        if compile:
+            problem = compiler_problem(torch.device(device))
+            if problem is not None:
+                raise CompilationUnavailable(problem)
         planner = None
         if isinstance(device_map, Planner):  # its own KV reserve or headroom
             if max_memory is not None:
@@ -173,7 +186,7 @@ class UniMedVLPipeline:
                                            quantize=quantize, device_map=planner)
         if tokenizer is None:
             raise CheckpointError(f"{directory}: no tokenizer files (vocab.json and merges.txt are needed)")
-        pipe = cls(model, tokenizer, name=Path(directory).name, read_options=read_options)
+        pipe = cls(model, tokenizer, name=Path(directory).name, read_options=read_options, compile=compile)
         if planner is not None:
             pipe.placement = apply_placement(model, planner.plan)
         return pipe

@@ -290,6 +290,32 @@ def attend(plan: AttentionPlan, layer: int, q: torch.Tensor, k: torch.Tensor, v:
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)  # [N, hq, d]
 
 
+def attend_contexts(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, contexts: list[tuple[torch.Tensor | None, torch.Tensor | None]],
+    lengths: list[int], scale: float, grouped: bool,
+) -> torch.Tensor:
+    """Attention of packed samples that are each one block seeing its fixed context and itself.
+
+    ``q [N, hq, d]``, ``k, v [N, hkv, d]`` hold ``lengths[s]`` consecutive tokens of each sample and
+    ``contexts[s]`` that sample's cached keys and values ``[hkv, L_s, d]`` (``None`` for an empty
+    context).  ``grouped``: GQA (``hq != hkv``), a plain bool so that a compiled caller whose sizes
+    are symbolic can pass it.  Returns ``[N, hq, d]``.  This is :func:`attend` for a plan whose samples are single
+    full/noise blocks that do not join their contexts (a denoising step): the same rules, with the
+    new keys appended to a copy of the context instead of written into the cache, so that the
+    function is free of side effects (and can be compiled whole).
+    """
+    outs, start = [], 0
+    for (ck, cv), n in zip(contexts, lengths):
+        # [n, h, d] -> [h, n, d] for this sample's n tokens
+        qs, ks, vs = q[start : start + n].transpose(0, 1), k[start : start + n].transpose(0, 1), v[start : start + n].transpose(0, 1)
+        if ck is not None:
+            ks, vs = torch.cat([ck, ks], dim=1), torch.cat([cv, vs], dim=1)  # [hkv, L + n, d]
+        out = F.scaled_dot_product_attention(qs[None], ks[None], vs[None], scale=scale, enable_gqa=grouped)
+        outs.append(out[0].transpose(0, 1))  # [1, hq, n, d] -> [n, hq, d]
+        start += n
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+
+
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens: list[int], scale: float) -> torch.Tensor:
     """Bidirectional attention restricted to consecutive segments (one per image); ``[N, h, d]``.
 

@@ -27,15 +27,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import LLMConfig
-from .attention import AttentionPlan, attend
-from .layers import FusedLinear, Linear, RMSNorm, apply_rotary, rotary_cos_sin, uninitialized_embedding
+from .attention import AttentionPlan, attend, attend_contexts
+from .layers import FusedLinear, Linear, RMSNorm, apply_rotary, linear, rms_norm, rotary_cos_sin, uninitialized_embedding
 
 
 @dataclass
@@ -213,6 +213,22 @@ class MoTDecoderLayer(nn.Module):
         for sfx in self.experts:
             getattr(self, "mlp" + sfx).fuse_projections()
 
+    def expert_weights(self, sfx: str) -> "ExpertWeights | None":
+        """Expert ``sfx``'s tensors for :func:`context_query_layer`, or ``None`` unless its q/k/v and
+        gate/up products are fused and still stand for its layers (not replaced, converted or trained)."""
+        attn, mlp = self.self_attn, getattr(self, "mlp" + sfx)
+        qkv, gate_up = attn.qkv.get(sfx), mlp.gate_up
+        if qkv is None or gate_up is None or not qkv.usable() or not gate_up.usable():
+            return None
+        o_proj, down = getattr(attn, "o_proj" + sfx), mlp.down_proj
+        if type(o_proj) is not Linear or type(down) is not Linear:
+            return None
+        return ExpertWeights(
+            getattr(self, "input_layernorm" + sfx).weight, qkv.weight, qkv.bias,
+            getattr(attn, "q_norm" + sfx).weight, getattr(attn, "k_norm" + sfx).weight, o_proj.weight,
+            getattr(self, "post_attention_layernorm" + sfx).weight, gate_up.weight, down.weight,
+        )
+
     def forward(self, x, routing: ExpertRouting, cos, sin, plan: AttentionPlan, layer: int) -> torch.Tensor:
         # pre-norm residual block; x stays [N, H] throughout
         a = routing.apply(x, self.input_layernorm, lambda t: self.input_layernorm_moe_gen(t))
@@ -226,6 +242,82 @@ class MoTDecoderLayer(nn.Module):
         return x + m
 
 
+class ExpertWeights(NamedTuple):
+    """One expert's tensors in one decoder layer, as :func:`context_query_layer` reads them."""
+
+    input_norm: torch.Tensor  # [H]
+    qkv_weight: torch.Tensor  # [(hq + 2*hkv) * d, H], the fused q/k/v projection
+    qkv_bias: torch.Tensor  # [(hq + 2*hkv) * d]
+    q_norm: torch.Tensor  # [d]
+    k_norm: torch.Tensor  # [d]
+    o_proj: torch.Tensor  # [H, hq * d]
+    post_norm: torch.Tensor  # [H]
+    gate_up: torch.Tensor  # [2I, H], the fused gate/up projection
+    down: torch.Tensor  # [H, I]
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """The decoder layer's sizes and constants that :func:`context_query_layer` needs (plain numbers,
+    which a compiled caller treats as constants)."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    eps: float
+    scale: float
+
+
+def _expert_qkv(a: torch.Tensor, w: ExpertWeights, shape: LayerShape) -> torch.Tensor:
+    # [n, H] -> one [n, hq + 2*hkv, d] product; q and k normed per head, in place
+    n, hq, hkv, d = a.shape[0], shape.num_heads, shape.num_kv_heads, shape.head_dim
+    qkv = linear(a, w.qkv_weight, w.qkv_bias).view(n, hq + 2 * hkv, d)
+    qkv[:, :hq] = rms_norm(qkv[:, :hq], w.q_norm, shape.eps)
+    qkv[:, hq : hq + hkv] = rms_norm(qkv[:, hq : hq + hkv], w.k_norm, shape.eps)
+    return qkv
+
+
+def _expert_mlp(x: torch.Tensor, w: ExpertWeights, shape: LayerShape) -> torch.Tensor:
+    # post-attention norm and SwiGLU: [n, H] -> [n, 2I] -> [n, I] -> [n, H]
+    gate, up = linear(rms_norm(x, w.post_norm, shape.eps), w.gate_up).chunk(2, dim=-1)
+    return linear(F.silu(gate) * up, w.down)
+
+
+def context_query_layer(
+    x: torch.Tensor,
+    gen: ExpertWeights,
+    und: ExpertWeights,
+    und_index: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    contexts: list[tuple[torch.Tensor | None, torch.Tensor | None]],
+    lengths: list[int],
+    shape: LayerShape,
+) -> torch.Tensor:
+    """One decoder layer over packed samples that are each a single block seeing its fixed
+    context (a denoising step's latent blocks, one per guidance branch): ``x [N, H] -> [N, H]``.
+
+    The same computation as :meth:`MoTDecoderLayer.forward` with the generation expert on all rows
+    and the understanding expert's rows ``und_index`` (the image markers) overwritten, written as
+    one function of tensors - no modules, caches or hooks - so that ``torch.compile`` can take it
+    whole and fuse the element-wise work between the products (norms, RoPE, SiLU, residuals):
+    :func:`unimedvl.inference.compilation.compile_denoising`.  ``contexts[s]`` are sample
+    ``s``'s cached keys/values ``[hkv, L_s, d]`` (or ``None``), ``lengths[s]`` its token count.
+    """
+    hq, hkv = shape.num_heads, shape.num_kv_heads
+    qkv = _expert_qkv(rms_norm(x, gen.input_norm, shape.eps), gen, shape)  # [N, hq + 2*hkv, d]
+    qkv[und_index] = _expert_qkv(rms_norm(x[und_index], und.input_norm, shape.eps), und, shape)
+    q, k, v = qkv.split([hq, hkv, hkv], dim=1)
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # RoPE is shared by both experts
+    o = attend_contexts(q, k, v, contexts, lengths, shape.scale, hq != hkv).reshape(x.shape[0], -1)  # [N, hq*d]
+    attn = linear(o, gen.o_proj)  # [N, H]
+    attn[und_index] = linear(o[und_index], und.o_proj)
+    x = x + attn
+    m = _expert_mlp(x, gen, shape)
+    m[und_index] = _expert_mlp(x[und_index], und, shape)
+    return x + m
+
+
 class Qwen2MoTModel(nn.Module):
     def __init__(self, cfg: LLMConfig, generation_expert: bool = True):
         super().__init__()
@@ -237,6 +329,10 @@ class Qwen2MoTModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         if generation_expert:
             self.norm_moe_gen = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        # the function that runs a layer of a context query (see context_query_weights); replaced by its
+        # compiled form from outside (unimedvl.inference.compilation), never saved
+        self.context_query_layer: Callable[..., torch.Tensor] = context_query_layer
+        self.layer_shape = LayerShape(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps, 1.0 / math.sqrt(cfg.head_dim))
 
     def fuse_projections(self) -> None:
         """Prepare inference: each expert's q/k/v and gate/up projections as one product
@@ -244,6 +340,30 @@ class Qwen2MoTModel(nn.Module):
         not plain linear layers (LoRA, quantised, sharded) stay as they are."""
         for layer in self.layers:
             layer.fuse_projections()
+
+    def context_query_weights(self, routing: ExpertRouting, plan: AttentionPlan) -> list[tuple[ExpertWeights, ExpertWeights]] | None:
+        """Each layer's (generation, understanding) weights when this forward can run as
+        :func:`context_query_layer` calls, else ``None`` (the layers run as modules).
+
+        It can when: no gradient is wanted; the generation expert holds most tokens and the
+        understanding expert the rest (a denoising query: latents and their image markers); every
+        sample is one block that sees its whole context and does not join it (no mask, no cache
+        update, the ``sdpa`` backend); no hook sits on a layer (device placement, checkpointing);
+        and both experts' projections are fused plain layers (not LoRA, quantised or converted).
+        """
+        if torch.is_grad_enabled() or routing.all_und or routing.all_gen or routing.und_index.numel() > routing.gen_index.numel():
+            return None
+        if plan.backend != "sdpa" or plan.update_cache or any(m is not None for m in plan.masks):
+            return None
+        weights = []
+        for layer in self.layers:
+            if layer._forward_hooks or layer._forward_pre_hooks or self._forward_hooks or self._forward_pre_hooks:
+                return None
+            gen, und = layer.expert_weights("_moe_gen"), layer.expert_weights("")
+            if gen is None or und is None:
+                return None
+            weights.append((gen, und))
+        return weights
 
     def rotary(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         # [N] -> cos, sin [N, d], rounded to ``dtype`` as the reference does (ARCHITECTURE 10.3)
@@ -261,6 +381,13 @@ class Qwen2MoTModel(nn.Module):
         # ``rope`` comes precomputed from the forward plan, so denoising steps that reuse one plan
         # (same positions every step) do not rebuild the tables
         cos, sin = rope if rope is not None else self.rotary(position_ids, x.dtype)  # [N, d] each
+        weights = self.context_query_weights(routing, plan)
+        if weights is not None:  # a denoising step: each layer as one function of tensors
+            lengths = plan.layout.sample_lengths
+            for i, (gen, und) in enumerate(weights):
+                contexts = [(None, None) if c is None else c.get(i) for c in plan.caches]
+                x = self.context_query_layer(x, gen, und, routing.und_index, cos, sin, contexts, lengths, self.layer_shape)
+            return routing.apply(x, self.norm, lambda t: self.norm_moe_gen(t))
         for i, layer in enumerate(self.layers):
             # activation checkpointing, when training wants it, is hooked onto each layer from outside
             # (unimedvl.training.parallelize), like FSDP: the forward stays the same
