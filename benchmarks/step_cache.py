@@ -212,13 +212,23 @@ def compiled_step(model, query, x, repeats: int, floor_shapes, flops: float) -> 
     if problem is not None:
         log(f"compiled step skipped: {problem}")
         return None
+    lm = model.language_model.model
     compile_denoising(model)
+    compiled_layer = lm.context_query_layer
     try:
         with torch.no_grad():
             _, first_ms = timed(lambda: query(x, 0.8))  # the first step compiles (or loads the compiler's cache)
-        out = step_breakdown(model, query, x, repeats, floor_shapes, flops)
+            out = step_breakdown(model, query, x, repeats, floor_shapes, flops)
+            ratios = []  # compiled / eager, the two timed back to back in each round
+            for _ in range(repeats):
+                _, compiled_ms = timed(lambda: query(x, 0.8))
+                uncompile_denoising(model)
+                _, eager_ms = timed(lambda: query(x, 0.8))
+                lm.context_query_layer = compiled_layer
+                ratios.append(compiled_ms / eager_ms)
     finally:
         uncompile_denoising(model)
+    out["compiled_over_eager"] = round(statistics.median(ratios), 3)
     out["first_step_with_compilation_s"] = round(first_ms / 1000, 1)
     log(f"compiled step breakdown: {out}")
     return out
@@ -253,19 +263,23 @@ def speed(args) -> dict:
     out["prefill_ms"] = median_ms(prefill, args.repeats)
     ctx, empty = prefill()
     noise = initial_noise(engine, grid, torch.Generator().manual_seed(0))
+    # interleaved rounds, every setting once per round: the machine drifts by tens of percent
+    # within a minute, so each speed-up is taken against the uncached loop of its own round
+    times: dict[str, list[float]] = {name: [] for name in args.speed_settings}
+    samples: dict = {}
+    for r in range(args.loop_repeats):
+        for name in args.speed_settings:
+            settings = sampler_settings("text-to-image", None, steps=STEPS, cache=SETTINGS[name] or "none")
+            samples[name], ms = timed(lambda: sample_image(engine, ctx, empty, ctx, noise, grid, settings))
+            times[name].append(ms)
+            log(f"speed round {r + 1}: {name} loop {ms:.0f} ms, {samples[name].full_steps} full forwards")
     loops: dict = {}
     for name in args.speed_settings:
-        settings = sampler_settings("text-to-image", None, steps=STEPS, cache=SETTINGS[name] or "none")
-        times, sample = [], None
-        for _ in range(args.loop_repeats):
-            sample, ms = timed(lambda: sample_image(engine, ctx, empty, ctx, noise, grid, settings))
-            times.append(ms)
-        loops[name] = {"loop_ms": round(statistics.median(times), 1), "full_forwards": sample.full_steps,
-                       "skipped_forwards": sample.forecast_steps}
-        log(f"speed {name}: loop {loops[name]['loop_ms']:.0f} ms, {sample.full_steps} full forwards")
-    base = loops["none"]["loop_ms"]
-    for name, row in loops.items():
-        row["speedup"] = round(base / row["loop_ms"], 3)
+        loops[name] = {"loop_ms": round(statistics.median(times[name]), 1), "full_forwards": samples[name].full_steps,
+                       "skipped_forwards": samples[name].forecast_steps,
+                       "speedup": round(statistics.median(b / t for b, t in zip(times["none"], times[name])), 3),
+                       "speedup_per_round": [round(b / t, 3) for b, t in zip(times["none"], times[name])]}
+    sample = samples[args.speed_settings[-1]]
     out["loops"] = loops
     out["vae_decode_ms"] = median_ms(lambda: engine.decode_latents(sample.latents, grid), max(1, args.repeats // 2))
 
@@ -369,7 +383,7 @@ def main() -> None:
     ap.add_argument("--demo", type=Path, help="a `unimedvl demo` output folder (its model/ and dataset/)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--loop-repeats", type=int, default=1, help="timed 50-step loops per setting")
+    ap.add_argument("--loop-repeats", type=int, default=3, help="interleaved rounds of timed 50-step loops (every setting once per round)")
     ap.add_argument("--speed-settings", default="none,taylorseer-safe,taylorseer,taylorseer-fast")
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--out", type=Path, help="also write the JSON here")
