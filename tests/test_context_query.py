@@ -73,7 +73,11 @@ def test_denoising_step_runs_the_layer_function_and_equals_the_module_path(branc
 
 
 def test_layer_function_in_bf16_equals_the_module_path_to_bf16_rounding():
-    got = _step(Engine(random_model(seed=4, dtype=torch.bfloat16), SPECIAL), 2)
+    model = random_model(seed=4, dtype=torch.bfloat16)
+    engine = Engine(model, SPECIAL)
+    spy = _spy(model)
+    got = _step(engine, 2)
+    assert spy.calls == model.config.llm.num_layers  # the bf16 step did run through the function
     expected = _step(Engine(_module_path(random_model(seed=4, dtype=torch.bfloat16)), SPECIAL), 2)
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)

@@ -355,9 +355,11 @@ class Qwen2MoTModel(nn.Module):
             return None
         if plan.backend != "sdpa" or plan.update_cache or any(m is not None for m in plan.masks):
             return None
+        if self._forward_hooks or self._forward_pre_hooks:
+            return None
         weights = []
         for layer in self.layers:
-            if layer._forward_hooks or layer._forward_pre_hooks or self._forward_hooks or self._forward_pre_hooks:
+            if layer._forward_hooks or layer._forward_pre_hooks:
                 return None
             gen, und = layer.expert_weights("_moe_gen"), layer.expert_weights("")
             if gen is None or und is None:
