@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import AutoencoderConfig
+from .layers import Conv2d
 
 
 def _norm(ch: int) -> nn.GroupNorm:
@@ -41,10 +42,10 @@ class ResnetBlock(nn.Module):
     def __init__(self, in_ch: int, out_ch: int):
         super().__init__()
         self.norm1 = _norm(in_ch)
-        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.conv1 = Conv2d(in_ch, out_ch, 3, padding=1)
         self.norm2 = _norm(out_ch)
-        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
-        self.nin_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
+        self.conv2 = Conv2d(out_ch, out_ch, 3, padding=1)
+        self.nin_shortcut = Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv1(_swish(self.norm1(x)))  # [B, in_ch, h, w] -> [B, out_ch, h, w]
@@ -60,8 +61,8 @@ class AttnBlock(nn.Module):
     def __init__(self, ch: int):
         super().__init__()
         self.norm = _norm(ch)
-        self.q, self.k, self.v = nn.Conv2d(ch, ch, 1), nn.Conv2d(ch, ch, 1), nn.Conv2d(ch, ch, 1)
-        self.proj_out = nn.Conv2d(ch, ch, 1)
+        self.q, self.k, self.v = Conv2d(ch, ch, 1), Conv2d(ch, ch, 1), Conv2d(ch, ch, 1)
+        self.proj_out = Conv2d(ch, ch, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
@@ -75,7 +76,7 @@ class AttnBlock(nn.Module):
 class Downsample(nn.Module):
     def __init__(self, ch: int):
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=0)
+        self.conv = Conv2d(ch, ch, 3, stride=2, padding=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # asymmetric pad (right and bottom by one pixel), then an unpadded stride-2 3x3 conv, as in
@@ -86,7 +87,7 @@ class Downsample(nn.Module):
 class Upsample(nn.Module):
     def __init__(self, ch: int):
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+        self.conv = Conv2d(ch, ch, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))  # [B, c, h, w] -> [B, c, 2h, 2w]
@@ -116,7 +117,7 @@ class Encoder(nn.Module):
     def __init__(self, cfg: AutoencoderConfig):
         super().__init__()
         widths = [cfg.ch * m for m in cfg.ch_mult]
-        self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
+        self.conv_in = Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
         self.down = nn.ModuleList()
         in_ch = cfg.ch
         for i, out_ch in enumerate(widths):
@@ -130,7 +131,7 @@ class Encoder(nn.Module):
             self.down.append(level)
         self.mid = _Mid(in_ch)
         self.norm_out = _norm(in_ch)
-        self.conv_out = nn.Conv2d(in_ch, 2 * cfg.z_channels, 3, padding=1)
+        self.conv_out = Conv2d(in_ch, 2 * cfg.z_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)  # [B, 3, h, w] -> [B, 128, h, w]
@@ -148,7 +149,7 @@ class Decoder(nn.Module):
         super().__init__()
         widths = [cfg.ch * m for m in cfg.ch_mult]
         in_ch = widths[-1]
-        self.conv_in = nn.Conv2d(cfg.z_channels, in_ch, 3, padding=1)
+        self.conv_in = Conv2d(cfg.z_channels, in_ch, 3, padding=1)
         self.mid = _Mid(in_ch)
         levels: list[_Level] = []
         for i in reversed(range(len(widths))):  # the deepest level is processed first
@@ -162,7 +163,7 @@ class Decoder(nn.Module):
             levels.insert(0, level)  # ``up`` is indexed by resolution level
         self.up = nn.ModuleList(levels)
         self.norm_out = _norm(in_ch)
-        self.conv_out = nn.Conv2d(in_ch, cfg.out_channels, 3, padding=1)
+        self.conv_out = Conv2d(in_ch, cfg.out_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.mid(self.conv_in(z))  # [B, z, h, w] -> [B, 512, h, w]

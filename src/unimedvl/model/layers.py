@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..precision import emulates_bf16
+
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear``, except for products of one or a few rows on CPUs at inference.
@@ -20,7 +22,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     oneDNN's GEMM reads the weights at about half the memory bandwidth that ``torch.mv`` reaches
     (measured on a 2-core AVX-512/AMX CPU over the 14B decoder's matrices: 14 vs 24-26 GB/s), and
     decoding is nothing but reading the weights.  A few rows in float32 are multiplied weights-first
-    (below).  Both forms are differentiable.
+    (below).  More rows in bf16 on a CPU without bf16 units compute in float32 and round once
+    (``precision.emulates_bf16``).  All forms are differentiable.
     """
     if x.device.type == "cpu" and x.dtype == weight.dtype:
         rows = x.numel() // weight.shape[1]
@@ -37,6 +40,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             xt = x.reshape(rows, -1).t()  # [in, rows]
             y = torch.mm(weight, xt) if bias is None else torch.addmm(bias[:, None], weight, xt)  # [out, rows]
             return y.t().contiguous().reshape(*x.shape[:-1], weight.shape[0])
+        if rows > FEW_ROWS and emulates_bf16(x):
+            # converting the weights costs about 30 rows' worth of the emulated bf16 kernel (measured
+            # on a 2-core AVX2 CPU, 4096x3584: 64 rows 88 vs 47 ms, 256 rows 350 vs 93 ms, 16 rows 23 vs 38 ms)
+            return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
     return F.linear(x, weight, bias)
 
 
@@ -48,6 +55,21 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
+
+
+class Conv2d(nn.Conv2d):
+    """``nn.Conv2d`` (same parameters and state dict) that convolves bf16 in float32 where bf16 is emulated.
+
+    On CPUs without bf16 units PyTorch's bf16 convolution is hundreds of times slower than the
+    float32 one (``precision`` module notes); the float32 result rounded to bf16 is what bf16 units
+    give.  Elsewhere this is ``nn.Conv2d``.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if emulates_bf16(x) and self.weight.dtype == torch.bfloat16:
+            bias = None if self.bias is None else self.bias.float()
+            return self._conv_forward(x.float(), self.weight.float(), bias).to(x.dtype)
+        return super().forward(x)
 
 
 class FusedLinear:
