@@ -185,10 +185,16 @@ def measure_floors(threads: int) -> dict:
     del buf, matrix
     out = {"read_bandwidth_gb_s": round(max(sum_bw, mv_bw) / GB, 2),
            "read_bandwidth_sum_fp32_gb_s": round(sum_bw / GB, 2), "read_bandwidth_mv_bf16_gb_s": round(mv_bw / GB, 2)}
+    from unimedvl.precision import CPU_HAS_BF16_UNITS
+
+    out["cpu_bf16_units"] = CPU_HAS_BF16_UNITS
     for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
-        # the shape of a decoder MLP matmul over a 512-token block: [512, 3584] x [3584, 4096]
-        a, b = torch.randn(512, 3584, dtype=dtype), torch.randn(3584, 4096, dtype=dtype)
-        out[f"matmul_{name}_gflops"] = round(2 * 512 * 3584 * 4096 / best_s(lambda: a @ b, 5) / 1e9, 1)
+        # the shape of a decoder MLP matmul over a 512-token block: [512, 3584] x [3584, 4096];
+        # torch's own bf16 kernel on a CPU without bf16 units runs at well under 1 GFLOP/s, where
+        # that product would take a minute a call: there 32 rows, timed once, give the throughput
+        rows, repeats = (32, 1) if dtype == torch.bfloat16 and not CPU_HAS_BF16_UNITS else (512, 5)
+        a, b = torch.randn(rows, 3584, dtype=dtype), torch.randn(3584, 4096, dtype=dtype)
+        out[f"matmul_{name}_gflops"] = round(2 * rows * 3584 * 4096 / best_s(lambda: a @ b, repeats) / 1e9, 1)
     return out
 
 
