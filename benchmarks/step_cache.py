@@ -130,7 +130,8 @@ def step_breakdown(model, query, x, repeats: int, floor_shapes: list[tuple[int, 
     * ``gemm_ms``: the generation expert's products of every layer on all query rows, with the
       model's own (fused) weights, one after another as the step runs them (``gemm_best_ms``: the
       best round);
-    * ``attention_ms``: the attention kernel (SDPA) at the step's shapes, per layer and branch;
+    * ``attention_ms``: the step's attention function (``attend_contexts``: context keys joined,
+      grouped query heads, torch's SDPA kernel) at the step's shapes, per layer;
     * ``understanding_rows_ms``: the understanding expert's products on its few rows (the image
       markers): the work there is reading that expert's weights;
     * ``other_ms``: the rest of the step (norms, RoPE, SiLU, residuals, copies, indexing, the
@@ -144,8 +145,8 @@ def step_breakdown(model, query, x, repeats: int, floor_shapes: list[tuple[int, 
     everything in ``other_ms`` cost nothing.
     """
     import torch
-    import torch.nn.functional as F
 
+    from unimedvl.model.attention import attend_contexts
     from unimedvl.model.layers import linear as model_linear
 
     plan, lm = query.plan.attention, model.language_model.model
@@ -164,14 +165,14 @@ def step_breakdown(model, query, x, repeats: int, floor_shapes: list[tuple[int, 
             model_linear(inter[:n], mlp.down_proj.weight)
 
     hq, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    shapes = [(sl.stop - sl.start, c.length + sl.stop - sl.start) for sl, c in zip(plan.slices, plan.caches)]
-    operands = [(torch.randn(1, hq, nq, d, generator=g), torch.randn(1, hkv, nk, d, generator=g),
-                 torch.randn(1, hkv, nk, d, generator=g)) for nq, nk in shapes]
+    lengths = [sl.stop - sl.start for sl in plan.slices]  # each branch's query rows
+    aq, ak, av = (torch.randn(sum(lengths), h, d, generator=g) for h in (hq, hkv, hkv))
+    contexts = [(torch.randn(hkv, c.length, d, generator=g), torch.randn(hkv, c.length, d, generator=g)) if c.length else (None, None)
+                for c in plan.caches]
 
-    def attention():
+    def attention():  # the step's attention function (context keys joined, grouped heads, kernel)
         for _ in lm.layers:
-            for q, k, v in operands:
-                F.scaled_dot_product_attention(q, k, v, scale=d**-0.5, enable_gqa=True)
+            attend_contexts(aq, ak, av, contexts, lengths, d**-0.5, hq != hkv)
 
     linear = sum(2 * m * k * n for m, k, n in floor_shapes)
     parts = {"step_ms": lambda: query(x, 0.8), "gemm_ms": lambda: products(rows, "_moe_gen"),

@@ -188,3 +188,27 @@ def test_missing_compiler_is_refused_before_loading(fixture_a, monkeypatch):
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("clang++") is None, reason="no C++ compiler")
 def test_compiler_found_where_one_is_installed():
     assert compiler_problem(torch.device("cpu")) is None
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(8, 2), (4, 4)])
+def test_context_attention_matches_attention_written_out_per_head(heads, kv_heads):
+    """Each query head h reads key/value head h // (heads / kv_heads), over its sample's context
+    and its own block; written out with softmax per head (grouped queries are stacked per key/value
+    head on CPUs, which must not change which head reads which)."""
+    from unimedvl.model.attention import attend_contexts
+
+    g, d, lengths = torch.Generator().manual_seed(0), 16, [5, 3]
+    q = torch.randn(sum(lengths), heads, d, generator=g)
+    k, v = torch.randn(sum(lengths), kv_heads, d, generator=g), torch.randn(sum(lengths), kv_heads, d, generator=g)
+    contexts = [(torch.randn(kv_heads, 4, d, generator=g), torch.randn(kv_heads, 4, d, generator=g)), (None, None)]
+    out = attend_contexts(q, k, v, contexts, lengths, d**-0.5, heads != kv_heads)
+    start = 0
+    for (ck, cv), n in zip(contexts, lengths):
+        for h in range(heads):
+            j = h // (heads // kv_heads)
+            keys, values = k[start : start + n, j], v[start : start + n, j]  # [n, d]
+            if ck is not None:
+                keys, values = torch.cat([ck[j], keys]), torch.cat([cv[j], values])
+            expected = torch.softmax(q[start : start + n, h] @ keys.T * d**-0.5, dim=-1) @ values
+            torch.testing.assert_close(out[start : start + n, h], expected, rtol=1e-5, atol=1e-6)
+        start += n

@@ -305,13 +305,25 @@ def attend_contexts(
     function is free of side effects (and can be compiled whole).
     """
     outs, start = [], 0
+    hq, hkv, d = q.shape[1], k.shape[1], q.shape[2]
+    stack = grouped and q.device.type == "cpu"
     for (ck, cv), n in zip(contexts, lengths):
         # [n, h, d] -> [h, n, d] for this sample's n tokens
         qs, ks, vs = q[start : start + n].transpose(0, 1), k[start : start + n].transpose(0, 1), v[start : start + n].transpose(0, 1)
         if ck is not None:
             ks, vs = torch.cat([ck, ks], dim=1), torch.cat([cv, vs], dim=1)  # [hkv, L + n, d]
-        out = F.scaled_dot_product_attention(qs[None], ks[None], vs[None], scale=scale, enable_gqa=grouped)
-        outs.append(out[0].transpose(0, 1))  # [1, hq, n, d] -> [n, hq, d]
+        if stack:
+            # the g = hq/hkv query heads that share a key/value head (heads j*g .. j*g+g-1 read kv
+            # head j) as one query of g*n rows: the softmax is per row, so this is the same
+            # attention, and torch's CPU kernel runs one long query faster than g short ones
+            # (measured at a 256² step's shapes, 8 heads on 2: 9 % less time)
+            g = hq // hkv
+            qg = qs.reshape(hkv, g * n, d)  # [hq, n, d] -> [hkv, g*n, d]
+            out = F.scaled_dot_product_attention(qg[None], ks[None], vs[None], scale=scale)  # [1, hkv, g*n, d]
+            outs.append(out.view(hq, n, d).transpose(0, 1))  # -> [n, hq, d]
+        else:
+            out = F.scaled_dot_product_attention(qs[None], ks[None], vs[None], scale=scale, enable_gqa=grouped)
+            outs.append(out[0].transpose(0, 1))  # [1, hq, n, d] -> [n, hq, d]
         start += n
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
 
