@@ -94,3 +94,17 @@ def test_many_row_products_untouched_with_bf16_units(with_bf16_units):
     w = torch.randn(48, 40).to(torch.bfloat16)
     x = torch.randn(FEW_ROWS + 10, 40).to(torch.bfloat16)
     assert torch.equal(linear(x, w), F.linear(x, w))
+
+
+def test_int8_row_blocks_in_bf16_compute_in_float32_and_round_before_the_scale(without_bf16_units, monkeypatch):
+    from unimedvl.model import quantized as Q
+
+    torch.manual_seed(4)
+    layer = Q.Int8Linear.from_linear(nn.Linear(40, 48, bias=False).to(torch.bfloat16))
+    monkeypatch.setattr(Q, "CONVERT_ROWS", 64)  # one block: the same product as the reference below
+    x = torch.randn(FEW_ROWS + 6, 40).to(torch.bfloat16)
+    y = layer(x)
+    expected = (x.float() @ layer.weight.float().t()).to(torch.bfloat16) * layer.scale.to(torch.bfloat16)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, expected)
+    native = (x @ layer.weight.to(torch.bfloat16).t()) * layer.scale.to(torch.bfloat16)  # torch's bf16 GEMM
+    assert ((y.float() - native.float()).abs() <= 2 * BF16_EPS * native.float().abs() + 1e-6).all()

@@ -83,6 +83,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..precision import emulates_bf16
+from .layers import FEW_ROWS, linear
+
 # Linear layers that are quantised, by module name (state-dict prefix).
 QUANTIZED_LINEARS = re.compile(
     r"^(language_model\.model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp)(_moe_gen)?(\.\w+_proj)?"
@@ -515,7 +518,7 @@ class QuantizedLinear(nn.Module):
         """Convert the loaded tensors to what the device's kernel reads (once, after loading)."""
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dequantized_weight(x.dtype))
+        return linear(x, self.dequantized_weight(x.dtype))  # bf16 emulated where the CPU has no bf16 units
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -545,15 +548,22 @@ class Int8Linear(QuantizedLinear):
         # CONVERT_ROWS output rows at a time into a reused buffer, each block still in cache when
         # the GEMM reads it, and each output block scaled while it is in cache.  Converting the
         # whole matrix into fresh memory costs as much as the GEMM itself (page faults).
+        # bf16 on a CPU without bf16 units: the products in float32 (exact for int8 values), each
+        # output block rounded to bf16 before its scale, as the bf16 GEMM would (precision module)
+        emulated = x.shape[0] > FEW_ROWS and emulates_bf16(x)
+        a = x.float() if emulated else x
         out = x.new_empty(x.shape[0], self.out_features)  # [n, out]
         scale = self.scale.to(x.dtype)
-        buffer = _conversion_buffer(min(CONVERT_ROWS, self.out_features) * self.in_features, x.dtype)
+        buffer = _conversion_buffer(min(CONVERT_ROWS, self.out_features) * self.in_features, a.dtype)
         for start in range(0, self.out_features, CONVERT_ROWS):
             rows = min(CONVERT_ROWS, self.out_features - start)
             block = buffer[: rows * self.in_features].view(rows, self.in_features)
             block.copy_(self.weight[start:start + rows])  # int8 -> compute dtype, [rows, in]
             part = out[:, start:start + rows]
-            torch.mm(x, block.t(), out=part)
+            if emulated:
+                part.copy_(torch.mm(a, block.t()))  # [n, rows] float32 -> bf16
+            else:
+                torch.mm(a, block.t(), out=part)
             part.mul_(scale[start:start + rows])
         return out
 
