@@ -12,7 +12,7 @@ from torch import nn
 
 from unimedvl import precision
 from unimedvl.model.autoencoder import Autoencoder
-from unimedvl.model.layers import FEW_ROWS, Conv2d, linear
+from unimedvl.model.layers import BF16_EMULATION_ROWS, Conv2d, linear
 
 BF16_EPS = 2.0**-8  # bf16 keeps 8 significant bits: one rounding is at most half of this, relative
 
@@ -66,7 +66,7 @@ def test_autoencoder_convolutions_are_the_emulating_kind():
     assert convs and all(type(m) is Conv2d for m in convs)
 
 
-@pytest.mark.parametrize("rows", [FEW_ROWS + 1, 200])
+@pytest.mark.parametrize("rows", [BF16_EMULATION_ROWS + 1, 200])
 def test_many_row_bf16_products_are_the_float32_result_rounded_once(without_bf16_units, rows):
     torch.manual_seed(1)
     w = torch.randn(48, 40).to(torch.bfloat16)
@@ -85,14 +85,14 @@ def test_many_row_bf16_products_are_the_float32_result_rounded_once(without_bf16
 def test_few_row_bf16_products_keep_the_bf16_kernel(without_bf16_units):
     torch.manual_seed(2)
     w = torch.randn(48, 40).to(torch.bfloat16)
-    x = torch.randn(FEW_ROWS, 40).to(torch.bfloat16)
+    x = torch.randn(BF16_EMULATION_ROWS, 40).to(torch.bfloat16)
     assert torch.equal(linear(x, w), F.linear(x, w))
 
 
 def test_many_row_products_untouched_with_bf16_units(with_bf16_units):
     torch.manual_seed(3)
     w = torch.randn(48, 40).to(torch.bfloat16)
-    x = torch.randn(FEW_ROWS + 10, 40).to(torch.bfloat16)
+    x = torch.randn(BF16_EMULATION_ROWS + 10, 40).to(torch.bfloat16)
     assert torch.equal(linear(x, w), F.linear(x, w))
 
 
@@ -102,7 +102,7 @@ def test_int8_row_blocks_in_bf16_compute_in_float32_and_round_before_the_scale(w
     torch.manual_seed(4)
     layer = Q.Int8Linear.from_linear(nn.Linear(40, 48, bias=False).to(torch.bfloat16))
     monkeypatch.setattr(Q, "CONVERT_ROWS", 64)  # one block: the same product as the reference below
-    x = torch.randn(FEW_ROWS + 6, 40).to(torch.bfloat16)
+    x = torch.randn(BF16_EMULATION_ROWS + 6, 40).to(torch.bfloat16)
     y = layer(x)
     expected = (x.float() @ layer.weight.float().t()).to(torch.bfloat16) * layer.scale.to(torch.bfloat16)
     assert y.dtype == torch.bfloat16 and torch.equal(y, expected)

@@ -11,8 +11,8 @@
   convolution ran 400x slower than in fp32 (3.58 s vs 8 ms, 128 channels at 64x64) and a 768-row
   product 6x slower.  Convolutions and products of many rows therefore compute in fp32 from the
   bf16 values and round the result to bf16 (:func:`emulates_bf16`), which is what bf16 units do
-  too: exact products, a float32 sum, one rounding.  Products of up to a few dozen rows keep the
-  bf16 kernel, which is faster than converting the weights for them.
+  too: exact products, a float32 sum, one rounding.  Products of up to 32 rows keep the bf16
+  kernel, which is about as fast as converting the weights for them (``layers.BF16_EMULATION_ROWS``).
 * Training: float32 master weights, optimiser state and EMA always; ``auto`` computes in bf16
   autocast on CUDA devices and in fp32 elsewhere (:func:`training_compute`).
 """

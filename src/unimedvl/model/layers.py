@@ -40,14 +40,17 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             xt = x.reshape(rows, -1).t()  # [in, rows]
             y = torch.mm(weight, xt) if bias is None else torch.addmm(bias[:, None], weight, xt)  # [out, rows]
             return y.t().contiguous().reshape(*x.shape[:-1], weight.shape[0])
-        if rows > FEW_ROWS and emulates_bf16(x):
-            # converting the weights costs about 30 rows' worth of the emulated bf16 kernel (measured
-            # on a 2-core AVX2 CPU, 4096x3584: 64 rows 88 vs 47 ms, 256 rows 350 vs 93 ms, 16 rows 23 vs 38 ms)
+        if rows > BF16_EMULATION_ROWS and emulates_bf16(x):
             return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
     return F.linear(x, weight, bias)
 
 
 FEW_ROWS = 64  # up to here the weights-first float32 product wins on CPUs (4 rows: 0.42x the time, 64: 0.67x)
+# Above this many rows, bf16 products on a CPU without bf16 units run in float32 (``precision``):
+# converting the weights costs a few dozen rows' worth of the emulated bf16 kernel.  Measured on a
+# 2-core AVX2 CPU, bf16 kernel vs converted: 4096x3584 at 16 / 32 / 48 / 64 rows 23 / 46 / 68 / 91 ms
+# vs 48 / 49 / 60 / 60 ms; 1536x512 at 16 / 32 rows 1.6 / 3.1 ms vs 1.1 / 1.4 ms.
+BF16_EMULATION_ROWS = 32
 
 
 class Linear(nn.Linear):
