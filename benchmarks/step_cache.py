@@ -207,14 +207,14 @@ def compiled_step(model, query, x, repeats: int, floor_shapes, flops: float) -> 
     left uncompiled afterwards."""
     import torch
 
-    from unimedvl.inference.compilation import compile_denoising, compiler_problem, uncompile_denoising
+    from unimedvl.inference.compilation import CompilationUnavailable, compile_denoising, uncompile_denoising
 
-    problem = compiler_problem(model.device)
-    if problem is not None:
-        log(f"compiled step skipped: {problem}")
+    try:
+        compile_denoising(model)
+    except CompilationUnavailable as e:
+        log(f"compiled step skipped: {e}")
         return None
     lm = model.language_model.model
-    compile_denoising(model)
     compiled_layer = lm.context_query_layer
     try:
         with torch.no_grad():

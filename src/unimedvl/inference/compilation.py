@@ -56,6 +56,13 @@ def compiler_problem(device: torch.device) -> str | None:
     return f"compiling the denoising step is not supported on {device.type} devices; run without --compile"
 
 
+def require_compiler(device: torch.device) -> None:
+    """Raise :class:`CompilationUnavailable` with :func:`compiler_problem`'s reason, if there is one."""
+    problem = compiler_problem(device)
+    if problem is not None:
+        raise CompilationUnavailable(problem)
+
+
 def compile_denoising(model: UniMedVL) -> None:
     """Make the model's denoising steps run compiled (:mod:`module docs <unimedvl.inference.compilation>`).
 
@@ -63,9 +70,7 @@ def compile_denoising(model: UniMedVL) -> None:
     ``fullgraph``: the layer function has no graph break by construction; one appearing (a future
     change) is an error in the tests instead of a silent fallback to slow, partly compiled code.
     """
-    problem = compiler_problem(model.device)
-    if problem is not None:
-        raise CompilationUnavailable(problem)
+    require_compiler(model.device)
     model.language_model.model.context_query_layer = torch.compile(context_query_layer, fullgraph=True)
 
 

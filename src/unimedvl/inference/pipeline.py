@@ -40,7 +40,7 @@ from ..precision import resolve_dtype
 from ..tokenizer import Tokenizer
 from . import prompts
 from . import prompts as _prompts  # where a parameter is named ``prompts``
-from .compilation import CompilationUnavailable, compile_denoising, compiler_problem
+from .compilation import compile_denoising, require_compiler
 from .conversation import Answer, AnswerStream, Conversation, raw_text, require_text
 from .engine import Engine, Sampler, check_max_new_tokens
 from .inputs import ImageInput, ImageReadOptions, load_image_with_meta
@@ -169,9 +169,7 @@ class UniMedVLPipeline:
         (hooks and counters) is :attr:`placement`.  ``compile``: see :class:`UniMedVLPipeline`
         (checked before loading; a model placed over devices runs uncompiled)."""
         if compile:
-            problem = compiler_problem(torch.device(device))
-            if problem is not None:
-                raise CompilationUnavailable(problem)
+            require_compiler(torch.device(device))  # before reading gigabytes
         planner = None
         if isinstance(device_map, Planner):  # its own KV reserve or headroom
             if max_memory is not None:
