@@ -172,7 +172,7 @@ def step_breakdown(model, query, x, repeats: int, floor_shapes: list[tuple[int, 
 
     def attention():  # the step's attention function (context keys joined, grouped heads, kernel)
         for _ in lm.layers:
-            attend_contexts(aq, ak, av, contexts, lengths, d**-0.5, hq != hkv)
+            attend_contexts(aq, ak, av, contexts, lengths, d**-0.5)
 
     linear = sum(2 * m * k * n for m, k, n in floor_shapes)
     parts = {"step_ms": lambda: query(x, 0.8), "gemm_ms": lambda: products(rows, "_moe_gen"),

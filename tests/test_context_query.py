@@ -201,7 +201,7 @@ def test_context_attention_matches_attention_written_out_per_head(heads, kv_head
     q = torch.randn(sum(lengths), heads, d, generator=g)
     k, v = torch.randn(sum(lengths), kv_heads, d, generator=g), torch.randn(sum(lengths), kv_heads, d, generator=g)
     contexts = [(torch.randn(kv_heads, 4, d, generator=g), torch.randn(kv_heads, 4, d, generator=g)), (None, None)]
-    out = attend_contexts(q, k, v, contexts, lengths, d**-0.5, heads != kv_heads)
+    out = attend_contexts(q, k, v, contexts, lengths, d**-0.5)
     start = 0
     for (ck, cv), n in zip(contexts, lengths):
         for h in range(heads):

@@ -292,20 +292,20 @@ def attend(plan: AttentionPlan, layer: int, q: torch.Tensor, k: torch.Tensor, v:
 
 def attend_contexts(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, contexts: list[tuple[torch.Tensor | None, torch.Tensor | None]],
-    lengths: list[int], scale: float, grouped: bool,
+    lengths: list[int], scale: float,
 ) -> torch.Tensor:
     """Attention of packed samples that are each one block seeing its fixed context and itself.
 
     ``q [N, hq, d]``, ``k, v [N, hkv, d]`` hold ``lengths[s]`` consecutive tokens of each sample and
     ``contexts[s]`` that sample's cached keys and values ``[hkv, L_s, d]`` (``None`` for an empty
-    context).  ``grouped``: GQA (``hq != hkv``), a plain bool so that a compiled caller whose sizes
-    are symbolic can pass it.  Returns ``[N, hq, d]``.  This is :func:`attend` for a plan whose samples are single
+    context); ``hq`` may be a multiple of ``hkv`` (grouped-query attention).  Returns ``[N, hq, d]``.  This is :func:`attend` for a plan whose samples are single
     full/noise blocks that do not join their contexts (a denoising step): the same rules, with the
     new keys appended to a copy of the context instead of written into the cache, so that the
     function is free of side effects (and can be compiled whole).
     """
     outs, start = [], 0
-    hq, hkv, d = q.shape[1], k.shape[1], q.shape[2]
+    hq, hkv, d = q.shape[1], k.shape[1], q.shape[2]  # head counts are fixed sizes, also when compiled
+    grouped = hq != hkv
     stack = grouped and q.device.type == "cpu"
     for (ck, cv), n in zip(contexts, lengths):
         # [n, h, d] -> [h, n, d] for this sample's n tokens

@@ -309,7 +309,7 @@ def context_query_layer(
     qkv[und_index] = _expert_qkv(rms_norm(x[und_index], und.input_norm, shape.eps), und, shape)
     q, k, v = qkv.split([hq, hkv, hkv], dim=1)
     q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # RoPE is shared by both experts
-    o = attend_contexts(q, k, v, contexts, lengths, shape.scale, hq != hkv).reshape(x.shape[0], -1)  # [N, hq*d]
+    o = attend_contexts(q, k, v, contexts, lengths, shape.scale).reshape(x.shape[0], -1)  # [N, hq*d]
     attn = linear(o, gen.o_proj)  # [N, H]
     attn[und_index] = linear(o[und_index], und.o_proj)
     x = x + attn
