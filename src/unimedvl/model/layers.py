@@ -40,7 +40,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             xt = x.reshape(rows, -1).t()  # [in, rows]
             y = torch.mm(weight, xt) if bias is None else torch.addmm(bias[:, None], weight, xt)  # [out, rows]
             return y.t().contiguous().reshape(*x.shape[:-1], weight.shape[0])
-        if rows > BF16_EMULATION_ROWS and emulates_bf16(x):
+        if product_in_float32(x, rows):
             return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
     return F.linear(x, weight, bias)
 
@@ -51,6 +51,12 @@ FEW_ROWS = 64  # up to here the weights-first float32 product wins on CPUs (4 ro
 # 2-core AVX2 CPU, bf16 kernel vs converted: 4096x3584 at 16 / 32 / 48 / 64 rows 23 / 46 / 68 / 91 ms
 # vs 48 / 49 / 60 / 60 ms; 1536x512 at 16 / 32 rows 1.6 / 3.1 ms vs 1.1 / 1.4 ms.
 BF16_EMULATION_ROWS = 32
+
+
+def product_in_float32(x: torch.Tensor, rows: int) -> bool:
+    """Whether a product of ``rows`` rows of ``x`` computes in float32 and rounds back to bf16:
+    bf16 on a CPU without bf16 units, more than :data:`BF16_EMULATION_ROWS` rows."""
+    return rows > BF16_EMULATION_ROWS and emulates_bf16(x)
 
 
 class Linear(nn.Linear):

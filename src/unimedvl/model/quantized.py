@@ -83,8 +83,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..precision import emulates_bf16
-from .layers import BF16_EMULATION_ROWS, linear
+from .layers import linear, product_in_float32
 
 # Linear layers that are quantised, by module name (state-dict prefix).
 QUANTIZED_LINEARS = re.compile(
@@ -550,7 +549,7 @@ class Int8Linear(QuantizedLinear):
         # whole matrix into fresh memory costs as much as the GEMM itself (page faults).
         # bf16 on a CPU without bf16 units: the products in float32 (exact for int8 values), each
         # output block rounded to bf16 before its scale, as the bf16 GEMM would (precision module)
-        emulated = x.shape[0] > BF16_EMULATION_ROWS and emulates_bf16(x)
+        emulated = product_in_float32(x, x.shape[0])
         a = x.float() if emulated else x
         out = x.new_empty(x.shape[0], self.out_features)  # [n, out]
         scale = self.scale.to(x.dtype)
