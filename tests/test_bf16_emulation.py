@@ -33,13 +33,25 @@ def _conv(stride=1, padding=1):
     return conv.to(torch.bfloat16), torch.randn(2, 16, 12, 10).to(torch.bfloat16)
 
 
-def test_probe_is_a_plain_bool():
-    assert isinstance(precision.CPU_HAS_BF16_UNITS, bool)
+def _kernel_dtypes(monkeypatch, owner, name: str, call) -> list[torch.dtype]:
+    """The dtypes of the first argument that ``owner.name`` (a torch kernel) receives during ``call()``:
+    which kernel ran, since the emulated and the native result may well be equal bit for bit."""
+    seen, kernel = [], getattr(owner, name)
+
+    def spy(x, *args, **kwargs):
+        seen.append(x.dtype)
+        return kernel(x, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(owner, name, spy)
+        call()
+    return seen
 
 
 @pytest.mark.parametrize("stride,padding", [(1, 1), (2, 0)])
-def test_emulated_convolution_is_the_float32_result_rounded_once(without_bf16_units, stride, padding):
+def test_emulated_convolution_is_the_float32_result_rounded_once(without_bf16_units, monkeypatch, stride, padding):
     conv, x = _conv(stride, padding)
+    assert _kernel_dtypes(monkeypatch, F, "conv2d", lambda: conv(x)) == [torch.float32]
     y = conv(x)
     assert y.dtype == torch.bfloat16
     expected = F.conv2d(x.float(), conv.weight.float(), conv.bias.float(), stride=stride, padding=padding).to(torch.bfloat16)
@@ -52,9 +64,11 @@ def test_emulated_convolution_is_the_float32_result_rounded_once(without_bf16_un
 
 def test_convolution_is_untouched_with_bf16_units_or_in_float32(with_bf16_units, monkeypatch):
     conv, x = _conv()
+    assert _kernel_dtypes(monkeypatch, F, "conv2d", lambda: conv(x)) == [torch.bfloat16]
     assert torch.equal(conv(x), nn.Conv2d.forward(conv, x))
     monkeypatch.setattr(precision, "CPU_HAS_BF16_UNITS", False)
     conv32, x32 = conv.float(), x.float()
+    assert _kernel_dtypes(monkeypatch, F, "conv2d", lambda: conv32(x32)) == [torch.float32]
     assert torch.equal(conv32(x32), F.conv2d(x32, conv32.weight, conv32.bias, padding=1))
 
 
@@ -67,11 +81,13 @@ def test_autoencoder_convolutions_are_the_emulating_kind():
 
 
 @pytest.mark.parametrize("rows", [BF16_EMULATION_ROWS + 1, 200])
-def test_many_row_bf16_products_are_the_float32_result_rounded_once(without_bf16_units, rows):
+def test_many_row_bf16_products_are_the_float32_result_rounded_once(without_bf16_units, monkeypatch, rows):
     torch.manual_seed(1)
     w = torch.randn(48, 40).to(torch.bfloat16)
     b = torch.randn(48).to(torch.bfloat16)
     x = torch.randn(rows, 40).to(torch.bfloat16).requires_grad_()
+    with torch.no_grad():
+        assert _kernel_dtypes(monkeypatch, F, "linear", lambda: linear(x, w, b)) == [torch.float32]
     y = linear(x, w, b)
     assert y.dtype == torch.bfloat16 and y.shape == (rows, 48)
     assert torch.equal(y, F.linear(x.float(), w.float(), b.float()).to(torch.bfloat16))
@@ -82,17 +98,19 @@ def test_many_row_bf16_products_are_the_float32_result_rounded_once(without_bf16
     torch.testing.assert_close(x.grad.float(), w.float().sum(0).expand(rows, -1), rtol=BF16_EPS, atol=0)
 
 
-def test_few_row_bf16_products_keep_the_bf16_kernel(without_bf16_units):
+def test_few_row_bf16_products_keep_the_bf16_kernel(without_bf16_units, monkeypatch):
     torch.manual_seed(2)
     w = torch.randn(48, 40).to(torch.bfloat16)
     x = torch.randn(BF16_EMULATION_ROWS, 40).to(torch.bfloat16)
+    assert _kernel_dtypes(monkeypatch, F, "linear", lambda: linear(x, w)) == [torch.bfloat16]
     assert torch.equal(linear(x, w), F.linear(x, w))
 
 
-def test_many_row_products_untouched_with_bf16_units(with_bf16_units):
+def test_many_row_products_untouched_with_bf16_units(with_bf16_units, monkeypatch):
     torch.manual_seed(3)
     w = torch.randn(48, 40).to(torch.bfloat16)
     x = torch.randn(BF16_EMULATION_ROWS + 10, 40).to(torch.bfloat16)
+    assert _kernel_dtypes(monkeypatch, F, "linear", lambda: linear(x, w)) == [torch.bfloat16]
     assert torch.equal(linear(x, w), F.linear(x, w))
 
 
@@ -103,6 +121,7 @@ def test_int8_row_blocks_in_bf16_compute_in_float32_and_round_before_the_scale(w
     layer = Q.Int8Linear.from_linear(nn.Linear(40, 48, bias=False).to(torch.bfloat16))
     monkeypatch.setattr(Q, "CONVERT_ROWS", 64)  # one block: the same product as the reference below
     x = torch.randn(BF16_EMULATION_ROWS + 6, 40).to(torch.bfloat16)
+    assert _kernel_dtypes(monkeypatch, torch, "mm", lambda: layer(x)) == [torch.float32]
     y = layer(x)
     expected = (x.float() @ layer.weight.float().t()).to(torch.bfloat16) * layer.scale.to(torch.bfloat16)
     assert y.dtype == torch.bfloat16 and torch.equal(y, expected)
