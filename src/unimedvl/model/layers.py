@@ -167,6 +167,8 @@ class RMSNorm(nn.Module):
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Qwen2's RMSNorm of ``x [..., D]`` over its last dim with ``weight [D]`` (:class:`RMSNorm`)."""
     if x.dtype == torch.float32 and weight.dtype == torch.float32:
+        if x.device.type == "cpu" and not torch.compiler.is_compiling() and not _wants_grad(x, weight):
+            return torch.mul(x, _inverse_rms(x, eps)).mul_(weight)
         # one call; in float32 it computes exactly the same as the steps below (bit for bit)
         return F.rms_norm(x, (x.shape[-1],), weight, eps)
     xf = x.float()  # squares and their mean in fp32: bf16 would lose precision summing D of them
@@ -176,6 +178,41 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad)) or weight.dtype != normed.dtype:
         return weight * normed
     return normed.mul_(weight)  # inference: scaled in place, no second [N, D] tensor
+
+
+def _wants_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _inverse_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """``1 / sqrt(mean(x², -1) + eps)`` of float32 ``x [..., D]`` as ``[..., 1]``, for eager CPU inference.
+
+    One reading pass (``vector_norm``) and arithmetic on the small result: torch's CPU rms_norm
+    writes x² out, averages it and scales in two more passes, three new ``[..., D]`` tensors
+    (2.7x this plus the scaling at [1032, 512], a 256² step's rows on a 2-core CPU).  Equal to its
+    mean of squares to about two float32 roundings.
+    """
+    return torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps).rsqrt_()
+
+
+def rms_norm_heads_(x: torch.Tensor, weights: tuple[torch.Tensor, ...], heads: tuple[int, ...], eps: float) -> torch.Tensor:
+    """:func:`rms_norm` in place, per head, on ``x [N, sum(heads), d]`` (a view into the fused
+    q/k/v product): the first ``heads[0]`` heads scaled by ``weights[0] [d]``, the next
+    ``heads[1]`` by ``weights[1]``, ...  One reduction over all of them and no copy back, which is
+    what separate norms written into the product cost (eager float32 CPU inference; elsewhere the
+    same arithmetic as :func:`rms_norm`, written back)."""
+    if x.dtype == torch.float32 and x.device.type == "cpu" and not torch.compiler.is_compiling() and not _wants_grad(x, *weights):
+        x.mul_(_inverse_rms(x, eps))
+        start = 0
+        for w, h in zip(weights, heads):
+            x[:, start : start + h].mul_(w)
+            start += h
+        return x
+    start = 0
+    for w, h in zip(weights, heads):
+        x[:, start : start + h] = rms_norm(x[:, start : start + h], w, eps)
+        start += h
+    return x
 
 
 def uninitialized_embedding(num_embeddings: int, dim: int) -> nn.Embedding:

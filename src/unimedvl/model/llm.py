@@ -35,7 +35,7 @@ from torch import nn
 
 from ..config import LLMConfig
 from .attention import AttentionPlan, attend, attend_contexts
-from .layers import FusedLinear, Linear, RMSNorm, apply_rotary, linear, rms_norm, rotary_cos_sin, uninitialized_embedding
+from .layers import FusedLinear, Linear, RMSNorm, apply_rotary, linear, rms_norm, rms_norm_heads_, rotary_cos_sin, uninitialized_embedding
 
 
 @dataclass
@@ -272,15 +272,14 @@ def _expert_qkv(a: torch.Tensor, w: ExpertWeights, shape: LayerShape) -> torch.T
     # [n, H] -> one [n, hq + 2*hkv, d] product; q and k normed per head, in place
     n, hq, hkv, d = a.shape[0], shape.num_heads, shape.num_kv_heads, shape.head_dim
     qkv = linear(a, w.qkv_weight, w.qkv_bias).view(n, hq + 2 * hkv, d)
-    qkv[:, :hq] = rms_norm(qkv[:, :hq], w.q_norm, shape.eps)
-    qkv[:, hq : hq + hkv] = rms_norm(qkv[:, hq : hq + hkv], w.k_norm, shape.eps)
+    rms_norm_heads_(qkv[:, : hq + hkv], (w.q_norm, w.k_norm), (hq, hkv), shape.eps)
     return qkv
 
 
 def _expert_mlp(x: torch.Tensor, w: ExpertWeights, shape: LayerShape) -> torch.Tensor:
     # post-attention norm and SwiGLU: [n, H] -> [n, 2I] -> [n, I] -> [n, H]
     gate, up = linear(rms_norm(x, w.post_norm, shape.eps), w.gate_up).chunk(2, dim=-1)
-    return linear(F.silu(gate) * up, w.down)
+    return linear(F.silu(gate).mul_(up), w.down)  # silu's new tensor scaled in place
 
 
 def context_query_layer(
@@ -307,15 +306,16 @@ def context_query_layer(
     hq, hkv = shape.num_heads, shape.num_kv_heads
     qkv = _expert_qkv(rms_norm(x, gen.input_norm, shape.eps), gen, shape)  # [N, hq + 2*hkv, d]
     qkv[und_index] = _expert_qkv(rms_norm(x[und_index], und.input_norm, shape.eps), und, shape)
-    q, k, v = qkv.split([hq, hkv, hkv], dim=1)
-    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # RoPE is shared by both experts
+    # RoPE is shared by both experts, and q and k rotate as one [N, hq + hkv, d] view
+    q, k = apply_rotary(qkv[:, : hq + hkv], cos, sin).split([hq, hkv], dim=1)
+    v = qkv[:, hq + hkv :]
     o = attend_contexts(q, k, v, contexts, lengths, shape.scale).reshape(x.shape[0], -1)  # [N, hq*d]
     attn = linear(o, gen.o_proj)  # [N, H]
     attn[und_index] = linear(o[und_index], und.o_proj)
-    x = x + attn
+    x = attn.add_(x)  # the residual, into the new projection (the input x is left as it is)
     m = _expert_mlp(x, gen, shape)
     m[und_index] = _expert_mlp(x[und_index], und, shape)
-    return x + m
+    return m.add_(x)
 
 
 class Qwen2MoTModel(nn.Module):
