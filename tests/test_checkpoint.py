@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from unimedvl import UniMedVL, load_pretrained, save_pretrained
+from unimedvl import load_pretrained, save_pretrained
 from unimedvl.formats.checkpoint import CheckpointError, official_manifest
 from unimedvl.tokenizer import Tokenizer
 

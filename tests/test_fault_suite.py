@@ -7,7 +7,6 @@ checkpoints on resume and export, and data build configs (with the build's worke
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import signal
@@ -15,7 +14,6 @@ import subprocess
 import sys
 import textwrap
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np

@@ -139,7 +139,6 @@ def test_pre_quantised_checkpoint_describes_itself_and_loads_bit_exact(fixture_a
 
     from safetensors import safe_open
 
-    from unimedvl.formats import checkpoint
 
     meta = json.loads((quantized_dir / "quantization.json").read_text())
     assert meta["unimedvl_quantization"] == "int8" and meta["group_size"] == "row" and meta["source_file"] == "ema.safetensors"

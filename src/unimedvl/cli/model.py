@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 
 from ..model.quantized import schemes_help  # the scheme table, for --scheme's help
-from .common import DeviceMapOpt, DtypeOpt, MaxMemoryOpt, QuantizeOpt, fail
+from .common import DtypeOpt, MaxMemoryOpt, QuantizeOpt, fail
 
 
 def info(
