@@ -167,7 +167,7 @@ class RMSNorm(nn.Module):
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Qwen2's RMSNorm of ``x [..., D]`` over its last dim with ``weight [D]`` (:class:`RMSNorm`)."""
     if x.dtype == torch.float32 and weight.dtype == torch.float32:
-        if x.numel() >= _ONE_PASS_NORM_MIN and x.device.type == "cpu" and not torch.compiler.is_compiling() and not _wants_grad(x, weight):
+        if _one_pass_norm(x, weight):
             return torch.mul(x, _inverse_rms(x, eps)).mul_(weight)
         # one call; in float32 it computes exactly the same as the steps below (bit for bit)
         return F.rms_norm(x, (x.shape[-1],), weight, eps)
@@ -175,7 +175,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
     # round to the input dtype *before* the weight, like Qwen2: weight * normed.to(dtype)
     # (torch's rms_norm scales first and rounds once, one bf16 step away)
-    if (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad)) or weight.dtype != normed.dtype:
+    if _wants_grad(x, weight) or weight.dtype != normed.dtype:
         return weight * normed
     return normed.mul_(weight)  # inference: scaled in place, no second [N, D] tensor
 
@@ -187,6 +187,13 @@ _ONE_PASS_NORM_MIN = 1 << 15
 
 def _wants_grad(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _one_pass_norm(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """Whether a norm of ``x`` with ``weights`` takes :func:`_inverse_rms`: eager float32 CPU
+    inference on at least :data:`_ONE_PASS_NORM_MIN` elements (a compiler fuses torch's form itself)."""
+    return (x.dtype == torch.float32 and all(w.dtype == torch.float32 for w in weights) and x.numel() >= _ONE_PASS_NORM_MIN
+            and x.device.type == "cpu" and not torch.compiler.is_compiling() and not _wants_grad(x, *weights))
 
 
 def _inverse_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -206,17 +213,16 @@ def rms_norm_heads_(x: torch.Tensor, weights: tuple[torch.Tensor, ...], heads: t
     ``heads[1]`` by ``weights[1]``, ...  One reduction over all of them and no copy back, which is
     what separate norms written into the product cost (eager float32 CPU inference; elsewhere the
     same arithmetic as :func:`rms_norm`, written back)."""
-    if (x.dtype == torch.float32 and x.numel() >= _ONE_PASS_NORM_MIN and x.device.type == "cpu" and not torch.compiler.is_compiling()
-            and not _wants_grad(x, *weights)):
-        x.mul_(_inverse_rms(x, eps))
-        start = 0
-        for w, h in zip(weights, heads):
-            x[:, start : start + h].mul_(w)
-            start += h
-        return x
+    one_pass = _one_pass_norm(x, *weights)
+    if one_pass:
+        x.mul_(_inverse_rms(x, eps))  # every head's rows at once
     start = 0
     for w, h in zip(weights, heads):
-        x[:, start : start + h] = rms_norm(x[:, start : start + h], w, eps)
+        part = x[:, start : start + h]  # [N, h, d]
+        if one_pass:
+            part.mul_(w)
+        else:
+            part.copy_(rms_norm(part, w, eps))
         start += h
     return x
 
@@ -253,7 +259,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     """Rotate-half RoPE on ``x [N, heads, d]`` (any strides) with ``cos/sin [N, d]``; a new tensor."""
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]  # rotate-half pairs dim i with i + d/2
-    if torch.is_grad_enabled() and x.requires_grad:
+    if _wants_grad(x):
         rotated = torch.cat([-x2, x1], dim=-1)  # [x1, x2] -> [-x2, x1]
         return x * cos[:, None, :] + rotated * sin[:, None, :]  # cos/sin broadcast over heads
     # inference: each half of the output written once, no rotated copy:
